@@ -1,0 +1,1 @@
+"""Optuna search over schedule and algorithm knobs, and its storage."""

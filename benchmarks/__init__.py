@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks, their results, and the regression check."""

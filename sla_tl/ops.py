@@ -1,0 +1,267 @@
+"""The `torch.ops.sla` operators: schemas, device kernels, fake kernels and autograd.
+
+User-facing:
+  sla::attention      route, then sparse + linear attention (returns the output)
+  sla::attention_lut  the same for a precomputed routing (a fixed or learned block selection)
+Building blocks (what the autograd formula and `torch.compile` graphs are made of):
+  sla::route          block classification; not differentiable
+  sla::attention_fwd  output and the sparse branch's log-sum-exp
+  sla::attention_bwd  gradients for q, k, v and the projection
+
+Device kernels come from `sla_tl.dispatch`. None of them synchronises with the host,
+so the operators can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import spec
+from .dispatch import BACKENDS
+from .layout import to_bhsd
+from .routing import Routing
+from .settings import Settings
+from .validation import (
+    check_choice,
+    check_projection,
+    check_qkv,
+    check_ratio,
+    check_routing,
+    check_settings,
+)
+
+# The dispatcher leaves out trailing arguments equal to their schema defaults when it calls
+# a Python kernel, so only the user-facing operators declare defaults, and their kernels
+# repeat them (see _DEFAULTS).
+_SETTINGS_SCHEMA = "int block_q, int block_kv, str feature_map, str linear, float? scale, str layout"
+_SETTINGS_SCHEMA_WITH_DEFAULTS = (
+    f"int block_q={spec.DEFAULT_BLOCK_Q}, int block_kv={spec.DEFAULT_BLOCK_KV}, "
+    f'str feature_map="{spec.DEFAULT_FEATURE_MAP}", str linear="{spec.DEFAULT_LINEAR}", '
+    f'float? scale=None, str layout="{spec.DEFAULT_LAYOUT}"'
+)
+_DEFAULTS = Settings(
+    spec.DEFAULT_BLOCK_Q, spec.DEFAULT_BLOCK_KV, spec.DEFAULT_FEATURE_MAP, spec.DEFAULT_LINEAR,
+    None, spec.DEFAULT_LAYOUT,
+)
+_ROUTING_SCHEMA = "Tensor lut, Tensor lut_count, Tensor neg_lut, Tensor neg_count"
+
+_lib = torch.library.Library("sla", "DEF")
+_lib.define(
+    "route(Tensor q, Tensor k, float topk, float k_low, int block_q, int block_kv, str layout)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    f"attention_fwd(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, Tensor proj_weight,"
+    f" Tensor proj_bias, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor)"
+)
+_lib.define(
+    f"attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+    f" {_ROUTING_SCHEMA}, Tensor proj_weight, Tensor proj_bias, {_SETTINGS_SCHEMA})"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    f"attention_lut(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, Tensor proj_weight,"
+    f" Tensor proj_bias, {_SETTINGS_SCHEMA_WITH_DEFAULTS}) -> Tensor"
+)
+_lib.define(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor proj_weight, Tensor proj_bias,"
+    f" float topk={spec.DEFAULT_TOPK}, float k_low={spec.DEFAULT_K_LOW},"
+    f" {_SETTINGS_SCHEMA_WITH_DEFAULTS}) -> Tensor"
+)
+
+
+def _settings(given: tuple) -> Settings:
+    """Settings from a kernel's trailing arguments, the omitted ones taking their defaults."""
+    return Settings(*given, *_DEFAULTS[len(given):])
+
+
+# ---------------------------------------------------------------- checks and shapes
+
+
+def _check_call(q, k, v, proj_weight, proj_bias, s: Settings) -> None:
+    check_qkv(q, k, v, s.layout)
+    check_settings(s.block_q, s.block_kv, s.feature_map, s.linear, s.scale)
+    check_projection(proj_weight, proj_bias, q)
+
+
+def _check_route(q, k, topk, k_low, block_q, block_kv, layout) -> None:
+    check_choice("layout", layout, spec.LAYOUTS)
+    check_qkv(q, k, k, layout)
+    check_ratio("topk", topk)
+    check_ratio("k_low", k_low)
+    check_settings(block_q, block_kv, spec.DEFAULT_FEATURE_MAP, spec.DEFAULT_LINEAR, None)
+
+
+def _empty_like_input(x: torch.Tensor) -> torch.Tensor:
+    """What the device kernels return for an input-shaped result: contiguous in the user's layout."""
+    return x.new_empty(x.shape)
+
+
+# ---------------------------------------------------------------- device kernels
+
+
+def _route(q, k, topk, k_low, block_q, block_kv, layout):
+    _check_route(q, k, topk, k_low, block_q, block_kv, layout)
+    return tuple(BACKENDS[q.device.type].route(q, k, topk, k_low, block_q, block_kv, layout))
+
+
+def _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings):
+    s = _settings(settings)
+    routing = Routing(lut, lut_count, neg_lut, neg_count)
+    _check_call(q, k, v, proj_weight, proj_bias, s)
+    check_routing(routing, q, k, s.block_q, s.block_kv, s.layout)
+    return BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s)
+
+
+def _attention_bwd(grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, neg_count,
+                   proj_weight, proj_bias, *settings):
+    s = _settings(settings)
+    routing = Routing(lut, lut_count, neg_lut, neg_count)
+    return BACKENDS[q.device.type].backward(
+        grad_out, q, k, v, out, lse, routing, proj_weight, proj_bias, s
+    )
+
+
+def _attention_lut(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings):
+    out, _ = _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+                            *_settings(settings))
+    return out
+
+
+def _attention(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK, k_low=spec.DEFAULT_K_LOW,
+               *settings):
+    s = _settings(settings)
+    _check_call(q, k, v, proj_weight, proj_bias, s)
+    routing = _route(q, k, topk, k_low, s.block_q, s.block_kv, s.layout)
+    return _attention_lut(q, k, v, *routing, proj_weight, proj_bias, *settings)
+
+
+for _device_key in ("CPU", "CUDA"):
+    for _name, _fn in (
+        ("route", _route),
+        ("attention_fwd", _attention_fwd),
+        ("attention_bwd", _attention_bwd),
+        ("attention_lut", _attention_lut),
+        ("attention", _attention),
+    ):
+        _lib.impl(_name, _fn, _device_key)
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("sla::route", lib=_lib)
+def _route_fake(q, k, topk, k_low, block_q, block_kv, layout):
+    _check_route(q, k, topk, k_low, block_q, block_kv, layout)
+    b, h, lq, _ = to_bhsd(q, layout).shape
+    n_q = spec.num_blocks(lq, block_q)
+    n_kv = spec.num_blocks(to_bhsd(k, layout).shape[2], block_kv)
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    new = q.new_empty
+    return (
+        new((b, h, n_q, n_crit), dtype=torch.int32),
+        new((b, h, n_q), dtype=torch.int32),
+        new((b, h, n_q, n_neg), dtype=torch.int32),
+        new((b, h, n_q), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("sla::attention_fwd", lib=_lib)
+def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+                        *settings):
+    s = _settings(settings)
+    _check_call(q, k, v, proj_weight, proj_bias, s)
+    check_routing(Routing(lut, lut_count, neg_lut, neg_count), q, k, s.block_q, s.block_kv,
+                  s.layout)
+    b, h, lq, _ = to_bhsd(q, s.layout).shape
+    return _empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+@torch.library.register_fake("sla::attention_bwd", lib=_lib)
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, neg_count,
+                        proj_weight, proj_bias, *settings):
+    return (
+        _empty_like_input(q),
+        _empty_like_input(k),
+        _empty_like_input(v),
+        torch.empty_like(proj_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(proj_bias, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("sla::attention_lut", lib=_lib)
+def _attention_lut_fake(*args):
+    out, _ = _attention_fwd_fake(*args)
+    return out
+
+
+@torch.library.register_fake("sla::attention", lib=_lib)
+def _attention_fake(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK,
+                    k_low=spec.DEFAULT_K_LOW, *settings):
+    s = _settings(settings)
+    _check_call(q, k, v, proj_weight, proj_bias, s)
+    check_ratio("topk", topk)
+    check_ratio("k_low", k_low)
+    return _empty_like_input(q)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+class _SparseLinearAttentionFunction(torch.autograd.Function):
+    """Forward through `sla::attention_fwd`, backward through `sla::attention_bwd`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+                *settings):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = torch.ops.sla.attention_fwd(
+                q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
+            )
+        ctx.save_for_backward(q, k, v, out, lse, lut, lut_count, neg_lut, neg_count,
+                              proj_weight, proj_bias)
+        ctx.settings = settings
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, lut, lut_count, neg_lut, neg_count, w, b = ctx.saved_tensors
+        dq, dk, dv, dw, db = torch.ops.sla.attention_bwd(
+            grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, neg_count, w, b, *ctx.settings
+        )
+        no_grads = (None,) * len(ctx.settings)
+        return dq, dk, dv, None, None, None, None, dw, db, *no_grads
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _attention_lut_autograd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+                            *settings):
+    settings = tuple(_settings(settings))
+    if not _wants_grad(q, k, v, proj_weight, proj_bias):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.sla.attention_lut(
+                q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
+            )
+    return _SparseLinearAttentionFunction.apply(
+        q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
+    )
+
+
+def _attention_autograd(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK,
+                        k_low=spec.DEFAULT_K_LOW, *settings):
+    settings = tuple(_settings(settings))
+    with torch._C._AutoDispatchBelowAutograd():
+        if not _wants_grad(q, k, v, proj_weight, proj_bias):
+            return torch.ops.sla.attention(q, k, v, proj_weight, proj_bias, topk, k_low, *settings)
+        s = _settings(settings)
+        routing = torch.ops.sla.route(q, k, topk, k_low, s.block_q, s.block_kv, s.layout)
+    return _SparseLinearAttentionFunction.apply(q, k, v, *routing, proj_weight, proj_bias,
+                                                *settings)
+
+
+_lib.impl("attention_lut", _attention_lut_autograd, "Autograd")
+_lib.impl("attention", _attention_autograd, "Autograd")

@@ -1,0 +1,194 @@
+"""Sparse-Linear Attention in plain torch: the oracle every kernel is checked against.
+
+Written to be obviously right, not fast: each (batch, head) pair is computed on its own
+with dense (Lq, Lk) score and mask matrices, so memory is O(Lq * Lk) per head.
+All tensors here are in the canonical (B, H, L, D) view; arithmetic runs in float32,
+or float64 when the inputs are float64. Differentiable in q, k, v and the projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .routing import Routing, block_mask
+from .spec import LINEAR_EPS, num_blocks, num_critical, num_negligible
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- routing
+
+
+def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each block of `block` rows along L; a partial last block is averaged over its rows."""
+    batch, heads, length, dim = x.shape
+    n = num_blocks(length, block)
+    xf = x.to(compute_dtype(x))
+    xf = F.pad(xf, (0, 0, 0, n * block - length))
+    sums = xf.reshape(batch, heads, n, block, dim).sum(dim=3)
+    rows = torch.full((n, 1), float(block), dtype=xf.dtype, device=x.device)
+    rows[-1] = length - (n - 1) * block
+    return sums / rows
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int) -> torch.Tensor:
+    """(B, H, Mq, Nk) scores between mean-pooled q blocks and mean-pooled smoothed-k blocks."""
+    kf = k.to(compute_dtype(k))
+    smoothed = kf - kf.mean(dim=-2, keepdim=True)
+    return mean_pool(q, block_q) @ mean_pool(smoothed, block_kv).transpose(-1, -2)
+
+
+def route(
+    q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int
+) -> Routing:
+    """Classify key blocks per query block: top `topk` critical, bottom `k_low` negligible."""
+    with torch.no_grad():
+        scores = block_scores(q, k, block_q, block_kv)
+        n_kv = scores.shape[-1]
+        n_crit = num_critical(topk, n_kv)
+        n_neg = num_negligible(k_low, n_kv, n_crit)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        lut = order[..., :n_crit].sort(dim=-1).values.to(torch.int32)
+        neg_lut = order[..., n_kv - n_neg :].sort(dim=-1).values.to(torch.int32)
+        rows = scores.shape[:-1]
+        lut_count = torch.full(rows, n_crit, dtype=torch.int32, device=q.device)
+        neg_count = torch.full(rows, n_neg, dtype=torch.int32, device=q.device)
+    return Routing(lut, lut_count, neg_lut, neg_count)
+
+
+# ---------------------------------------------------------------- branches
+
+
+def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The linear branch's feature map phi, applied over the head dimension."""
+    if name == "softmax":
+        return torch.softmax(x, dim=-1)
+    if name == "elu":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"feature_map must be one of softmax, elu, relu; got {name!r}")
+
+
+def _expand(block_map: torch.Tensor, lq: int, lk: int, block_q: int, block_kv: int) -> torch.Tensor:
+    """Token-level (Lq, Lk) mask from a block-level (Mq, Nk) mask."""
+    rows = torch.arange(lq, device=block_map.device) // block_q
+    cols = torch.arange(lk, device=block_map.device) // block_kv
+    return block_map.index_select(0, rows).index_select(1, cols)
+
+
+def sparse_branch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention restricted to `mask` (Lq, Lk); returns (O_s, natural-log LSE).
+
+    A row with no selected key gets O_s = 0 and LSE = -inf.
+    """
+    scores = (q @ k.transpose(-1, -2)) * scale
+    has_key = mask.any(dim=-1, keepdim=True)
+    # Empty rows take their LSE over zeros so no -inf - -inf reaches autograd.
+    safe = torch.where(has_key, scores.masked_fill(~mask, float("-inf")), torch.zeros_like(scores))
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    probs = torch.exp(scores.masked_fill(~mask, float("-inf")) - lse)
+    out = probs @ v
+    lse_out = torch.where(has_key, lse, torch.full_like(lse, float("-inf"))).squeeze(-1)
+    return out, lse_out.detach()
+
+
+def linear_branch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, feature: str
+) -> torch.Tensor:
+    """Linear attention over the keys in `mask` (Lq, Lk): phi(q) H / (phi(q) . Z + eps).
+
+    A row with no selected key has a zero numerator, hence O_l = 0 exactly.
+    """
+    weights = (feature_map(q, feature) @ feature_map(k, feature).transpose(-1, -2)) * mask
+    return (weights @ v) / (weights.sum(dim=-1, keepdim=True) + LINEAR_EPS)
+
+
+# ---------------------------------------------------------------- whole computation
+
+
+def attention_with_routing(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routing: Routing,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    feature: str,
+    linear: str,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLA output for a given block classification: `O_s + proj(O_l)` and the sparse branch's LSE.
+
+    Returns (out in q's dtype, LSE float32 of shape (B, H, Lq)).
+    """
+    batch, heads, lq, dim = q.shape
+    lk = k.shape[2]
+    n_kv = num_blocks(lk, block_kv)
+    scale = dim**-0.5 if scale is None else scale
+    dtype = compute_dtype(q)
+    critical = block_mask(routing.lut, routing.lut_count, n_kv)
+    if linear == "global":
+        marginal = torch.ones_like(critical)
+    else:
+        marginal = ~(critical | block_mask(routing.neg_lut, routing.neg_count, n_kv))
+    weight, bias = proj_weight.to(dtype), proj_bias.to(dtype)
+
+    outs, lses = [], []
+    for b in range(batch):
+        for h in range(heads):
+            qh, kh, vh = (t[b, h].to(dtype) for t in (q, k, v))
+            crit = _expand(critical[b, h], lq, lk, block_q, block_kv)
+            marg = _expand(marginal[b, h], lq, lk, block_q, block_kv)
+            o_s, lse = sparse_branch(qh, kh, vh, crit, scale)
+            o_l = linear_branch(qh, kh, vh, marg, feature)
+            outs.append(o_s + o_l @ weight.T + bias)
+            lses.append(lse)
+    out = torch.stack(outs).reshape(batch, heads, lq, dim).to(q.dtype)
+    lse = torch.stack(lses).reshape(batch, heads, lq).float()
+    return out, lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    topk: float,
+    k_low: float,
+    block_q: int,
+    block_kv: int,
+    feature: str,
+    linear: str,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Route, then compute SLA: the whole computation of the design contract, in plain torch."""
+    routing = route(q, k, topk, k_low, block_q, block_kv)
+    out, _ = attention_with_routing(
+        q, k, v, routing, proj_weight, proj_bias, block_q, block_kv, feature, linear, scale
+    )
+    return out
+
+
+def full_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Dense softmax attention, head by head, in the compute dtype (the quality yardstick)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = compute_dtype(q)
+    batch, heads = q.shape[:2]
+    outs = []
+    for b in range(batch):
+        for h in range(heads):
+            qh, kh, vh = (t[b, h].to(dtype) for t in (q, k, v))
+            outs.append(torch.softmax((qh @ kh.T) * scale, dim=-1) @ vh)
+    return torch.stack(outs).reshape(q.shape[0], heads, q.shape[2], v.shape[-1])

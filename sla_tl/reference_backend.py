@@ -1,0 +1,58 @@
+"""The reference as a backend: the plain-torch oracle behind the op's device interface.
+
+A backend takes and returns tensors in the user's layout; outputs are contiguous in it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .layout import from_bhsd, to_bhsd
+from .routing import Routing
+from .settings import Settings
+
+
+def route(
+    q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
+    layout: str,
+) -> Routing:
+    """Routing of the reference, on q's device."""
+    return reference.route(to_bhsd(q, layout), to_bhsd(k, layout), topk, k_low, block_q, block_kv)
+
+
+def _run(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.attention_with_routing(
+        to_bhsd(q, s.layout), to_bhsd(k, s.layout), to_bhsd(v, s.layout), routing,
+        proj_weight, proj_bias, s.block_q, s.block_kv, s.feature_map, s.linear, s.scale,
+    )
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in the user's layout, LSE (B, H, Lq) float32)."""
+    with torch.no_grad():
+        out, lse = _run(q, k, v, routing, proj_weight, proj_bias, s)
+    return from_bhsd(out, s.layout).contiguous(), lse.contiguous()
+
+
+def backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, routing: Routing,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv, dproj_weight, dproj_bias) by recomputing the reference under autograd.
+
+    The reference needs neither `out` nor `lse`; they are part of the interface for kernels.
+    """
+    del out, lse
+    with torch.enable_grad():
+        inputs = tuple(t.detach().requires_grad_() for t in (q, k, v, proj_weight, proj_bias))
+        recomputed, _ = _run(*inputs[:3], routing, *inputs[3:], s)
+        grads = torch.autograd.grad(recomputed, inputs, to_bhsd(grad_out, s.layout))
+    return tuple(g.contiguous() for g in grads)

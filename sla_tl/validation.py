@@ -1,0 +1,146 @@
+"""Argument checks for the public entries: every error names the argument at fault.
+
+Checks read metadata only (shapes, dtypes, devices), never tensor values, so they
+never synchronise with the GPU and are safe inside CUDA-graph capture and tracing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .routing import Routing
+from .spec import BLOCK_MULTIPLE, FEATURE_MAPS, HEAD_DIMS, LAYOUTS, LINEAR_MODES, num_blocks
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# The CPU implementation is the reference; it also takes wide floats so gradients can be
+# checked in float64.
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float32, torch.float64)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """`value` must be one of the strings in `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_ratio(name: str, value: object) -> None:
+    """`value` must be a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1]; got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]; got {value}")
+
+
+def check_block(name: str, value: object) -> None:
+    """`value` must be a positive multiple of 16."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value <= 0 or value % BLOCK_MULTIPLE:
+        raise ValueError(f"{name} must be a positive multiple of {BLOCK_MULTIPLE}; got {value}")
+
+
+def check_scale(scale: object) -> None:
+    """`scale` must be None or a positive finite number."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite; got {scale}")
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    return x
+
+
+def check_qkv(q: object, k: object, v: object, layout: str) -> None:
+    """q, k, v: rank 4 in `layout`, one float dtype and device, matching B, H and D."""
+    check_choice("layout", layout, LAYOUTS)
+    axes = "(B, H, L, D)" if layout == "bhsd" else "(B, L, H, D)"
+    tensors = {"q": _check_tensor("q", q), "k": _check_tensor("k", k), "v": _check_tensor("v", v)}
+    for name, x in tensors.items():
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name} must have rank 4 {axes} for layout {layout!r}; got shape {tuple(x.shape)}"
+            )
+    for name, x in tensors.items():
+        allowed = REFERENCE_DTYPES if x.device.type == "cpu" else KERNEL_DTYPES
+        if x.dtype not in allowed:
+            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise TypeError(f"{name} must be one of {names} on {x.device.type}; got {x.dtype}")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} must be on a cpu or cuda device; got {x.device}")
+    for name in ("k", "v"):
+        x = tensors[name]
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}; got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {x.device}")
+    qb, kb, vb = (x if layout == "bhsd" else x.transpose(1, 2) for x in (q, k, v))
+    if qb.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim of q must be one of {HEAD_DIMS}; got {qb.shape[-1]}")
+    for name, x in (("k", kb), ("v", vb)):
+        if x.shape[0] != qb.shape[0] or x.shape[1] != qb.shape[1] or x.shape[3] != qb.shape[3]:
+            raise ValueError(
+                f"{name} must match q in batch, heads and head dim {axes}; "
+                f"got {name} {tuple(x.shape)} and q {tuple(qb.shape)} as (B, H, L, D)"
+            )
+    if vb.shape[2] != kb.shape[2]:
+        raise ValueError(f"v must have k's length {kb.shape[2]}; got {vb.shape[2]}")
+    if qb.shape[2] == 0 or kb.shape[2] == 0:
+        raise ValueError("q and k must have at least one row along L")
+
+
+def check_projection(proj_weight: object, proj_bias: object, q: torch.Tensor) -> None:
+    """proj_weight (D, D) and proj_bias (D,): floating, on q's device."""
+    dim = q.shape[-1]
+    for name, x, shape in (("proj_weight", proj_weight, (dim, dim)), ("proj_bias", proj_bias, (dim,))):
+        x = _check_tensor(name, x)
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {x.device}")
+
+
+def check_settings(
+    block_q: object, block_kv: object, feature_map: object, linear: object, scale: object
+) -> None:
+    """Block sizes, feature map, linear mode and scale."""
+    check_block("block_q", block_q)
+    check_block("block_kv", block_kv)
+    check_choice("feature_map", feature_map, FEATURE_MAPS)
+    check_choice("linear", linear, LINEAR_MODES)
+    check_scale(scale)
+
+
+def check_routing(
+    routing: Routing, q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, layout: str
+) -> None:
+    """A precomputed routing: int32, on q's device, shaped for these q, k and block sizes."""
+    batch, heads, lq = (q.shape[0], q.shape[1], q.shape[2]) if layout == "bhsd" else (
+        q.shape[0], q.shape[2], q.shape[1])
+    lk = k.shape[2] if layout == "bhsd" else k.shape[1]
+    rows = (batch, heads, num_blocks(lq, block_q))
+    for name in Routing._fields:
+        x = _check_tensor(name, getattr(routing, name))
+        if x.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32; got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {x.device}")
+        want_rank = 4 if name.endswith("lut") else 3
+        if x.dim() != want_rank or tuple(x.shape[:3]) != rows:
+            raise ValueError(
+                f"{name} must have shape (B, H, Mq{', width' if want_rank == 4 else ''}) with "
+                f"(B, H, Mq) = {rows}; got {tuple(x.shape)}"
+            )
+    n_kv = num_blocks(lk, block_kv)
+    for name in ("lut", "neg_lut"):
+        width = getattr(routing, name).shape[-1]
+        if width > n_kv:
+            raise ValueError(f"{name} is {width} wide but there are only {n_kv} key blocks")
