@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.sla)
-from . import spec
+from . import (
+    ops,  # noqa: F401  (registers torch.ops.sla)
+    spec,
+)
 from .routing import Routing
+from .validation import check_tensors
 
 
 def route(
@@ -25,6 +28,7 @@ def route(
     Not differentiable. The result can be edited or replaced and passed to
     `attention_with_routing`.
     """
+    check_tensors(q=q, k=k)
     return Routing(*torch.ops.sla.route(q, k, topk, k_low, block_q, block_kv, layout))
 
 
@@ -51,6 +55,7 @@ def attention(
     proj_weight (D, D) and proj_bias (D,) map the linear branch into the output.
     Differentiable in q, k, v, proj_weight and proj_bias.
     """
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
     return torch.ops.sla.attention(
         q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_kv, feature_map, linear,
         scale, layout,
@@ -78,6 +83,7 @@ def attention_with_routing(
     routing was made for. LUT entries must lie in [0, Nk); they are not checked on the
     device (that would need a host synchronisation).
     """
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias, **routing._asdict())
     return torch.ops.sla.attention_lut(
         q, k, v, *routing, proj_weight, proj_bias, block_q, block_kv, feature_map, linear,
         scale, layout,

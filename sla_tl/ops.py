@@ -33,7 +33,9 @@ from .validation import (
 # The dispatcher leaves out trailing arguments equal to their schema defaults when it calls
 # a Python kernel, so only the user-facing operators declare defaults, and their kernels
 # repeat them (see _DEFAULTS).
-_SETTINGS_SCHEMA = "int block_q, int block_kv, str feature_map, str linear, float? scale, str layout"
+_SETTINGS_SCHEMA = (
+    "int block_q, int block_kv, str feature_map, str linear, float? scale, str layout"
+)
 _SETTINGS_SCHEMA_WITH_DEFAULTS = (
     f"int block_q={spec.DEFAULT_BLOCK_Q}, int block_kv={spec.DEFAULT_BLOCK_KV}, "
     f'str feature_map="{spec.DEFAULT_FEATURE_MAP}", str linear="{spec.DEFAULT_LINEAR}", '
@@ -93,7 +95,7 @@ def _check_route(q, k, topk, k_low, block_q, block_kv, layout) -> None:
 
 
 def _empty_like_input(x: torch.Tensor) -> torch.Tensor:
-    """What the device kernels return for an input-shaped result: contiguous in the user's layout."""
+    """An input-shaped result as the device kernels return it: contiguous in the user's layout."""
     return x.new_empty(x.shape)
 
 

@@ -24,7 +24,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of each block of `block` rows along L; a partial last block is averaged over its rows."""
+    """Mean of each block of `block` rows along L; a partial last block averages the rows it has."""
     batch, heads, length, dim = x.shape
     n = num_blocks(length, block)
     xf = x.to(compute_dtype(x))
@@ -81,6 +81,14 @@ def _expand(block_map: torch.Tensor, lq: int, lk: int, block_q: int, block_kv: i
     return block_map.index_select(0, rows).index_select(1, cols)
 
 
+def _block_classes(routing: Routing, n_kv: int, linear: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-level (critical, marginal) masks; "global" makes every block marginal."""
+    critical = block_mask(routing.lut, routing.lut_count, n_kv)
+    if linear == "global":
+        return critical, torch.ones_like(critical)
+    return critical, ~(critical | block_mask(routing.neg_lut, routing.neg_count, n_kv, "neg_lut"))
+
+
 def sparse_branch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +143,7 @@ def attention_with_routing(
     n_kv = num_blocks(lk, block_kv)
     scale = dim**-0.5 if scale is None else scale
     dtype = compute_dtype(q)
-    critical = block_mask(routing.lut, routing.lut_count, n_kv)
-    if linear == "global":
-        marginal = torch.ones_like(critical)
-    else:
-        marginal = ~(critical | block_mask(routing.neg_lut, routing.neg_count, n_kv))
+    critical, marginal = _block_classes(routing, n_kv, linear)
     weight, bias = proj_weight.to(dtype), proj_bias.to(dtype)
 
     outs, lses = [], []
@@ -155,6 +159,88 @@ def attention_with_routing(
     out = torch.stack(outs).reshape(batch, heads, lq, dim).to(q.dtype)
     lse = torch.stack(lses).reshape(batch, heads, lq).float()
     return out, lse
+
+
+
+def feature_map_vjp(x: torch.Tensor, grad: torch.Tensor, name: str) -> torch.Tensor:
+    """Gradient with respect to x of `feature_map(x, name)`, given the gradient of its output."""
+    if name == "softmax":
+        s = torch.softmax(x, dim=-1)
+        return s * (grad - (grad * s).sum(dim=-1, keepdim=True))
+    if name == "elu":
+        return grad * torch.where(x > 0, torch.ones_like(x), torch.exp(x))
+    if name == "relu":
+        return grad * (x > 0)
+    raise ValueError(f"feature_map must be one of softmax, elu, relu; got {name!r}")
+
+
+def _head_backward(qh, kh, vh, grad_o, crit, marg, weight, scale, feature):
+    """Explicit gradients of one head: (dq, dk, dv, d(O_l) feeding the projection, O_l)."""
+    scores = (qh @ kh.T) * scale
+    has_key = crit.any(dim=-1, keepdim=True)
+    probs = torch.softmax(torch.where(has_key, scores.masked_fill(~crit, float("-inf")),
+                                      torch.zeros_like(scores)), dim=-1) * crit
+    o_s = probs @ vh
+    delta = (grad_o * o_s).sum(dim=-1, keepdim=True)
+    d_scores = probs * (grad_o @ vh.T - delta)
+    dq = (d_scores @ kh) * scale
+    dk = (d_scores.T @ qh) * scale
+    dv = probs.T @ grad_o
+
+    pq, pk = feature_map(qh, feature), feature_map(kh, feature)
+    a = (pq @ pk.T) * marg
+    den = a.sum(dim=-1, keepdim=True) + LINEAR_EPS
+    o_l = (a @ vh) / den
+    grad_l = grad_o @ weight
+    d_num = grad_l / den
+    d_den = -(grad_l * o_l).sum(dim=-1, keepdim=True) / den
+    d_a = (d_num @ vh.T + d_den) * marg
+    dv = dv + a.T @ d_num
+    dq = dq + feature_map_vjp(qh, d_a @ pk, feature)
+    dk = dk + feature_map_vjp(kh, d_a.T @ pq, feature)
+    return dq, dk, dv, o_l
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routing: Routing,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    feature: str,
+    linear: str,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv, dproj_weight, dproj_bias) of `attention_with_routing`, written out.
+
+    The formula every backward kernel implements, without autograd: it must also run
+    where autograd is switched off (inside a device kernel of the operator).
+    """
+    batch, heads, lq, dim = q.shape
+    lk = k.shape[2]
+    n_kv = num_blocks(lk, block_kv)
+    scale = dim**-0.5 if scale is None else scale
+    dtype = compute_dtype(q)
+    critical, marginal = _block_classes(routing, n_kv, linear)
+    weight = proj_weight.to(dtype)
+    dq, dk, dv = (torch.empty(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+    d_weight = torch.zeros_like(weight)
+    for b in range(batch):
+        for h in range(heads):
+            qh, kh, vh, go = (t[b, h].to(dtype) for t in (q, k, v, grad_out))
+            crit = _expand(critical[b, h], lq, lk, block_q, block_kv)
+            marg = _expand(marginal[b, h], lq, lk, block_q, block_kv)
+            dq[b, h], dk[b, h], dv[b, h], o_l = _head_backward(
+                qh, kh, vh, go, crit, marg, weight, scale, feature
+            )
+            d_weight += go.T @ o_l
+    d_bias = grad_out.to(dtype).sum(dim=(0, 1, 2))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            d_weight.to(proj_weight.dtype), d_bias.to(proj_bias.dtype))
 
 
 def attention(

@@ -25,10 +25,17 @@ class Routing(NamedTuple):
     """(B, H, Mq): number of valid entries of each `neg_lut` row (0..Kn)."""
 
 
-def block_mask(lut: torch.Tensor, count: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
-    """Boolean (B, H, Mq, Nk) map of the key blocks listed in the counted prefix of `lut`."""
+def block_mask(
+    lut: torch.Tensor, count: torch.Tensor, n_kv_blocks: int, name: str = "lut"
+) -> torch.Tensor:
+    """Boolean (B, H, Mq, Nk) map of the key blocks listed in the counted prefix of `lut`.
+
+    Reads the values of `lut` to check them, so it synchronises with a GPU: reference use only.
+    """
     width = lut.shape[-1]
     valid = torch.arange(width, device=lut.device) < count.unsqueeze(-1).long()
+    if (valid & ((lut < 0) | (lut >= n_kv_blocks))).any():
+        raise ValueError(f"{name} entries must lie in [0, {n_kv_blocks}) within each row's count")
     index = torch.where(valid, lut.long(), torch.zeros_like(lut, dtype=torch.long))
     hits = torch.zeros(*lut.shape[:-1], n_kv_blocks, dtype=torch.int32, device=lut.device)
     hits.scatter_add_(-1, index, valid.int())

@@ -51,6 +51,12 @@ def check_scale(scale: object) -> None:
         raise ValueError(f"scale must be positive and finite; got {scale}")
 
 
+def check_tensors(**named: object) -> None:
+    """Each argument must be a tensor (the operators' own error for a non-tensor is cryptic)."""
+    for name, x in named.items():
+        _check_tensor(name, x)
+
+
 def _check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -68,12 +74,12 @@ def check_qkv(q: object, k: object, v: object, layout: str) -> None:
                 f"{name} must have rank 4 {axes} for layout {layout!r}; got shape {tuple(x.shape)}"
             )
     for name, x in tensors.items():
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} must be on a cpu or cuda device; got {x.device}")
         allowed = REFERENCE_DTYPES if x.device.type == "cpu" else KERNEL_DTYPES
         if x.dtype not in allowed:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
             raise TypeError(f"{name} must be one of {names} on {x.device.type}; got {x.dtype}")
-        if x.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name} must be on a cpu or cuda device; got {x.device}")
     for name in ("k", "v"):
         x = tensors[name]
         if x.dtype != q.dtype:
@@ -98,7 +104,8 @@ def check_qkv(q: object, k: object, v: object, layout: str) -> None:
 def check_projection(proj_weight: object, proj_bias: object, q: torch.Tensor) -> None:
     """proj_weight (D, D) and proj_bias (D,): floating, on q's device."""
     dim = q.shape[-1]
-    for name, x, shape in (("proj_weight", proj_weight, (dim, dim)), ("proj_bias", proj_bias, (dim,))):
+    expected = (("proj_weight", proj_weight, (dim, dim)), ("proj_bias", proj_bias, (dim,)))
+    for name, x, shape in expected:
         x = _check_tensor(name, x)
         if tuple(x.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}; got {tuple(x.shape)}")

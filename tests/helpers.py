@@ -1,0 +1,32 @@
+"""Input makers and error measures shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def random_qkv(
+    batch: int, heads: int, lq: int, lk: int, dim: int, dtype: torch.dtype,
+    generator: torch.Generator, device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standard-normal q (B, H, Lq, D), k and v (B, H, Lk, D)."""
+    def draw(length: int) -> torch.Tensor:
+        x = torch.randn(batch, heads, length, dim, generator=generator, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype)
+
+    return draw(lq), draw(lk), draw(lk)
+
+
+def random_projection(
+    dim: int, dtype: torch.dtype, generator: torch.Generator, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A non-zero projection (weight, bias), so the linear branch shows in the output."""
+    weight = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    bias = torch.randn(dim, generator=generator, dtype=torch.float64) * 0.1
+    return weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype)
