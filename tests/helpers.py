@@ -7,7 +7,7 @@ import torch
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, computed in float64."""
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
