@@ -1,0 +1,27 @@
+"""Pieces shared by every schedule: targets, dtypes and layout-aware tile slicing."""
+
+from __future__ import annotations
+
+import tilelang.language as T
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+DTYPES = {"bfloat16": T.bfloat16, "float16": T.float16}
+
+
+def target(arch: str) -> dict:
+    """TileLang's target for an arch such as "sm_90a" (the dict form; strings are rejected)."""
+    return {"kind": "cuda", "arch": arch}
+
+
+def seq_shape(batch, heads, length, dim, layout: str) -> list:
+    """Shape of a (B, H, L, D) operand as stored in `layout`."""
+    return [batch, heads, length, dim] if layout == "bhsd" else [batch, length, heads, dim]
+
+
+def rows(x, b, h, start, count: int, layout: str):
+    """The `count` rows of head (b, h) from row `start`, in either layout."""
+    if layout == "bhsd":
+        return x[b, h, start:start + count, :]
+    return x[b, start:start + count, h, :]

@@ -1,0 +1,18 @@
+"""Compiling a schedule's TileLang program for a target arch."""
+
+from __future__ import annotations
+
+import tilelang
+
+from .common import target
+
+# ptxas turns a register spill into an error, so a spilling schedule fails to compile.
+NO_SPILLS = ["--ptxas-options=--warn-on-spills,--warning-as-error"]
+
+
+def compile_program(program, arch: str, forbid_spills: bool = True):
+    """Compile a TileLang program for `arch` (e.g. "sm_90a"); outputs are preallocated by callers."""
+    return tilelang.compile(
+        program, out_idx=None, target=target(arch),
+        compile_flags=NO_SPILLS if forbid_spills else None,
+    )

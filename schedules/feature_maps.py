@@ -1,0 +1,40 @@
+"""The linear branch's feature maps phi, as TileLang macros on float32 fragments.
+
+Each macro overwrites a fragment x [n_rows, dim] with phi(x), row by row (a row is
+one token; the map runs over the head dimension).
+"""
+
+import tilelang.language as T
+
+
+@T.macro
+def _softmax(x, row_max, row_sum, n_rows, dim):
+    T.reduce_max(x, row_max, dim=1)
+    for i, d in T.Parallel(n_rows, dim):
+        x[i, d] = T.exp(x[i, d] - row_max[i])
+    T.reduce_sum(x, row_sum, dim=1)
+    for i, d in T.Parallel(n_rows, dim):
+        x[i, d] = x[i, d] / row_sum[i]
+
+
+@T.macro
+def _elu_plus_one(x, row_max, row_sum, n_rows, dim):
+    for i, d in T.Parallel(n_rows, dim):
+        x[i, d] = T.if_then_else(x[i, d] > 0, x[i, d] + 1.0, T.exp(x[i, d]))
+
+
+@T.macro
+def _relu(x, row_max, row_sum, n_rows, dim):
+    for i, d in T.Parallel(n_rows, dim):
+        x[i, d] = T.max(x[i, d], 0.0)
+
+
+FEATURE_MAPS = {"softmax": _softmax, "elu": _elu_plus_one, "relu": _relu}
+
+
+def feature_map_macro(feature: str):
+    """The macro `(x, row_max, row_sum, n_rows, dim)` for phi; the two row buffers are
+    float32 fragments [n_rows] used as scratch by the softmax map."""
+    if feature not in FEATURE_MAPS:
+        raise ValueError(f"feature must be one of {tuple(FEATURE_MAPS)}; got {feature!r}")
+    return FEATURE_MAPS[feature]
