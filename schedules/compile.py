@@ -11,7 +11,7 @@ NO_SPILLS = ["--ptxas-options=--warn-on-spills,--warning-as-error"]
 
 
 def compile_program(program, arch: str, forbid_spills: bool = True):
-    """Compile a TileLang program for `arch` (e.g. "sm_90a"); outputs are preallocated by callers."""
+    """Compile a TileLang program for `arch` (e.g. "sm_90a"); callers preallocate outputs."""
     return tilelang.compile(
         program, out_idx=None, target=target(arch),
         compile_flags=NO_SPILLS if forbid_spills else None,

@@ -31,7 +31,7 @@ def quality_rows(
     rows = []
     for topk in topks:
         routing = reference.route(q, k, topk, k_low, spec.DEFAULT_BLOCK_Q, spec.DEFAULT_BLOCK_KV)
-        out, lse = reference.attention_with_routing(
+        out, lse, _ = reference.attention_with_routing(
             q, k, v, routing, zero_weight, zero_bias, spec.DEFAULT_BLOCK_Q,
             spec.DEFAULT_BLOCK_KV, spec.DEFAULT_FEATURE_MAP, spec.DEFAULT_LINEAR,
         )

@@ -5,7 +5,7 @@ User-facing:
   sla::attention_lut  the same for a precomputed routing (a fixed or learned block selection)
 Building blocks (what the autograd formula and `torch.compile` graphs are made of):
   sla::route          block classification; not differentiable
-  sla::attention_fwd  output and the sparse branch's log-sum-exp
+  sla::attention_fwd  output, the sparse branch's log-sum-exp, the linear branch's output
   sla::attention_bwd  gradients for q, k, v and the projection
 
 Device kernels come from `sla_tl.dispatch`. None of them synchronises with the host,
@@ -54,10 +54,11 @@ _lib.define(
 )
 _lib.define(
     f"attention_fwd(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, Tensor proj_weight,"
-    f" Tensor proj_bias, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor)"
+    f" Tensor proj_bias, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     f"attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+    f" Tensor o_lin,"
     f" {_ROUTING_SCHEMA}, Tensor proj_weight, Tensor proj_bias, {_SETTINGS_SCHEMA})"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
@@ -115,17 +116,17 @@ def _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, pro
     return BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s)
 
 
-def _attention_bwd(grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, neg_count,
+def _attention_bwd(grad_out, q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count,
                    proj_weight, proj_bias, *settings):
     s = _settings(settings)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     return BACKENDS[q.device.type].backward(
-        grad_out, q, k, v, out, lse, routing, proj_weight, proj_bias, s
+        grad_out, q, k, v, out, lse, linear, routing, proj_weight, proj_bias, s
     )
 
 
 def _attention_lut(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings):
-    out, _ = _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+    out, _, _ = _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
                             *_settings(settings))
     return out
 
@@ -177,11 +178,12 @@ def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight
     check_routing(Routing(lut, lut_count, neg_lut, neg_count), q, k, s.block_q, s.block_kv,
                   s.layout)
     b, h, lq, _ = to_bhsd(q, s.layout).shape
-    return _empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32)
+    return (_empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32),
+            _empty_like_input(q))
 
 
 @torch.library.register_fake("sla::attention_bwd", lib=_lib)
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, neg_count,
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count,
                         proj_weight, proj_bias, *settings):
     return (
         _empty_like_input(q),
@@ -194,7 +196,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, ne
 
 @torch.library.register_fake("sla::attention_lut", lib=_lib)
 def _attention_lut_fake(*args):
-    out, _ = _attention_fwd_fake(*args)
+    out, _, _ = _attention_fwd_fake(*args)
     return out
 
 
@@ -218,19 +220,20 @@ class _SparseLinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
                 *settings):
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse = torch.ops.sla.attention_fwd(
+            out, lse, linear = torch.ops.sla.attention_fwd(
                 q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
             )
-        ctx.save_for_backward(q, k, v, out, lse, lut, lut_count, neg_lut, neg_count,
+        ctx.save_for_backward(q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count,
                               proj_weight, proj_bias)
         ctx.settings = settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, lut, lut_count, neg_lut, neg_count, w, b = ctx.saved_tensors
+        q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count, w, b = ctx.saved_tensors
         dq, dk, dv, dw, db = torch.ops.sla.attention_bwd(
-            grad_out, q, k, v, out, lse, lut, lut_count, neg_lut, neg_count, w, b, *ctx.settings
+            grad_out, q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count, w, b,
+            *ctx.settings
         )
         no_grads = (None,) * len(ctx.settings)
         return dq, dk, dv, None, None, None, None, dw, db, *no_grads

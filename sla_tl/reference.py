@@ -8,6 +8,8 @@ or float64 when the inputs are float64. Differentiable in q, k, v and the projec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -121,6 +123,17 @@ def linear_branch(
 # ---------------------------------------------------------------- whole computation
 
 
+class ForwardResult(NamedTuple):
+    """What the forward produces, and what a backward may reuse."""
+
+    out: torch.Tensor
+    """O_s + proj(O_l), in q's dtype."""
+    lse: torch.Tensor
+    """float32 (B, H, Lq): natural-log LSE of the sparse branch (-inf for an empty row)."""
+    linear: torch.Tensor
+    """O_l, the linear branch before the projection, in q's dtype."""
+
+
 def attention_with_routing(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,11 +146,8 @@ def attention_with_routing(
     feature: str,
     linear: str,
     scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SLA output for a given block classification: `O_s + proj(O_l)` and the sparse branch's LSE.
-
-    Returns (out in q's dtype, LSE float32 of shape (B, H, Lq)).
-    """
+) -> ForwardResult:
+    """SLA for a given block classification: `O_s + proj(O_l)`, the sparse LSE and O_l."""
     batch, heads, lq, dim = q.shape
     lk = k.shape[2]
     n_kv = num_blocks(lk, block_kv)
@@ -146,7 +156,7 @@ def attention_with_routing(
     critical, marginal = _block_classes(routing, n_kv, linear)
     weight, bias = proj_weight.to(dtype), proj_bias.to(dtype)
 
-    outs, lses = [], []
+    outs, lses, linears = [], [], []
     for b in range(batch):
         for h in range(heads):
             qh, kh, vh = (t[b, h].to(dtype) for t in (q, k, v))
@@ -156,9 +166,13 @@ def attention_with_routing(
             o_l = linear_branch(qh, kh, vh, marg, feature)
             outs.append(o_s + o_l @ weight.T + bias)
             lses.append(lse)
-    out = torch.stack(outs).reshape(batch, heads, lq, dim).to(q.dtype)
-    lse = torch.stack(lses).reshape(batch, heads, lq).float()
-    return out, lse
+            linears.append(o_l)
+    shape = (batch, heads, lq, dim)
+    return ForwardResult(
+        torch.stack(outs).reshape(shape).to(q.dtype),
+        torch.stack(lses).reshape(batch, heads, lq).float(),
+        torch.stack(linears).reshape(shape).to(q.dtype),
+    )
 
 
 
@@ -259,10 +273,9 @@ def attention(
 ) -> torch.Tensor:
     """Route, then compute SLA: the whole computation of the design contract, in plain torch."""
     routing = route(q, k, topk, k_low, block_q, block_kv)
-    out, _ = attention_with_routing(
+    return attention_with_routing(
         q, k, v, routing, proj_weight, proj_bias, block_q, block_kv, feature, linear, scale
-    )
-    return out
+    ).out
 
 
 def full_attention(

@@ -24,7 +24,7 @@ def route(
 def _run(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> reference.ForwardResult:
     return reference.attention_with_routing(
         to_bhsd(q, s.layout), to_bhsd(k, s.layout), to_bhsd(v, s.layout), routing,
         proj_weight, proj_bias, s.block_q, s.block_kv, s.feature_map, s.linear, s.scale,
@@ -34,23 +34,24 @@ def _run(
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out in the user's layout, LSE (B, H, Lq) float32)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, LSE (B, H, Lq) float32, O_l); out and O_l in the user's layout."""
     with torch.no_grad():
-        out, lse = _run(q, k, v, routing, proj_weight, proj_bias, s)
-    return from_bhsd(out, s.layout).contiguous(), lse.contiguous()
+        out, lse, linear = _run(q, k, v, routing, proj_weight, proj_bias, s)
+    return (from_bhsd(out, s.layout).contiguous(), lse.contiguous(),
+            from_bhsd(linear, s.layout).contiguous())
 
 
 def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, routing: Routing,
+    out: torch.Tensor, lse: torch.Tensor, linear: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients (dq, dk, dv, dproj_weight, dproj_bias) from the reference's explicit formula.
 
-    The reference recomputes what it needs; `out` and `lse` are there for the kernels.
+    The reference recomputes what it needs; `out`, `lse` and `linear` are for the kernels.
     """
-    del out, lse
+    del out, lse, linear
     dq, dk, dv, d_weight, d_bias = reference.attention_backward(
         to_bhsd(grad_out, s.layout), to_bhsd(q, s.layout), to_bhsd(k, s.layout),
         to_bhsd(v, s.layout), routing, proj_weight, proj_bias,

@@ -81,7 +81,7 @@ def test_all_critical_equals_full_attention_plus_bias(generator):
     q, k, v = random_qkv(2, 2, 50, 70, 16, torch.float64, generator)
     weight, bias = random_projection(16, torch.float64, generator)
     routing = _all_critical(2, 2, 50, 70, 16, 32)
-    out, lse = reference.attention_with_routing(
+    out, lse, _ = reference.attention_with_routing(
         q, k, v, routing, weight, bias, 16, 32, "softmax", "marginal"
     )
     # No marginal block anywhere: O_l = 0, so the projection contributes its bias only.
@@ -120,11 +120,11 @@ def test_linear_branch_matches_block_sum_form(generator, feature, linear):
     weight = torch.eye(16, dtype=torch.float64)
     bias = torch.zeros(16, dtype=torch.float64)
     settings = (16, 16, feature, linear)
-    out, _ = reference.attention_with_routing(q, k, v, routing, weight, bias, *settings)
+    out = reference.attention_with_routing(q, k, v, routing, weight, bias, *settings).out
     zero = torch.zeros_like(weight)
-    sparse_only, _ = reference.attention_with_routing(
+    sparse_only = reference.attention_with_routing(
         q, k, v, routing, zero, bias, 16, 16, feature, linear
-    )
+    ).out
     expected = _linear_from_block_sums(q, k, v, routing, 16, 16, feature, linear)
     assert relative_error(out - sparse_only, expected) < 1e-10
 
@@ -136,7 +136,7 @@ def test_row_without_critical_block_gives_zero_sparse_output(generator):
     count[0, 0, 1] = 0
     routing = routing._replace(lut_count=count)
     zero = torch.zeros(16, 16, dtype=torch.float64)
-    out, lse = reference.attention_with_routing(
+    out, lse, _ = reference.attention_with_routing(
         q, k, v, routing, zero, torch.zeros(16, dtype=torch.float64), 16, 16, "softmax", "marginal"
     )
     assert (out[0, 0, 16:] == 0).all() and (lse[0, 0, 16:] == float("-inf")).all()
@@ -148,10 +148,10 @@ def test_bf16_inputs_return_bf16_close_to_float64(generator):
     weight, bias = random_projection(16, torch.float32, generator)
     routing = reference.route(q, k, 0.5, 0.0, 16, 16)
     args = (weight, bias, 16, 16, "softmax", "marginal")
-    out16, _ = reference.attention_with_routing(
+    out16 = reference.attention_with_routing(
         q.bfloat16(), k.bfloat16(), v.bfloat16(), routing, *args
-    )
-    out64, _ = reference.attention_with_routing(q, k, v, routing, *args)
+    ).out
+    out64 = reference.attention_with_routing(q, k, v, routing, *args).out
     assert out16.dtype == torch.bfloat16
     assert relative_error(out16, out64) < 2e-2
 
@@ -164,9 +164,9 @@ def test_reference_gradcheck(generator, feature, linear):
     routing = reference.route(q, k, 0.34, 0.34, 16, 16)
 
     def fn(q, k, v, weight, bias):
-        out, _ = reference.attention_with_routing(
+        out = reference.attention_with_routing(
             q, k, v, routing, weight, bias, 16, 16, feature, linear
-        )
+        ).out
         return out
 
     inputs = tuple(t.requires_grad_() for t in (q, k, v, weight, bias))
@@ -184,7 +184,7 @@ def test_explicit_backward_matches_autograd(generator, feature, linear):
     routing = routing._replace(lut_count=count)
     settings = (16, 32, feature, linear)
     leaves = tuple(t.clone().requires_grad_() for t in (q, k, v, weight, bias))
-    out, _ = reference.attention_with_routing(*leaves[:3], routing, *leaves[3:], *settings)
+    out = reference.attention_with_routing(*leaves[:3], routing, *leaves[3:], *settings).out
     grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     expected = torch.autograd.grad(out, leaves, grad)
     explicit = reference.attention_backward(grad, q, k, v, routing, weight, bias, *settings)

@@ -38,7 +38,10 @@ def sla_forward(
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
-    n_q, n_kv, width, neg_width = T.dynamic("Mq"), T.dynamic("Nk"), T.dynamic("Kc"), T.dynamic("Kn")
+    n_q, width, neg_width = T.dynamic("Mq"), T.dynamic("Kc"), T.dynamic("Kn")
+    # The block states have their own block count, so 1-block dummies can stand in for
+    # them in "global" mode, which never reads them.
+    n_h_state, n_z_state = T.dynamic("Nh"), T.dynamic("Nz")
     marginal = linear == "marginal"
     scale_log2 = scale * LOG2E
     phi = feature_map_macro(feature)
@@ -52,8 +55,8 @@ def sla_forward(
         COUNT: T.Tensor([batch, heads, n_q], T.int32),
         NEG_LUT: T.Tensor([batch, heads, n_q, neg_width], T.int32),
         NEG_COUNT: T.Tensor([batch, heads, n_q], T.int32),
-        H_BLOCK: T.Tensor([batch, heads, n_kv, dim, dim], dt),
-        Z_BLOCK: T.Tensor([batch, heads, n_kv, dim], acc),
+        H_BLOCK: T.Tensor([batch, heads, n_h_state, dim, dim], dt),
+        Z_BLOCK: T.Tensor([batch, heads, n_z_state, dim], acc),
         H_TOTAL: T.Tensor([batch, heads, dim, dim], acc),
         Z_TOTAL: T.Tensor([batch, heads, dim], acc),
         W: T.Tensor([dim, dim], dt),
@@ -137,7 +140,7 @@ def sla_forward(
                     jc = LUT[bz, by, bx, t]
                     for d in T.Parallel(dim):
                         z_i[d] -= Z_BLOCK[bz, by, jc, d]
-                has_marginal = T.if_then_else(count + neg_count < n_kv, 1, 0)
+                has_marginal = T.if_then_else(count + neg_count < T.ceildiv(lk, block_kv), 1, 0)
             h_i_s = T.alloc_shared([dim, dim], dt)
             for a, d in T.Parallel(dim, dim):
                 h_i_s[a, d] = H_TOTAL[bz, by, a, d] - excluded_h[a, d]

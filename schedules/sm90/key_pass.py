@@ -1,0 +1,92 @@
+"""One pass over K and V: what routing and the linear branch need from the keys.
+
+One CTA per (group of key blocks, head, batch). For each key block j of its group:
+
+    pooled_k[j] = mean of K_j's rows              (float32, partial last block averaged
+                                                    over the rows it has)
+    h_j = phi(K_j)^T V_j   (D x D), z_j = colsum phi(K_j)   (phi is 0 on rows past Lk)
+
+h_j is stored per block (in the input dtype) only when the linear branch needs per-block
+states ("marginal"); the group's float32 sums of h_j and z_j are always stored, and summed
+over groups by the caller into the totals H and Z.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
+# of a prim_func against the builder's local variables.
+import tilelang.language as T
+
+from ..common import DTYPES, rows, seq_shape
+from ..feature_maps import feature_map_macro
+
+
+def key_pass(
+    dim: int,
+    block_kv: int,
+    dtype: str,
+    feature: str,
+    layout: str,
+    store_blocks: bool,
+    group: int = 8,
+    threads: int = 256,
+):
+    """The key pass's TileLang program for one combination of compile-time settings."""
+    dt = DTYPES[dtype]
+    acc = T.float32
+    batch, heads, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lk")
+    # H_BLOCK has its own block count so a 1-block dummy can stand in when no per-block
+    # states are stored.
+    n_kv, n_state, n_groups = T.dynamic("Nk"), T.dynamic("Ns"), T.dynamic("G")
+    phi = feature_map_macro(feature)
+
+    @T.prim_func
+    def main(
+        K: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
+        V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
+        POOLED_K: T.Tensor([batch, heads, n_kv, dim], acc),
+        H_BLOCK: T.Tensor([batch, heads, n_state, dim, dim], dt),
+        Z_BLOCK: T.Tensor([batch, heads, n_kv, dim], acc),
+        H_GROUP: T.Tensor([batch, heads, n_groups, dim, dim], acc),
+        Z_GROUP: T.Tensor([batch, heads, n_groups, dim], acc),
+    ):
+        with T.Kernel(n_groups, heads, batch, threads=threads) as (bx, by, bz):
+            k_s = T.alloc_shared([block_kv, dim], dt)
+            v_s = T.alloc_shared([block_kv, dim], dt)
+            phi_s = T.alloc_shared([block_kv, dim], dt)
+            keys = T.alloc_fragment([block_kv, dim], acc)
+            col = T.alloc_fragment([dim], acc)
+            h_j = T.alloc_fragment([dim, dim], acc)
+            h_sum = T.alloc_fragment([dim, dim], acc)
+            z_sum = T.alloc_shared([dim], acc)
+            row_max = T.alloc_fragment([block_kv], acc)
+            row_sum = T.alloc_fragment([block_kv], acc)
+
+            T.clear(h_sum)
+            T.clear(z_sum)
+            first = bx * group
+            blocks = T.min(group, n_kv - first)
+            for t in T.Pipelined(blocks, num_stages=2):
+                j = first + t
+                valid = T.min(block_kv, lk - j * block_kv)
+                T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
+                T.copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s)
+                T.copy(k_s, keys)
+                T.reduce_sum(keys, col, dim=0)
+                for d in T.Parallel(dim):
+                    POOLED_K[bz, by, j, d] = col[d] / valid
+                phi(keys, row_max, row_sum, block_kv, dim)
+                for r, d in T.Parallel(block_kv, dim):
+                    keys[r, d] = T.if_then_else(r < valid, keys[r, d], 0)
+                T.reduce_sum(keys, col, dim=0)
+                for d in T.Parallel(dim):
+                    Z_BLOCK[bz, by, j, d] = col[d]
+                    z_sum[d] += col[d]
+                T.copy(keys, phi_s)
+                T.gemm(phi_s, v_s, h_j, transpose_A=True, clear_accum=True)
+                for a, d in T.Parallel(dim, dim):
+                    h_sum[a, d] += h_j[a, d]
+                if store_blocks:
+                    T.copy(h_j, H_BLOCK[bz, by, j, :, :])
+            T.copy(h_sum, H_GROUP[bz, by, bx, :, :])
+            T.copy(z_sum, Z_GROUP[bz, by, bx, :])
+
+    return main

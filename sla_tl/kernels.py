@@ -1,0 +1,57 @@
+"""Compiled TileLang kernels, built on first use and kept for the life of the process.
+
+Each getter takes the compile-time settings of one kernel and returns the compiled
+kernel (TileLang also caches the binary on disk, under $TILELANG_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .schedules.compile import compile_program
+from .schedules.sm90.forward import sla_forward
+from .schedules.sm90.key_pass import key_pass
+from .schedules.sm90.pool import mean_pool
+
+# Key blocks per CTA of the key pass: the group sums are reduced by the caller.
+KEY_PASS_GROUP = 8
+
+# Compute capability -> the arch the schedules are compiled for.
+SUPPORTED_ARCHS = {(9, 0): "sm_90a"}
+
+
+def arch_of(device: torch.device) -> str:
+    """The TileLang arch for `device`, or a clear error where no schedule serves it."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability not in SUPPORTED_ARCHS:
+        name = torch.cuda.get_device_name(device)
+        raise NotImplementedError(
+            f"sla-tl has kernels for Hopper (sm_90) only; {name} is sm_{capability[0]}"
+            f"{capability[1]}. Run on a Hopper GPU, or use the CPU reference."
+        )
+    return SUPPORTED_ARCHS[capability]
+
+
+@functools.cache
+def pool_kernel(dim: int, block: int, dtype: str, layout: str, arch: str):
+    """Mean pooling over blocks of rows."""
+    return compile_program(mean_pool(dim, block, dtype, layout), arch)
+
+
+@functools.cache
+def key_pass_kernel(dim: int, block_kv: int, dtype: str, feature: str, layout: str,
+                    store_blocks: bool, arch: str):
+    """Per-key-block linear states and pooled keys."""
+    program = key_pass(dim, block_kv, dtype, feature, layout, store_blocks, group=KEY_PASS_GROUP)
+    return compile_program(program, arch)
+
+
+@functools.cache
+def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, linear: str,
+                   layout: str, scale: float, arch: str):
+    """The fused SLA forward."""
+    program = sla_forward(dim, block_q, block_kv, dtype, feature, linear, layout, scale)
+    return compile_program(program, arch)
+

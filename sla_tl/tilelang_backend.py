@@ -1,0 +1,113 @@
+"""The CUDA backend: TileLang kernels glued with a few small torch ops, no host synchronisation.
+
+Takes and returns tensors in the user's layout, like every backend (see `dispatch`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels, spec
+from .layout import to_bhsd
+from .routing import Routing
+from .settings import Settings
+
+
+def _dims(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    b, h, length, d = to_bhsd(x, layout).shape
+    return b, h, length, d
+
+
+def _dtype_name(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _pool(x: torch.Tensor, block: int, layout: str, arch: str) -> torch.Tensor:
+    b, h, length, d = _dims(x, layout)
+    pooled = x.new_empty((b, h, spec.num_blocks(length, block), d), dtype=torch.float32)
+    kernels.pool_kernel(d, block, _dtype_name(x), layout, arch)(x, pooled)
+    return pooled
+
+
+def _bottom(scores: torch.Tensor, critical: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` lowest scores of each row outside `critical`."""
+    rest = scores.scatter(-1, critical, float("inf"))
+    return torch.topk(rest, count, dim=-1, largest=False, sorted=False).indices
+
+
+def route(
+    q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
+    layout: str,
+) -> Routing:
+    """Pooled block scores (pooling kernels), then per-row top/bottom selection (torch)."""
+    q, k = q.contiguous(), k.contiguous()
+    arch = kernels.arch_of(q.device)
+    pooled_q = _pool(q, block_q, layout, arch)
+    pooled_k = _pool(k, block_kv, layout, arch)
+    lk = _dims(k, layout)[2]
+    n_kv = pooled_k.shape[2]
+    rows_per_block = torch.full((n_kv, 1), float(block_kv), device=k.device)
+    rows_per_block[-1] = lk - (n_kv - 1) * block_kv
+    mean_k = (pooled_k * rows_per_block).sum(dim=2, keepdim=True) / lk
+    scores = pooled_q @ (pooled_k - mean_k).transpose(-1, -2)
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    critical = torch.topk(scores, n_crit, dim=-1, sorted=False).indices
+    negligible = _bottom(scores, critical, n_neg) if n_neg else critical[..., :0]
+    rows = scores.shape[:-1]
+    return Routing(
+        critical.sort(dim=-1).values.to(torch.int32),
+        torch.full(rows, n_crit, dtype=torch.int32, device=q.device),
+        negligible.sort(dim=-1).values.to(torch.int32),
+        torch.full(rows, n_neg, dtype=torch.int32, device=q.device),
+    )
+
+
+def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
+    """(per-block h, per-block z, total H, total Z) of the linear branch."""
+    b, h, lk, d = _dims(k, s.layout)
+    n_kv = spec.num_blocks(lk, s.block_kv)
+    n_groups = spec.num_blocks(n_kv, kernels.KEY_PASS_GROUP)
+    store_blocks = s.linear == "marginal"
+    f32 = dict(dtype=torch.float32, device=k.device)
+    pooled_k = torch.empty((b, h, n_kv, d), **f32)
+    h_block = k.new_empty((b, h, n_kv if store_blocks else 1, d, d))
+    z_block = torch.empty((b, h, n_kv, d), **f32)
+    h_group = torch.empty((b, h, n_groups, d, d), **f32)
+    z_group = torch.empty((b, h, n_groups, d), **f32)
+    kernel = kernels.key_pass_kernel(d, s.block_kv, _dtype_name(k), s.feature_map, s.layout,
+                                     store_blocks, arch)
+    kernel(k, v, pooled_k, h_block, z_block, h_group, z_group)
+    return h_block, z_block, h_group.sum(dim=2), z_group.sum(dim=2)
+
+
+def _with_width(lut: torch.Tensor) -> torch.Tensor:
+    """A LUT of width 0 becomes width 1 (never read: its counts are 0)."""
+    return lut if lut.shape[-1] else lut.new_zeros((*lut.shape[:-1], 1))
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, LSE, O_l): the SLA output, the sparse branch's LSE, the linear branch before
+    projection; out and O_l in the user's layout."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    arch = kernels.arch_of(q.device)
+    b, h, lq, d = _dims(q, s.layout)
+    scale = d**-0.5 if s.scale is None else s.scale
+    h_block, z_block, h_total, z_total = _key_states(k, v, s, arch)
+    if s.linear != "marginal":
+        z_block = z_block[:, :, :1].contiguous()
+    out, o_lin = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
+                                    s.linear, s.layout, float(scale), arch)
+    kernel(
+        q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
+        _with_width(routing.neg_lut).contiguous(), routing.neg_count.contiguous(),
+        h_block, z_block, h_total, z_total,
+        proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
+        out, o_lin, lse,
+    )
+    return out, lse, o_lin
