@@ -18,6 +18,10 @@ from .schedules.sm90.pool import mean_pool
 # Key blocks per CTA of the key pass: the group sums are reduced by the caller.
 KEY_PASS_GROUP = 8
 
+# Block sizes the kernels are built for: one consumer warpgroup per 64 query rows.
+KERNEL_BLOCK_Q = (64, 128)
+KERNEL_BLOCK_KV = (64, 128)
+
 # Compute capability -> the arch the schedules are compiled for.
 SUPPORTED_ARCHS = {(9, 0): "sm_90a"}
 
@@ -32,6 +36,21 @@ def arch_of(device: torch.device) -> str:
             f"{capability[1]}. Run on a Hopper GPU, or use the CPU reference."
         )
     return SUPPORTED_ARCHS[capability]
+
+
+def consumer_threads(block_q: int) -> int:
+    """Threads doing the math for a query tile: one warpgroup (128) per 64 rows."""
+    return 2 * block_q
+
+
+def check_block_sizes(block_q: int, block_kv: int) -> None:
+    """The CUDA kernels' block sizes (the CPU reference takes any multiple of 16)."""
+    if block_q not in KERNEL_BLOCK_Q:
+        raise ValueError(f"block_q must be one of {KERNEL_BLOCK_Q} on CUDA; got {block_q} "
+                         "(the CPU reference takes any multiple of 16)")
+    if block_kv not in KERNEL_BLOCK_KV:
+        raise ValueError(f"block_kv must be one of {KERNEL_BLOCK_KV} on CUDA; got {block_kv} "
+                         "(the CPU reference takes any multiple of 16)")
 
 
 @functools.cache
@@ -52,6 +71,7 @@ def key_pass_kernel(dim: int, block_kv: int, dtype: str, feature: str, layout: s
 def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, linear: str,
                    layout: str, scale: float, arch: str):
     """The fused SLA forward."""
-    program = sla_forward(dim, block_q, block_kv, dtype, feature, linear, layout, scale)
+    program = sla_forward(dim, block_q, block_kv, dtype, feature, linear, layout, scale,
+                          threads=consumer_threads(block_q))
     return compile_program(program, arch)
 

@@ -5,7 +5,7 @@ User-facing:
   sla::attention_lut  the same for a precomputed routing (a fixed or learned block selection)
 Building blocks (what the autograd formula and `torch.compile` graphs are made of):
   sla::route          block classification; not differentiable
-  sla::attention_fwd  output, the sparse branch's log-sum-exp, the linear branch's output
+  sla::attention_fwd  output, and what the backward reuses (see settings.ForwardOutputs)
   sla::attention_bwd  gradients for q, k, v and the projection
 
 Device kernels come from `sla_tl.dispatch`. None of them synchronises with the host,
@@ -20,7 +20,7 @@ from . import spec
 from .dispatch import BACKENDS
 from .layout import to_bhsd
 from .routing import Routing
-from .settings import Settings
+from .settings import ForwardOutputs, Settings
 from .validation import (
     check_choice,
     check_projection,
@@ -54,11 +54,11 @@ _lib.define(
 )
 _lib.define(
     f"attention_fwd(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, Tensor proj_weight,"
-    f" Tensor proj_bias, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor, Tensor)"
+    f" Tensor proj_bias, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define(
     f"attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-    f" Tensor o_lin,"
+    f" Tensor o_lin, Tensor h_rows, Tensor z_rows,"
     f" {_ROUTING_SCHEMA}, Tensor proj_weight, Tensor proj_bias, {_SETTINGS_SCHEMA})"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
@@ -113,22 +113,23 @@ def _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, pro
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     _check_call(q, k, v, proj_weight, proj_bias, s)
     check_routing(routing, q, k, s.block_q, s.block_kv, s.layout)
-    return BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s)
+    return tuple(BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s))
 
 
-def _attention_bwd(grad_out, q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count,
-                   proj_weight, proj_bias, *settings):
+def _attention_bwd(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut_count, neg_lut,
+                   neg_count, proj_weight, proj_bias, *settings):
     s = _settings(settings)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
+    saved = ForwardOutputs(out, lse, linear, h_rows, z_rows)
     return BACKENDS[q.device.type].backward(
-        grad_out, q, k, v, out, lse, linear, routing, proj_weight, proj_bias, s
+        grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s
     )
 
 
 def _attention_lut(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings):
-    out, _, _ = _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
-                            *_settings(settings))
-    return out
+    outputs = _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+                             *_settings(settings))
+    return outputs[0]
 
 
 def _attention(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK, k_low=spec.DEFAULT_K_LOW,
@@ -177,14 +178,16 @@ def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight
     _check_call(q, k, v, proj_weight, proj_bias, s)
     check_routing(Routing(lut, lut_count, neg_lut, neg_count), q, k, s.block_q, s.block_kv,
                   s.layout)
-    b, h, lq, _ = to_bhsd(q, s.layout).shape
+    b, h, lq, d = to_bhsd(q, s.layout).shape
+    n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
     return (_empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32),
-            _empty_like_input(q))
+            _empty_like_input(q), q.new_empty((b, h, n_rows, d, d)),
+            q.new_empty((b, h, n_rows, d), dtype=torch.float32))
 
 
 @torch.library.register_fake("sla::attention_bwd", lib=_lib)
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count,
-                        proj_weight, proj_bias, *settings):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut_count,
+                        neg_lut, neg_count, proj_weight, proj_bias, *settings):
     return (
         _empty_like_input(q),
         _empty_like_input(k),
@@ -196,8 +199,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, lut, lut_count, neg
 
 @torch.library.register_fake("sla::attention_lut", lib=_lib)
 def _attention_lut_fake(*args):
-    out, _, _ = _attention_fwd_fake(*args)
-    return out
+    return _attention_fwd_fake(*args)[0]
 
 
 @torch.library.register_fake("sla::attention", lib=_lib)
@@ -220,21 +222,18 @@ class _SparseLinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
                 *settings):
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse, linear = torch.ops.sla.attention_fwd(
+            outputs = torch.ops.sla.attention_fwd(
                 q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
             )
-        ctx.save_for_backward(q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count,
+        ctx.save_for_backward(q, k, v, *outputs, lut, lut_count, neg_lut, neg_count,
                               proj_weight, proj_bias)
         ctx.settings = settings
-        return out
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count, w, b = ctx.saved_tensors
-        dq, dk, dv, dw, db = torch.ops.sla.attention_bwd(
-            grad_out, q, k, v, out, lse, linear, lut, lut_count, neg_lut, neg_count, w, b,
-            *ctx.settings
-        )
+        dq, dk, dv, dw, db = torch.ops.sla.attention_bwd(grad_out, *ctx.saved_tensors,
+                                                         *ctx.settings)
         no_grads = (None,) * len(ctx.settings)
         return dq, dk, dv, None, None, None, None, dw, db, *no_grads
 

@@ -123,6 +123,28 @@ def linear_branch(
 # ---------------------------------------------------------------- whole computation
 
 
+def linear_states(
+    k: torch.Tensor, v: torch.Tensor, routing: Routing, block_kv: int, feature: str, linear: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_i and Z_i of every query block: sums of h_j = phi(K_j)^T V_j and z_j = colsum phi(K_j)
+    over its marginal key blocks. In "global" mode all blocks are marginal and the one
+    total per head is returned, shapes (B, H, 1, D, D) and (B, H, 1, D)."""
+    batch, heads, lk, dim = k.shape
+    n_kv = num_blocks(lk, block_kv)
+    pad = n_kv * block_kv - lk
+    phi_k = F.pad(feature_map(k.to(compute_dtype(k)), feature), (0, 0, 0, pad))
+    values = F.pad(v.to(compute_dtype(v)), (0, 0, 0, pad))
+    phi_k = phi_k.reshape(batch, heads, n_kv, block_kv, dim)
+    values = values.reshape(batch, heads, n_kv, block_kv, dim)
+    h = torch.einsum("bhjta,bhjtc->bhjac", phi_k, values)
+    z = phi_k.sum(dim=3)
+    if linear == "global":
+        return h.sum(dim=2, keepdim=True), z.sum(dim=2, keepdim=True)
+    marginal = _block_classes(routing, n_kv, linear)[1].to(h.dtype)
+    h_rows = torch.einsum("bhij,bhjac->bhiac", marginal, h)
+    return h_rows, torch.einsum("bhij,bhja->bhia", marginal, z)
+
+
 class ForwardResult(NamedTuple):
     """What the forward produces, and what a backward may reuse."""
 

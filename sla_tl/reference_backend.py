@@ -10,7 +10,7 @@ import torch
 from . import reference
 from .layout import from_bhsd, to_bhsd
 from .routing import Routing
-from .settings import Settings
+from .settings import ForwardOutputs, Settings
 
 
 def route(
@@ -34,24 +34,31 @@ def _run(
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, LSE (B, H, Lq) float32, O_l); out and O_l in the user's layout."""
+) -> ForwardOutputs:
+    """The output and what the backward reuses, in the reference's arithmetic."""
     with torch.no_grad():
         out, lse, linear = _run(q, k, v, routing, proj_weight, proj_bias, s)
-    return (from_bhsd(out, s.layout).contiguous(), lse.contiguous(),
-            from_bhsd(linear, s.layout).contiguous())
+        h_rows, z_rows = reference.linear_states(
+            to_bhsd(k, s.layout), to_bhsd(v, s.layout), routing, s.block_kv, s.feature_map,
+            s.linear,
+        )
+    return ForwardOutputs(
+        from_bhsd(out, s.layout).contiguous(), lse.contiguous(),
+        from_bhsd(linear, s.layout).contiguous(), h_rows.to(q.dtype).contiguous(),
+        z_rows.float().contiguous(),
+    )
 
 
 def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, linear: torch.Tensor, routing: Routing,
+    saved: ForwardOutputs, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients (dq, dk, dv, dproj_weight, dproj_bias) from the reference's explicit formula.
 
-    The reference recomputes what it needs; `out`, `lse` and `linear` are for the kernels.
+    The reference recomputes what it needs; `saved` (the forward's outputs) is for kernels.
     """
-    del out, lse, linear
+    del saved
     dq, dk, dv, d_weight, d_bias = reference.attention_backward(
         to_bhsd(grad_out, s.layout), to_bhsd(q, s.layout), to_bhsd(k, s.layout),
         to_bhsd(v, s.layout), routing, proj_weight, proj_bias,

@@ -10,7 +10,7 @@ import torch
 from . import kernels, spec
 from .layout import to_bhsd
 from .routing import Routing
-from .settings import Settings
+from .settings import ForwardOutputs, Settings
 
 
 def _dims(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -40,6 +40,7 @@ def route(
     layout: str,
 ) -> Routing:
     """Pooled block scores (pooling kernels), then per-row top/bottom selection (torch)."""
+    kernels.check_block_sizes(block_q, block_kv)
     q, k = q.contiguous(), k.contiguous()
     arch = kernels.arch_of(q.device)
     pooled_q = _pool(q, block_q, layout, arch)
@@ -89,18 +90,36 @@ def _with_width(lut: torch.Tensor) -> torch.Tensor:
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, LSE, O_l): the SLA output, the sparse branch's LSE, the linear branch before
-    projection; out and O_l in the user's layout."""
+) -> ForwardOutputs:
+    """The SLA output and what the backward reuses (see `ForwardOutputs`)."""
+    q = q.contiguous()
+    b, h, lq, d = _dims(q, s.layout)
+    n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
+    outputs = ForwardOutputs(
+        torch.empty_like(q),
+        torch.empty((b, h, lq), dtype=torch.float32, device=q.device),
+        torch.empty_like(q),
+        q.new_empty((b, h, n_rows, d, d)),
+        torch.empty((b, h, n_rows, d), dtype=torch.float32, device=q.device),
+    )
+    forward_into(q, k, v, routing, proj_weight, proj_bias, s, outputs)
+    return outputs
+
+
+def forward_into(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings, outputs: ForwardOutputs,
+) -> None:
+    """`forward`, writing into given contiguous buffers (tests poison them first)."""
+    kernels.check_block_sizes(s.block_q, s.block_kv)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     arch = kernels.arch_of(q.device)
-    b, h, lq, d = _dims(q, s.layout)
+    d = _dims(q, s.layout)[3]
     scale = d**-0.5 if s.scale is None else s.scale
     h_block, z_block, h_total, z_total = _key_states(k, v, s, arch)
-    if s.linear != "marginal":
+    marginal = s.linear == "marginal"
+    if not marginal:
         z_block = z_block[:, :, :1].contiguous()
-    out, o_lin = torch.empty_like(q), torch.empty_like(q)
-    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
                                     s.linear, s.layout, float(scale), arch)
     kernel(
@@ -108,6 +127,8 @@ def forward(
         _with_width(routing.neg_lut).contiguous(), routing.neg_count.contiguous(),
         h_block, z_block, h_total, z_total,
         proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
-        out, o_lin, lse,
+        outputs.out, outputs.linear, outputs.lse, outputs.h_rows, outputs.z_rows,
     )
-    return out, lse, o_lin
+    if not marginal:
+        outputs.h_rows.copy_(h_total.unsqueeze(2))
+        outputs.z_rows.copy_(z_total.unsqueeze(2))

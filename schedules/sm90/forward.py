@@ -10,7 +10,8 @@ blocks (H_i = H - sum h_j, Z_i = Z - sum z_j over critical and negligible j):
     O_l = phi(Q) H_i / (phi(Q) . Z_i + eps)        (0 where a row has no marginal block)
     O   = O_s + O_l W^T + b
 
-and writes O, O_l (for the backward) and the natural-log LSE of the sparse branch.
+and writes O, the natural-log LSE of the sparse branch, and for the backward O_l and
+(in "marginal" mode) each query block's H_i and Z_i.
 """
 
 
@@ -42,6 +43,9 @@ def sla_forward(
     # The block states have their own block count, so 1-block dummies can stand in for
     # them in "global" mode, which never reads them.
     n_h_state, n_z_state = T.dynamic("Nh"), T.dynamic("Nz")
+    # Per-query-block states saved for the backward: Mq of them in "marginal" mode; in
+    # "global" mode every block's state is the total and the caller saves that instead.
+    n_saved = T.dynamic("Ns")
     marginal = linear == "marginal"
     scale_log2 = scale * LOG2E
     phi = feature_map_macro(feature)
@@ -64,6 +68,8 @@ def sla_forward(
         O: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         LSE: T.Tensor([batch, heads, lq], acc),
+        H_ROWS: T.Tensor([batch, heads, n_saved, dim, dim], dt),
+        Z_ROWS: T.Tensor([batch, heads, n_saved, dim], acc),
     ):
         with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=threads) as (bx, by, bz):
             q_s = T.alloc_shared([block_q, dim], dt)
@@ -144,6 +150,9 @@ def sla_forward(
             h_i_s = T.alloc_shared([dim, dim], dt)
             for a, d in T.Parallel(dim, dim):
                 h_i_s[a, d] = H_TOTAL[bz, by, a, d] - excluded_h[a, d]
+            if marginal:
+                T.copy(h_i_s, H_ROWS[bz, by, bx, :, :])
+                T.copy(z_i, Z_ROWS[bz, by, bx, :])
 
             # phi(Q) is formed in `lin`, the fragment the linear GEMM later accumulates into,
             # so it takes that GEMM's register layout. Q comes from global memory, not q_s:

@@ -1,0 +1,140 @@
+"""The TileLang kernels on the GPU against the float64 reference, with the same routing.
+
+Outputs are poisoned with NaN before each kernel runs, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from sla_tl import reference, spec, tilelang_backend
+from sla_tl.routing import Routing
+from sla_tl.settings import ForwardOutputs, Settings
+from sla_tl.warm import compile_in_parallel, kernels_for_call
+
+from .helpers import random_projection, random_qkv, relative_error
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = 1e-2
+
+
+class Case(NamedTuple):
+    dim: int
+    dtype: str
+    layout: str
+    feature: str
+    linear: str
+    block_q: int
+    block_kv: int
+    lq: int
+    lk: int
+    topk: float
+    k_low: float
+    batch: int = 2
+    heads: int = 3
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(self.block_q, self.block_kv, self.feature, self.linear, None, self.layout)
+
+    def __str__(self) -> str:
+        return "-".join(str(x) for x in self)
+
+
+CASES = [
+    Case(128, "bfloat16", "bhsd", "softmax", "marginal", 128, 64, 1000, 1000, 0.1, 0.1),
+    Case(64, "float16", "bshd", "elu", "global", 64, 64, 1000, 777, 0.2, 0.0),
+    Case(128, "float16", "bhsd", "relu", "marginal", 64, 128, 1024, 1024, 0.25, 0.0),
+    Case(64, "bfloat16", "bhsd", "softmax", "marginal", 128, 128, 512, 2000, 0.0, 0.3),
+    Case(128, "bfloat16", "bshd", "softmax", "marginal", 128, 64, 300, 200, 1.0, 0.0),
+    Case(64, "bfloat16", "bshd", "elu", "marginal", 64, 128, 200, 100, 0.5, 0.5),
+    Case(128, "bfloat16", "bhsd", "softmax", "marginal", 128, 64, 32760, 32760, 0.05, 0.0,
+         batch=1, heads=2),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile every kernel of this module in parallel before the first test needs one."""
+    specs = [s for c in CASES for s in kernels_for_call(c.dim, c.dtype, c.settings, "sm_90a")]
+    compile_in_parallel(specs)
+
+
+def _inputs(case: Case, generator: torch.Generator):
+    dtype = getattr(torch, case.dtype)
+    q, k, v = random_qkv(case.batch, case.heads, case.lq, case.lk, case.dim, dtype, generator,
+                         device="cuda")
+    if case.layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
+    return q, k, v, weight, bias
+
+
+def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
+    x = x if layout == "bhsd" else x.transpose(1, 2)
+    return x.to(device=device, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_matches_reference(case, generator):
+    q, k, v, weight, bias = _inputs(case, generator)
+    s = case.settings
+    routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
+                                     case.layout)
+    poisoned = ForwardOutputs(*(t.fill_(float("nan")) for t in tilelang_backend.forward(
+        q, k, v, routing, weight, bias, s)))
+    tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, poisoned)
+    out, lse, o_lin, h_rows, z_rows = poisoned
+    torch.cuda.synchronize()
+
+    # Long sequences run the reference on the GPU (still float64), short ones on the CPU.
+    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    expected = reference.attention_with_routing(
+        *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
+        Routing(*(t.to(device) for t in routing)), weight.double().to(device),
+        bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
+    )
+    out, o_lin = (_bhsd64(t, case.layout, "cpu") for t in (out, o_lin))
+    for name, got in zip(ForwardOutputs._fields, (out, lse, o_lin, h_rows, z_rows), strict=True):
+        assert not got.isnan().any(), f"{name} has NaN (unwritten or invalid elements)"
+    assert relative_error(out, expected.out) < TOLERANCE
+    if expected.linear.abs().sum() > 0:
+        assert relative_error(o_lin, expected.linear) < TOLERANCE
+    else:
+        assert (o_lin == 0).all(), "rows without a marginal block must give O_l = 0"
+    assert relative_error(lse, expected.lse) < 1e-4
+    expected_h, expected_z = reference.linear_states(
+        *(_bhsd64(t, case.layout, device) for t in (k, v)),
+        Routing(*(t.to(device) for t in routing)), case.block_kv, case.feature, case.linear)
+    assert relative_error(h_rows, expected_h) < TOLERANCE
+    assert relative_error(z_rows, expected_z) < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=str)
+def test_route_selects_top_and_bottom_blocks(case, generator):
+    q, k, _, _, _ = _inputs(case, generator)
+    routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
+                                     case.layout)
+    qb, kb = (_bhsd64(t, case.layout, "cpu").float() for t in (q, k))
+    scores = reference.block_scores(qb, kb, case.block_q, case.block_kv)
+    n_kv = scores.shape[-1]
+    n_crit = spec.num_critical(case.topk, n_kv)
+    n_neg = spec.num_negligible(case.k_low, n_kv, n_crit)
+    lut, neg = routing.lut.long().cpu(), routing.neg_lut.long().cpu()
+    assert lut.shape[-1] == n_crit and neg.shape[-1] == n_neg
+    assert (routing.lut_count == n_crit).all() and (routing.neg_count == n_neg).all()
+    assert (lut.diff(dim=-1) > 0).all() and (neg.diff(dim=-1) > 0).all()
+    slack = 1e-3 * scores.abs().amax()
+    picked = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, lut, True)
+    lowest_picked = torch.where(picked, scores, float("inf")).amin(-1)
+    assert (lowest_picked >= torch.where(picked, float("-inf"), scores).amax(-1) - slack).all()
+    if n_neg:
+        dropped = torch.zeros_like(picked).scatter(-1, neg, True)
+        assert not (picked & dropped).any()
+        rest = ~(picked | dropped)
+        highest_dropped = torch.where(dropped, scores, float("-inf")).amax(-1)
+        assert (highest_dropped <= torch.where(rest, scores, float("inf")).amin(-1) + slack).all()
