@@ -38,3 +38,38 @@ def feature_map_macro(feature: str):
     if feature not in FEATURE_MAPS:
         raise ValueError(f"feature must be one of {tuple(FEATURE_MAPS)}; got {feature!r}")
     return FEATURE_MAPS[feature]
+
+
+
+@T.macro
+def _softmax_vjp(x, grad, row_max, row_sum, n_rows, dim):
+    # grad <- s * (grad - rowsum(grad * s)), s = softmax(x), written as (grad*s) - s*rowsum.
+    _softmax(x, row_max, row_sum, n_rows, dim)
+    for i, d in T.Parallel(n_rows, dim):
+        grad[i, d] = grad[i, d] * x[i, d]
+    T.reduce_sum(grad, row_sum, dim=1)
+    for i, d in T.Parallel(n_rows, dim):
+        grad[i, d] = grad[i, d] - x[i, d] * row_sum[i]
+
+
+@T.macro
+def _elu_plus_one_vjp(x, grad, row_max, row_sum, n_rows, dim):
+    for i, d in T.Parallel(n_rows, dim):
+        grad[i, d] = T.if_then_else(x[i, d] > 0, grad[i, d], grad[i, d] * T.exp(x[i, d]))
+
+
+@T.macro
+def _relu_vjp(x, grad, row_max, row_sum, n_rows, dim):
+    for i, d in T.Parallel(n_rows, dim):
+        grad[i, d] = T.if_then_else(x[i, d] > 0, grad[i, d], 0.0)
+
+
+FEATURE_MAP_VJPS = {"softmax": _softmax_vjp, "elu": _elu_plus_one_vjp, "relu": _relu_vjp}
+
+
+def feature_map_vjp_macro(feature: str):
+    """The macro `(x, grad, row_max, row_sum, n_rows, dim)`: grad <- phi'(x)^T grad, row by
+    row; x (raw inputs, float32) is overwritten as scratch."""
+    if feature not in FEATURE_MAP_VJPS:
+        raise ValueError(f"feature must be one of {tuple(FEATURE_MAP_VJPS)}; got {feature!r}")
+    return FEATURE_MAP_VJPS[feature]

@@ -11,14 +11,14 @@ import functools
 import torch
 
 from .schedules.compile import compile_program
-from .schedules.sm90.forward import sla_forward
+from .schedules.sm90 import forward as forward_schedule
 from .schedules.sm90.key_pass import key_pass
 from .schedules.sm90.pool import mean_pool
 
 # Key blocks per CTA of the key pass: the group sums are reduced by the caller.
 KEY_PASS_GROUP = 8
 
-# Block sizes the kernels are built for: one consumer warpgroup per 64 query rows.
+# Block sizes the kernels are built for.
 KERNEL_BLOCK_Q = (64, 128)
 KERNEL_BLOCK_KV = (64, 128)
 
@@ -36,11 +36,6 @@ def arch_of(device: torch.device) -> str:
             f"{capability[1]}. Run on a Hopper GPU, or use the CPU reference."
         )
     return SUPPORTED_ARCHS[capability]
-
-
-def consumer_threads(block_q: int) -> int:
-    """Threads doing the math for a query tile: one warpgroup (128) per 64 rows."""
-    return 2 * block_q
 
 
 def check_block_sizes(block_q: int, block_kv: int) -> None:
@@ -71,7 +66,8 @@ def key_pass_kernel(dim: int, block_kv: int, dtype: str, feature: str, layout: s
 def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, linear: str,
                    layout: str, scale: float, arch: str):
     """The fused SLA forward."""
-    program = sla_forward(dim, block_q, block_kv, dtype, feature, linear, layout, scale,
-                          threads=consumer_threads(block_q))
+    knobs = forward_schedule.default_schedule(dim, block_q, block_kv, linear)
+    program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, linear, layout,
+                                           scale, **knobs)
     return compile_program(program, arch)
 

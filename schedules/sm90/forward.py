@@ -21,6 +21,20 @@ from ..common import DTYPES, LOG2E, rows, seq_shape
 from ..feature_maps import feature_map_macro
 
 LINEAR_EPS = 1e-5
+SHARED_MEMORY_BYTES = 227 * 1024
+# Registers per thread the excluded-state accumulator may take before it moves to shared.
+REGISTER_ACCUMULATOR_LIMIT = 64
+
+
+def default_schedule(dim: int, block_q: int, block_kv: int, linear: str) -> dict:
+    """Schedule knobs that compile without spills and fit shared memory for these sizes."""
+    threads = 2 * block_q  # one warpgroup per 64 query rows
+    marginal = linear == "marginal"
+    in_shared = marginal and dim * dim // threads > REGISTER_ACCUMULATOR_LIMIT
+    per_stage = 2 * block_kv * dim * 2 + (dim * dim * 2 if marginal else 0)
+    fixed = block_q * dim * 2 + (dim * dim * 4 if in_shared else 0) + 2048
+    stages = 2 if fixed + 2 * per_stage <= SHARED_MEMORY_BYTES else 1
+    return dict(threads=threads, num_stages=stages, excluded_in_shared=in_shared)
 
 
 def sla_forward(
@@ -32,10 +46,15 @@ def sla_forward(
     linear: str,
     layout: str,
     scale: float,
-    threads: int = 256,
-    num_stages: int = 2,
+    threads: int,
+    num_stages: int,
+    excluded_in_shared: bool,
 ):
-    """The forward kernel's TileLang program for one combination of compile-time settings."""
+    """The forward kernel's TileLang program for one combination of compile-time settings.
+
+    Schedule knobs (speed only): `threads` doing the math, pipeline `num_stages`, and
+    whether the float32 sum of excluded h_j lives in shared memory instead of registers.
+    """
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
@@ -83,7 +102,10 @@ def sla_forward(
             rescale = T.alloc_fragment([block_q], acc)
             row_sum = T.alloc_fragment([block_q], acc)
             denom = T.alloc_fragment([block_q], acc)
-            excluded_h = T.alloc_fragment([dim, dim], acc)
+            if excluded_in_shared:
+                excluded_h = T.alloc_shared([dim, dim], acc)
+            else:
+                excluded_h = T.alloc_fragment([dim, dim], acc)
             count = COUNT[bz, by, bx]
             T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s)
             T.fill(acc_o, 0)
