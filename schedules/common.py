@@ -25,3 +25,8 @@ def rows(x, b, h, start, count: int, layout: str):
     if layout == "bhsd":
         return x[b, h, start:start + count, :]
     return x[b, start:start + count, h, :]
+
+
+def element(x, b, h, row, d, layout: str):
+    """One element of head (b, h) at (row, d), in either layout."""
+    return x[b, h, row, d] if layout == "bhsd" else x[b, row, h, d]

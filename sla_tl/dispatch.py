@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import reference_backend
+from . import reference_backend, tilelang_backend
 
 BACKENDS: dict[str, ModuleType] = {
     "cpu": reference_backend,
-    # The GPU runs the reference until the TileLang kernels serve this device.
-    "cuda": reference_backend,
+    "cuda": tilelang_backend,
 }

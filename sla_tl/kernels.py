@@ -11,7 +11,10 @@ import functools
 import torch
 
 from .schedules.compile import compile_program
+from .schedules.sm90 import backward_dkdv as dkdv_schedule
 from .schedules.sm90 import forward as forward_schedule
+from .schedules.sm90.backward_dq import backward_dq
+from .schedules.sm90.backward_query import backward_query
 from .schedules.sm90.key_pass import key_pass
 from .schedules.sm90.pool import mean_pool
 
@@ -71,3 +74,30 @@ def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: s
                                            scale, **knobs)
     return compile_program(program, arch)
 
+
+
+@functools.cache
+def backward_query_kernel(dim: int, block_q: int, dtype: str, feature: str, layout: str,
+                          arch: str):
+    """The backward's query pass (delta, linear-branch gradients, linear part of dQ)."""
+    program = backward_query(dim, block_q, dtype, feature, layout, threads=2 * block_q)
+    return compile_program(program, arch)
+
+
+@functools.cache
+def backward_dq_kernel(dim: int, block_q: int, block_kv: int, dtype: str, layout: str,
+                       scale: float, arch: str):
+    """dQ over the LUT."""
+    program = backward_dq(dim, block_q, block_kv, dtype, layout, scale, threads=2 * block_q,
+                          num_stages=2)
+    return compile_program(program, arch)
+
+
+@functools.cache
+def backward_dkdv_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,
+                         linear: str, layout: str, scale: float, arch: str):
+    """dK and dV over the reverse LUT, with the linear branch's key-side gradients."""
+    knobs = dkdv_schedule.default_schedule(dim, block_q, block_kv)
+    program = dkdv_schedule.backward_dkdv(dim, block_q, block_kv, dtype, feature, linear, layout,
+                                          scale, **knobs)
+    return compile_program(program, arch)

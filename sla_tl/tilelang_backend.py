@@ -132,3 +132,75 @@ def forward_into(
     if not marginal:
         outputs.h_rows.copy_(h_total.unsqueeze(2))
         outputs.z_rows.copy_(z_total.unsqueeze(2))
+
+
+def reverse_lut(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, ...]:
+    """Key-major view of a LUT: for each key block, the query blocks listing it (ascending),
+    as (B, H, Nk, Mq) int32 with counts (B, H, Nk). Torch ops only, no host synchronisation."""
+    b, h, n_q, width = lut.shape
+    valid = torch.arange(width, device=lut.device) < count.unsqueeze(-1)
+    column = torch.where(valid, lut.long(), n_kv)  # invalid entries go to a spare column
+    hits = torch.zeros((b, h, n_q, n_kv + 1), dtype=torch.int8, device=lut.device)
+    hits.scatter_(-1, column, 1)
+    by_key = hits[..., :n_kv].transpose(-1, -2)
+    order = torch.sort(by_key, dim=-1, descending=True, stable=True).indices
+    return order.to(torch.int32).contiguous(), by_key.sum(dim=-1, dtype=torch.int32)
+
+
+def backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+    s: Settings,
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dproj_weight, dproj_bias): query pass, dQ over the LUT, dK/dV over the
+    reverse LUT; the projection's gradients are two small torch reductions."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_weight, d_bias = backward_into(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s,
+                                     dq, dk, dv)
+    return dq, dk, dv, d_weight, d_bias
+
+
+def backward_into(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+    s: Settings, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`backward`, writing dq, dk, dv into given contiguous buffers (tests poison them first);
+    returns (dproj_weight, dproj_bias)."""
+    kernels.check_block_sizes(s.block_q, s.block_kv)
+    q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    arch = kernels.arch_of(q.device)
+    b, h, lq, d = _dims(q, s.layout)
+    lk = _dims(k, s.layout)[2]
+    n_q, n_kv = spec.num_blocks(lq, s.block_q), spec.num_blocks(lk, s.block_kv)
+    dtype = _dtype_name(q)
+    scale = float(d**-0.5 if s.scale is None else s.scale)
+    weight = proj_weight.to(q.dtype).contiguous()
+    if s.linear == "marginal":
+        active = (routing.lut_count + routing.neg_count < n_kv).to(torch.int32)
+    else:
+        active = torch.ones_like(routing.lut_count)
+
+    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    g_rows = q.new_empty((b, h, n_q, d, d))
+    gz_rows = torch.empty((b, h, n_q, d), dtype=torch.float32, device=q.device)
+    kernels.backward_query_kernel(d, s.block_q, dtype, s.feature_map, s.layout, arch)(
+        q, grad_out, saved.out, saved.linear, weight, proj_bias.float().contiguous(),
+        saved.h_rows, saved.z_rows, active, delta, g_rows, gz_rows, dq,
+    )
+    kernels.backward_dq_kernel(d, s.block_q, s.block_kv, dtype, s.layout, scale, arch)(
+        q, k, v, grad_out, saved.lse, delta, routing.lut.contiguous(),
+        routing.lut_count.contiguous(), dq,
+    )
+    reverse = reverse_lut(routing.lut, routing.lut_count, n_kv)
+    neg_reverse = reverse_lut(_with_width(routing.neg_lut), routing.neg_count, n_kv)
+    kernels.backward_dkdv_kernel(d, s.block_q, s.block_kv, dtype, s.feature_map, s.linear,
+                                 s.layout, scale, arch)(
+        q, k, v, grad_out, saved.lse, delta, *reverse, *neg_reverse, g_rows, gz_rows,
+        g_rows.sum(dim=2, dtype=torch.float32), gz_rows.sum(dim=2), dk, dv,
+    )
+    # dW = sum over rows of dO^T O_l (cuBLAS accumulates in float32), db = sum of dO.
+    d_weight = (grad_out.reshape(-1, d).T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)
+    d_bias = grad_out.reshape(-1, d).sum(dim=0, dtype=torch.float32).to(proj_bias.dtype)
+    return d_weight, d_bias

@@ -23,10 +23,11 @@ class KernelSpec(NamedTuple):
     args: tuple
 
 
-def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str) -> list[KernelSpec]:
-    """Every kernel that routing and the forward of one attention call compile."""
+def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str,
+                     backward: bool = True) -> list[KernelSpec]:
+    """Every kernel that routing, the forward and (optionally) the backward of one call use."""
     scale = float(dim**-0.5 if s.scale is None else s.scale)
-    return [
+    specs = [
         KernelSpec("pool_kernel", (dim, s.block_q, dtype, s.layout, arch)),
         KernelSpec("pool_kernel", (dim, s.block_kv, dtype, s.layout, arch)),
         KernelSpec("key_pass_kernel", (dim, s.block_kv, dtype, s.feature_map, s.layout,
@@ -34,6 +35,16 @@ def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str) -> list[Kerne
         KernelSpec("forward_kernel", (dim, s.block_q, s.block_kv, dtype, s.feature_map,
                                       s.linear, s.layout, scale, arch)),
     ]
+    if backward:
+        specs += [
+            KernelSpec("backward_query_kernel", (dim, s.block_q, dtype, s.feature_map, s.layout,
+                                                 arch)),
+            KernelSpec("backward_dq_kernel", (dim, s.block_q, s.block_kv, dtype, s.layout, scale,
+                                              arch)),
+            KernelSpec("backward_dkdv_kernel", (dim, s.block_q, s.block_kv, dtype, s.feature_map,
+                                                s.linear, s.layout, scale, arch)),
+        ]
+    return specs
 
 
 def _compile(spec: KernelSpec) -> str | None:

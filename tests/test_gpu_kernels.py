@@ -138,3 +138,28 @@ def test_route_selects_top_and_bottom_blocks(case, generator):
         rest = ~(picked | dropped)
         highest_dropped = torch.where(dropped, scores, float("-inf")).amax(-1)
         assert (highest_dropped <= torch.where(rest, scores, float("inf")).amin(-1) + slack).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_matches_reference(case, generator):
+    q, k, v, weight, bias = _inputs(case, generator)
+    s = case.settings
+    routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
+                                     case.layout)
+    saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
+    grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    d_weight, d_bias = tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias,
+                                                      s, dq, dk, dv)
+    torch.cuda.synchronize()
+
+    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    expected = reference.attention_backward(
+        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        Routing(*(t.to(device) for t in routing)), weight.double().to(device),
+        bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
+    )
+    got = [*(_bhsd64(t, case.layout, "cpu") for t in (dq, dk, dv)), d_weight, d_bias]
+    for name, mine, ref in zip(("dq", "dk", "dv", "dweight", "dbias"), got, expected, strict=True):
+        assert not mine.isnan().any(), f"{name} has NaN (unwritten or invalid elements)"
+        assert relative_error(mine, ref) < TOLERANCE, name

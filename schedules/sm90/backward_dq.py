@@ -1,0 +1,74 @@
+"""Backward dQ over each query block's LUT (query-major), completing the linear part.
+
+One CTA per (query block, head, batch). The pipelined loop visits the critical key blocks
+only: P = exp(scale * Q K_j^T - LSE), dS = P * (dO V_j^T - delta), dQ += dS K_j. The
+epilogue adds scale * dQ to the linear branch's dQ that the query pass left in DQ.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
+# of a prim_func against the builder's local variables.
+import tilelang.language as T
+
+from ..common import DTYPES, LOG2E, element, rows, seq_shape
+
+
+def backward_dq(dim: int, block_q: int, block_kv: int, dtype: str, layout: str, scale: float,
+                threads: int, num_stages: int):
+    """The dQ program for one combination of compile-time settings."""
+    dt = DTYPES[dtype]
+    acc = T.float32
+    batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
+    n_q, width = T.dynamic("Mq"), T.dynamic("Kc")
+    scale_log2 = scale * LOG2E
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        K: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
+        V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
+        DO: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        LSE: T.Tensor([batch, heads, lq], acc),
+        DELTA: T.Tensor([batch, heads, lq], acc),
+        LUT: T.Tensor([batch, heads, n_q, width], T.int32),
+        COUNT: T.Tensor([batch, heads, n_q], T.int32),
+        DQ: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+    ):
+        with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=threads) as (bx, by, bz):
+            q_s = T.alloc_shared([block_q, dim], dt)
+            do_s = T.alloc_shared([block_q, dim], dt)
+            k_s = T.alloc_shared([block_kv, dim], dt)
+            v_s = T.alloc_shared([block_kv, dim], dt)
+            scores = T.alloc_fragment([block_q, block_kv], acc)
+            d_probs = T.alloc_fragment([block_q, block_kv], acc)
+            d_scores = T.alloc_fragment([block_q, block_kv], dt)
+            dq = T.alloc_fragment([block_q, dim], acc)
+            lse = T.alloc_fragment([block_q], acc)
+            delta = T.alloc_fragment([block_q], acc)
+
+            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s)
+            T.copy(rows(DO, bz, by, bx * block_q, block_q, layout), do_s)
+            # Element loads, not a 1-D bulk copy, ahead of the warp-specialised loop.
+            for i in T.Parallel(block_q):
+                lse[i] = LSE[bz, by, bx * block_q + i] * LOG2E
+                delta[i] = DELTA[bz, by, bx * block_q + i]
+            T.clear(dq)
+            for t in T.Pipelined(COUNT[bz, by, bx], num_stages=num_stages):
+                j = LUT[bz, by, bx, t]
+                T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
+                T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                T.copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s)
+                T.gemm(do_s, v_s, d_probs, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                for i, c in T.Parallel(block_q, block_kv):
+                    d_scores[i, c] = T.if_then_else(
+                        j * block_kv + c < lk,
+                        T.exp2(scores[i, c] * scale_log2 - lse[i]) * (d_probs[i, c] - delta[i]),
+                        0)
+                T.gemm(d_scores, k_s, dq, policy=T.GemmWarpPolicy.FullRow)
+            for i, d in T.Parallel(block_q, dim):
+                dq[i, d] = dq[i, d] * scale + element(DQ, bz, by, bx * block_q + i, d, layout)
+            T.copy(dq, rows(DQ, bz, by, bx * block_q, block_q, layout))
+
+    return main
+

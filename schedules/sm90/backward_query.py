@@ -1,0 +1,126 @@
+"""Backward, query side, no LUT loop: everything one query block needs from its own rows.
+
+One CTA per (query block i, head, batch), with H_i and Z_i saved by the forward:
+
+    dO_l  = dO W                               (projection's input gradient)
+    delta = rowsum(dO * O_s), O_s = O - O_l W^T - b  ->  dO.(O - b) - dO_l.O_l
+    den   = phi(Q) . Z_i + eps
+    dnum  = dO_l / den,   dden = -(dO_l . O_l) / den      (0 on rows without marginal blocks)
+    G_i   = phi(Q)^T dnum  (D x D),  g_i = phi(Q)^T dden  (D)   -> the key side's dH, dZ
+    dQ_l  = phi'(Q)^T (dnum H_i^T + dden Z_i)                 -> DQ, completed by the dQ kernel
+
+`ACTIVE[b, h, i]` is 1 where the query block has a marginal block.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
+# of a prim_func against the builder's local variables.
+import tilelang.language as T
+
+from ..common import DTYPES, rows, seq_shape
+from ..feature_maps import feature_map_macro, feature_map_vjp_macro
+
+LINEAR_EPS = 1e-5
+
+
+def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str, threads: int):
+    """The query-side backward program for one combination of compile-time settings."""
+    dt = DTYPES[dtype]
+    acc = T.float32
+    batch, heads, lq = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq")
+    n_q, n_saved = T.dynamic("Mq"), T.dynamic("Ns")
+    phi = feature_map_macro(feature)
+    phi_vjp = feature_map_vjp_macro(feature)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        DO: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        OUT: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        W: T.Tensor([dim, dim], dt),
+        BIAS: T.Tensor([dim], acc),
+        H_ROWS: T.Tensor([batch, heads, n_saved, dim, dim], dt),
+        Z_ROWS: T.Tensor([batch, heads, n_saved, dim], acc),
+        ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
+        DELTA: T.Tensor([batch, heads, lq], acc),
+        G_ROWS: T.Tensor([batch, heads, n_q, dim, dim], dt),
+        GZ_ROWS: T.Tensor([batch, heads, n_q, dim], acc),
+        DQ: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+    ):
+        with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=threads) as (bx, by, bz):
+            # A saved state per query block in "marginal" mode, one total in "global".
+            state = T.if_then_else(n_saved == 1, 0, bx)
+            do_s = T.alloc_shared([block_q, dim], dt)
+            w_s = T.alloc_shared([dim, dim], dt)
+            h_s = T.alloc_shared([dim, dim], dt)
+            z_s = T.alloc_shared([dim], acc)
+            phi_s = T.alloc_shared([block_q, dim], dt)
+            dnum_s = T.alloc_shared([block_q, dim], dt)
+            d_lin = T.alloc_fragment([block_q, dim], acc)
+            work = T.alloc_fragment([block_q, dim], acc)
+            dots = T.alloc_fragment([block_q], acc)
+            delta = T.alloc_fragment([block_q], acc)
+            den = T.alloc_fragment([block_q], acc)
+            dden = T.alloc_fragment([block_q], acc)
+            row_a = T.alloc_fragment([block_q], acc)
+            row_b = T.alloc_fragment([block_q], acc)
+            g_col = T.alloc_fragment([dim], acc)
+            # Column sums need a fragment whose layout no GEMM fixes; dden reaches it
+            # through shared memory.
+            dden_s = T.alloc_shared([block_q], acc)
+            col_work = T.alloc_fragment([block_q, dim], acc)
+            g_block = T.alloc_fragment([dim, dim], acc)
+
+            active = ACTIVE[bz, by, bx]
+            T.copy(rows(DO, bz, by, bx * block_q, block_q, layout), do_s)
+            T.copy(W, w_s)
+            T.copy(H_ROWS[bz, by, state, :, :], h_s)
+            T.copy(Z_ROWS[bz, by, state, :], z_s)
+            T.gemm(do_s, w_s, d_lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+
+            # dots = dO_l . O_l ; delta = dO . (O - b) - dots
+            T.copy(rows(O_LIN, bz, by, bx * block_q, block_q, layout), work)
+            for i, d in T.Parallel(block_q, dim):
+                work[i, d] = work[i, d] * d_lin[i, d]
+            T.reduce_sum(work, dots, dim=1)
+            T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), work)
+            for i, d in T.Parallel(block_q, dim):
+                work[i, d] = (work[i, d] - BIAS[d]) * do_s[i, d]
+            T.reduce_sum(work, delta, dim=1)
+            for i in T.Parallel(block_q):
+                delta[i] = delta[i] - dots[i]
+            T.copy(delta, DELTA[bz, by, bx * block_q:(bx + 1) * block_q])
+
+            # phi(Q), the denominators, dnum (in d_lin) and dden.
+            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), work)
+            phi(work, row_a, row_b, block_q, dim)
+            T.copy(work, phi_s)
+            for i, d in T.Parallel(block_q, dim):
+                work[i, d] = work[i, d] * z_s[d]
+            T.reduce_sum(work, den, dim=1)
+            for i in T.Parallel(block_q):
+                den[i] = den[i] + LINEAR_EPS
+                dden[i] = T.if_then_else(active > 0, -dots[i] / den[i], 0)
+            for i, d in T.Parallel(block_q, dim):
+                d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] / den[i], 0)
+            T.copy(d_lin, dnum_s)
+
+            # g_i = phi(Q)^T dden, G_i = phi(Q)^T dnum.
+            T.copy(dden, dden_s)
+            for i, d in T.Parallel(block_q, dim):
+                col_work[i, d] = phi_s[i, d] * dden_s[i]
+            T.reduce_sum(col_work, g_col, dim=0)
+            T.copy(g_col, GZ_ROWS[bz, by, bx, :])
+            T.gemm(phi_s, dnum_s, g_block, transpose_A=True, clear_accum=True)
+            T.copy(g_block, G_ROWS[bz, by, bx, :, :])
+
+            # dQ_l = phi'(Q)^T (dnum H_i^T + dden Z_i), with `work` reloaded as raw Q.
+            T.gemm(dnum_s, h_s, d_lin, transpose_B=True, clear_accum=True,
+                   policy=T.GemmWarpPolicy.FullRow)
+            for i, d in T.Parallel(block_q, dim):
+                d_lin[i, d] = d_lin[i, d] + dden[i] * z_s[d]
+            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), work)
+            phi_vjp(work, d_lin, row_a, row_b, block_q, dim)
+            T.copy(d_lin, rows(DQ, bz, by, bx * block_q, block_q, layout))
+
+    return main
