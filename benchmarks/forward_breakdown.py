@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         fused_inputs.append((q, k, v, r.lut, r.lut_count, tilelang_backend._with_width(r.neg_lut),
                              r.neg_count, hb, zb, ht, zt, weight.bfloat16(), bias,
                              torch.empty_like(q), torch.empty_like(q),
-                             torch.empty(b, h, length, device="cuda")))
+                             torch.empty(b, h, length, device="cuda"),
+                             torch.empty(b, h, length // 128 + 1, d, d, device="cuda",
+                                         dtype=q.dtype),
+                             torch.empty(b, h, length // 128 + 1, d, device="cuda")))
 
     def whole(q, k, v, weight, bias, r):
         tilelang_backend.forward(q, k, v, tilelang_backend.route(q, k, args.topk, 0.0, 128, 64,
