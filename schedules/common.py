@@ -9,6 +9,10 @@ LN2 = 0.6931471805599453
 
 DTYPES = {"bfloat16": T.bfloat16, "float16": T.float16}
 
+# The named barrier TileLang's warp-specialised code uses among the consumer threads; an
+# explicit `T.sync_threads(CONSUMER_BARRIER, threads)` joins the same rendezvous.
+CONSUMER_BARRIER = 3
+
 
 def target(arch: str) -> dict:
     """TileLang's target for an arch such as "sm_90a" (the dict form; strings are rejected)."""

@@ -17,7 +17,7 @@ The linear branch's key-side gradients come from the query pass's G_i, g_i:
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import DTYPES, LOG2E, rows, seq_shape
+from ..common import CONSUMER_BARRIER, DTYPES, LOG2E, rows, seq_shape
 from ..feature_maps import feature_map_macro, feature_map_vjp_macro
 
 
@@ -84,12 +84,16 @@ def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: st
                     probs[r, c] = T.if_then_else(
                         first + c < lq,
                         T.exp2(probs[r, c] * scale_log2 - LSE[bz, by, first + c] * LOG2E), 0)
+                # Both consumer warpgroups' wgmma read all of p_s and ds_s: none may overwrite
+                # them before the other's reads of the previous step have finished.
+                T.sync_threads(CONSUMER_BARRIER, threads)
                 T.copy(probs, p_s)
                 T.copy(rows(DO, bz, by, first, q_slice, layout), do_s)
                 T.gemm(p_s, do_s, dv, policy=policy)
                 T.gemm(v_s, do_s, d_probs, transpose_B=True, clear_accum=True, policy=policy)
                 for r, c in T.Parallel(block_kv, q_slice):
                     d_probs[r, c] = probs[r, c] * (d_probs[r, c] - DELTA[bz, by, first + c])
+                T.sync_threads(CONSUMER_BARRIER, threads)
                 T.copy(d_probs, ds_s)
                 T.gemm(ds_s, q_s, dk, policy=policy)
 

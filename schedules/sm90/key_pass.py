@@ -7,15 +7,15 @@ One CTA per (group of key blocks, head, batch). For each key block j of its grou
     h_j = phi(K_j)^T V_j   (D x D), z_j = colsum phi(K_j)   (phi is 0 on rows past Lk)
 
 h_j is stored per block (in the input dtype) only when the linear branch needs per-block
-states ("marginal"); the group's float32 sums of h_j and z_j are always stored, and summed
-over groups by the caller into the totals H and Z.
+states ("marginal"); the group's float32 sum of h_j is always stored, and summed over
+groups by the caller into the total H (Z is the sum of the per-block z_j).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import DTYPES, rows, seq_shape
+from ..common import CONSUMER_BARRIER, DTYPES, rows, seq_shape
 from ..feature_maps import feature_map_macro
 
 
@@ -46,7 +46,6 @@ def key_pass(
         H_BLOCK: T.Tensor([batch, heads, n_state, dim, dim], dt),
         Z_BLOCK: T.Tensor([batch, heads, n_kv, dim], acc),
         H_GROUP: T.Tensor([batch, heads, n_groups, dim, dim], acc),
-        Z_GROUP: T.Tensor([batch, heads, n_groups, dim], acc),
     ):
         with T.Kernel(n_groups, heads, batch, threads=threads) as (bx, by, bz):
             k_s = T.alloc_shared([block_kv, dim], dt)
@@ -56,12 +55,10 @@ def key_pass(
             col = T.alloc_fragment([dim], acc)
             h_j = T.alloc_fragment([dim, dim], acc)
             h_sum = T.alloc_fragment([dim, dim], acc)
-            z_sum = T.alloc_shared([dim], acc)
             row_max = T.alloc_fragment([block_kv], acc)
             row_sum = T.alloc_fragment([block_kv], acc)
 
             T.clear(h_sum)
-            T.clear(z_sum)
             first = bx * group
             blocks = T.min(group, n_kv - first)
             for t in T.Pipelined(blocks, num_stages=2):
@@ -79,7 +76,9 @@ def key_pass(
                 T.reduce_sum(keys, col, dim=0)
                 for d in T.Parallel(dim):
                     Z_BLOCK[bz, by, j, d] = col[d]
-                    z_sum[d] += col[d]
+                # Both consumer warpgroups' wgmma read all of phi_s: none may overwrite it
+                # before the other's read of the previous block has finished.
+                T.sync_threads(CONSUMER_BARRIER, threads)
                 T.copy(keys, phi_s)
                 T.gemm(phi_s, v_s, h_j, transpose_A=True, clear_accum=True)
                 for a, d in T.Parallel(dim, dim):
@@ -87,6 +86,5 @@ def key_pass(
                 if store_blocks:
                     T.copy(h_j, H_BLOCK[bz, by, j, :, :])
             T.copy(h_sum, H_GROUP[bz, by, bx, :, :])
-            T.copy(z_sum, Z_GROUP[bz, by, bx, :])
 
     return main
