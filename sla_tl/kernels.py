@@ -13,13 +13,10 @@ import torch
 from .schedules.compile import compile_program
 from .schedules.sm90 import backward_dkdv as dkdv_schedule
 from .schedules.sm90 import forward as forward_schedule
+from .schedules.sm90 import key_pass as key_pass_schedule
 from .schedules.sm90.backward_dq import backward_dq
 from .schedules.sm90.backward_query import backward_query
-from .schedules.sm90.key_pass import key_pass
 from .schedules.sm90.pool import mean_pool
-
-# Key blocks per CTA of the key pass: the group sums are reduced by the caller.
-KEY_PASS_GROUP = 8
 
 # Block sizes the kernels are built for.
 KERNEL_BLOCK_Q = (64, 128)
@@ -61,8 +58,15 @@ def pool_kernel(dim: int, block: int, dtype: str, layout: str, arch: str):
 def key_pass_kernel(dim: int, block_kv: int, dtype: str, feature: str, layout: str,
                     store_blocks: bool, arch: str):
     """Per-key-block linear states and pooled keys."""
-    program = key_pass(dim, block_kv, dtype, feature, layout, store_blocks, group=KEY_PASS_GROUP)
+    knobs = key_pass_schedule.default_schedule(dim, block_kv)
+    program = key_pass_schedule.key_pass(dim, block_kv, dtype, feature, layout, store_blocks,
+                                         **knobs)
     return compile_program(program, arch)
+
+
+def key_pass_group(dim: int, block_kv: int) -> int:
+    """Key blocks per CTA of the key pass (the caller sums the per-group states)."""
+    return key_pass_schedule.default_schedule(dim, block_kv)["group"]
 
 
 @functools.cache

@@ -68,7 +68,7 @@ def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
     """(per-block h, per-block z, total H, total Z) of the linear branch."""
     b, h, lk, d = _dims(k, s.layout)
     n_kv = spec.num_blocks(lk, s.block_kv)
-    n_groups = spec.num_blocks(n_kv, kernels.KEY_PASS_GROUP)
+    n_groups = spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv))
     store_blocks = s.linear == "marginal"
     f32 = dict(dtype=torch.float32, device=k.device)
     pooled_k = torch.empty((b, h, n_kv, d), **f32)
