@@ -29,21 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
     parser.add_argument("--length", type=int, default=32760)
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--block-q", type=int, default=128)
+    parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, 128
-    s = Settings(128, 64, "softmax", args.linear, None, "bhsd")
+    bq, bkv = args.block_q, args.block_kv
+    s = Settings(bq, bkv, "softmax", args.linear, None, "bhsd")
     sets = []
     for _ in range(3):
         q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
         weight = torch.randn(d, d, device="cuda") / d**0.5
         bias = torch.randn(d, device="cuda") * 0.1
-        routing = tilelang_backend.route(q, k, args.topk, 0.0, 128, 64, "bhsd")
+        routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
         sets.append((q, k, v, weight, bias, routing))
     arch = kernels.arch_of(sets[0][0].device)
-    fused = kernels.forward_kernel(d, 128, 64, "bfloat16", "softmax", args.linear, "bhsd",
+    fused = kernels.forward_kernel(d, bq, bkv, "bfloat16", "softmax", args.linear, "bhsd",
                                    d**-0.5, arch)
 
     def sdpa(q, k, v, *_):
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             F.scaled_dot_product_attention(q, k, v)
 
     def route(q, k, *_):
-        tilelang_backend.route(q, k, args.topk, 0.0, 128, 64, "bhsd")
+        tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
 
     def key_pass(q, k, v, *_):
         tilelang_backend._key_states(k, v, s, arch)
@@ -64,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                              r.neg_count, hb, zb, ht, zt, weight.bfloat16(), bias,
                              torch.empty_like(q), torch.empty_like(q),
                              torch.empty(b, h, length, device="cuda"),
-                             torch.empty(b, h, length // 128 + 1, d, d, device="cuda",
+                             torch.empty(b, h, spec.num_blocks(length, bq), d, d, device="cuda",
                                          dtype=q.dtype),
-                             torch.empty(b, h, length // 128 + 1, d, device="cuda")))
+                             torch.empty(b, h, spec.num_blocks(length, bq), d, device="cuda")))
 
     def whole(q, k, v, weight, bias, r):
-        tilelang_backend.forward(q, k, v, tilelang_backend.route(q, k, args.topk, 0.0, 128, 64,
+        tilelang_backend.forward(q, k, v, tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv,
                                                                  "bhsd"), weight, bias, s)
 
     with torch.no_grad():
@@ -80,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             "fused_kernel": median_ms(fused, fused_inputs, args.repeats),
             "whole_forward": median_ms(whole, sets, args.repeats),
         }
-    n_kv = spec.num_blocks(length, 64)
+    n_kv = spec.num_blocks(length, bkv)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     sparse_flops = 4.0 * b * h * length * length * d * density
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
-          f"linear={args.linear} on {torch.cuda.get_device_name()}")
+          f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
     for name, ms in timings.items():
         print(f"  {name:<14} {ms:8.3f} ms")
     cudnn_tflops = 4.0 * b * h * length**2 * d / timings["sdpa_cudnn"] / 1e9
