@@ -24,6 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+	$(BIN)/sla-tl kernels
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -1,9 +1,10 @@
 """The main job, `sla-tl demo`: what SLA does to a small problem, and what this machine can show.
 
 On any machine: the reference on structured video-like inputs (realised sparsity, share
-of the attention mass the critical blocks hold, error against full attention). On a
-machine with a GPU: the side-by-side timing at the Wan2.1-1.3B shape. Without one, it
-says what it would have timed.
+of the attention mass the critical blocks hold, error against full attention), then the
+TileLang kernels of one attention call compiled for sm_90a with their static facts
+(registers, spills, shared memory, wgmma, TMA). On a machine with a GPU: the side-by-side
+timing at the Wan2.1-1.3B shape. Without one, it says what it would have timed.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import math
 
 import torch
 
-from . import reference, spec
+from . import reference, spec, static_check
+from .settings import Settings
 from .synthetic import video_like_qkv
+from .warm import kernels_for_call
 
 
 def quality_rows(
@@ -60,6 +63,25 @@ def _print_quality(rows: list[dict], length: int, heads: int, dim: int) -> None:
     print("branch) is how SLA recovers quality at high sparsity.\n")
 
 
+def _kernel_section() -> bool:
+    """Compile the kernels of a Wan-shaped call for sm_90a and print their static facts."""
+    settings = Settings(128, 64, "softmax", "marginal", None, "bhsd")
+    print("TileLang kernels of one call (D=128, bf16, blocks 128x64, softmax, marginal),")
+    print("compiled for sm_90a on this machine (no GPU needed; cached after the first run):")
+    try:
+        facts = static_check.collect(kernels_for_call(128, "bfloat16", settings, "sm_90a"))
+    except (OSError, RuntimeError) as error:
+        print(f"error: the kernels did not compile: {error}")
+        print("TileLang needs the CUDA toolkit: set CUDA_HOME to it (default /usr/local/cuda).")
+        return False
+    print(f"{'kernel':<64} {'regs':>5} {'spill B':>8} {'smem KiB':>9} {'thr':>4} wgmma TMA")
+    for f in facts:
+        print(f"{f.name:<64} {f.registers:>5} {f.spill_bytes:>8} {f.shared_bytes / 1024:>9.1f} "
+              f"{f.threads:>4} {'yes' if f.wgmma else 'no':>5} {'yes' if f.tma else 'no':>3}")
+    print()
+    return True
+
+
 def _gpu_section(topk: float) -> None:
     shape = "B=1 H=12 L=32760 D=128 bf16 (Wan2.1-1.3B attention)"
     if not torch.cuda.is_available():
@@ -82,6 +104,8 @@ def main(length: int = 4096, heads: int = 2, dim: int = 64, seed: int = 0) -> in
     _print_quality(rows, length, heads, dim)
     if any(not math.isfinite(r["relative_error"]) for r in rows):
         print("error: non-finite output from the reference")
+        return 1
+    if not _kernel_section():
         return 1
     _gpu_section(0.05)
     return 0

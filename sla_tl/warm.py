@@ -10,10 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 from . import kernels
 from .settings import Settings
+
+T = TypeVar("T")
 
 
 class KernelSpec(NamedTuple):
@@ -47,28 +50,40 @@ def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str,
     return specs
 
 
-def _compile(spec: KernelSpec) -> str | None:
-    """Compile one kernel; its error as text (TileLang's errors do not pickle), or None."""
+def _compile(spec: KernelSpec) -> None:
+    getattr(kernels, spec.getter)(*spec.args)
+
+
+def _guarded(task: tuple[Callable[[KernelSpec], T], KernelSpec]) -> tuple[T | None, str | None]:
+    """Run one task; its error as text (TileLang's errors do not pickle)."""
+    fn, spec = task
     try:
-        getattr(kernels, spec.getter)(*spec.args)
+        return fn(spec), None
     except Exception as error:  # noqa: BLE001  (reported to the parent, which raises)
-        return f"{spec}: {type(error).__name__}: {error}"
-    return None
+        return None, f"{spec}: {type(error).__name__}: {error}"
 
 
-def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None) -> None:
-    """Compile each distinct spec once, `workers` processes at a time (default: all cores).
+def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
+                    workers: int | None = None) -> list[T]:
+    """`fn` over the distinct specs, `workers` processes at a time (default: all cores).
 
-    Raises RuntimeError listing every kernel that failed to compile.
+    `fn` must be a module-level function. Raises RuntimeError listing every failure.
     """
     unique = list(dict.fromkeys(specs))
     workers = min(workers or os.cpu_count() or 1, len(unique))
+    tasks = [(fn, spec) for spec in unique]
     if workers <= 1:
-        errors = [_compile(spec) for spec in unique]
+        results = [_guarded(task) for task in tasks]
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            errors = list(pool.map(_compile, unique))
-    failed = [e for e in errors if e]
+            results = list(pool.map(_guarded, tasks))
+    failed = [error for _, error in results if error]
     if failed:
-        raise RuntimeError("kernels failed to compile:\n" + "\n".join(failed))
+        raise RuntimeError("kernels failed:\n" + "\n".join(failed))
+    return [value for value, _ in results]
+
+
+def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None) -> None:
+    """Compile each distinct spec once, in parallel processes (see `map_in_parallel`)."""
+    map_in_parallel(_compile, specs, workers)
