@@ -71,13 +71,12 @@ def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
     n_groups = spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv))
     store_blocks = s.linear == "marginal"
     f32 = dict(dtype=torch.float32, device=k.device)
-    pooled_k = torch.empty((b, h, n_kv, d), **f32)
     h_block = k.new_empty((b, h, n_kv if store_blocks else 1, d, d))
     z_block = torch.empty((b, h, n_kv, d), **f32)
     h_group = torch.empty((b, h, n_groups, d, d), **f32)
     kernel = kernels.key_pass_kernel(d, s.block_kv, _dtype_name(k), s.feature_map, s.layout,
                                      store_blocks, arch)
-    kernel(k, v, pooled_k, h_block, z_block, h_group)
+    kernel(k, v, h_block, z_block, h_group)
     return h_block, z_block, h_group.sum(dim=2), z_block.sum(dim=2)
 
 

@@ -1,10 +1,11 @@
-"""One pass over K and V: what routing and the linear branch need from the keys.
+"""One pass over K and V: the linear branch's per-key-block states.
 
 One CTA per (group of key blocks, head, batch). For each key block j of its group:
 
-    pooled_k[j] = mean of K_j's rows              (float32, partial last block averaged
-                                                    over the rows it has)
     h_j = phi(K_j)^T V_j   (D x D), z_j = colsum phi(K_j)   (phi is 0 on rows past Lk)
+
+phi(K_j) is rounded to the input dtype once, as the GEMM's operand, and z_j sums those
+same values, so numerator and denominator of the linear branch see one phi.
 
 h_j is stored per block (in the input dtype) only when the linear branch needs per-block
 states ("marginal"); the group's float32 sum of h_j is always stored, and summed over
@@ -52,7 +53,6 @@ def key_pass(
     def main(
         K: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
         V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
-        POOLED_K: T.Tensor([batch, heads, n_kv, dim], acc),
         H_BLOCK: T.Tensor([batch, heads, n_state, dim, dim], dt),
         Z_BLOCK: T.Tensor([batch, heads, n_kv, dim], acc),
         H_GROUP: T.Tensor([batch, heads, n_groups, dim, dim], acc),
@@ -77,20 +77,21 @@ def key_pass(
                 T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
                 T.copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s)
                 T.copy(k_s, keys)
-                T.reduce_sum(keys, col, dim=0)
-                for d in T.Parallel(dim):
-                    POOLED_K[bz, by, j, d] = col[d] / valid
                 phi(keys, row_max, row_sum, block_kv, dim)
                 for r, d in T.Parallel(block_kv, dim):
                     keys[r, d] = T.if_then_else(r < valid, keys[r, d], 0)
-                T.reduce_sum(keys, col, dim=0)
-                for d in T.Parallel(dim):
-                    Z_BLOCK[bz, by, j, d] = col[d]
                 # Both consumer warpgroups' wgmma read all of phi_s: none may overwrite it
                 # before the other's read of the previous block has finished.
                 T.sync_threads(CONSUMER_BARRIER, threads)
                 T.copy(keys, phi_s)
                 T.gemm(phi_s, v_s, h_j, transpose_A=True, clear_accum=True)
+                # z_j: serial per-thread column sums of phi_s (no cross-thread reduction).
+                T.clear(col)
+                for r in T.serial(block_kv):
+                    for d in T.Parallel(dim):
+                        col[d] += phi_s[r, d]
+                for d in T.Parallel(dim):
+                    Z_BLOCK[bz, by, j, d] = col[d]
                 for a, d in T.Parallel(dim, dim):
                     h_sum[a, d] += h_j[a, d]
                 if store_blocks:

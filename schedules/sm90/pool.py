@@ -24,14 +24,17 @@ def mean_pool(dim: int, block: int, dtype: str, layout: str, group: int = 8, thr
     ):
         with T.Kernel(T.ceildiv(n_blocks, group), heads, batch, threads=threads) as (bx, by, bz):
             x_s = T.alloc_shared([block, dim], dt)
-            x_f = T.alloc_fragment([block, dim], acc)
             col = T.alloc_fragment([dim], acc)
             first = bx * group
             for t in T.Pipelined(T.min(group, n_blocks - first), num_stages=2):
                 j = first + t
                 T.copy(rows(X, bz, by, j * block, block, layout), x_s)
-                T.copy(x_s, x_f)
-                T.reduce_sum(x_f, col, dim=0)
+                # Column sums as serial per-thread sums over the rows: no cross-thread
+                # reduction rounds.
+                T.clear(col)
+                for r in T.serial(block):
+                    for d in T.Parallel(dim):
+                        col[d] += x_s[r, d]
                 for d in T.Parallel(dim):
                     POOLED[bz, by, j, d] = col[d] / T.min(block, length - j * block)
 
