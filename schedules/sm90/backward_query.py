@@ -56,6 +56,9 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             z_s = T.alloc_shared([dim], acc)
             phi_s = T.alloc_shared([block_q, dim], dt)
             dnum_s = T.alloc_shared([block_q, dim], dt)
+            # Tiles from global memory land here first: whole rows, coalesced, rather than
+            # element loads in a GEMM fragment's layout.
+            stage_s = T.alloc_shared([block_q, dim], dt)
             d_lin = T.alloc_fragment([block_q, dim], acc)
             work = T.alloc_fragment([block_q, dim], acc)
             dots = T.alloc_fragment([block_q], acc)
@@ -79,11 +82,13 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             T.gemm(do_s, w_s, d_lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
 
             # dots = dO_l . O_l ; delta = dO . (O - b) - dots
-            T.copy(rows(O_LIN, bz, by, bx * block_q, block_q, layout), work)
+            T.copy(rows(O_LIN, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(stage_s, work)
             for i, d in T.Parallel(block_q, dim):
                 work[i, d] = work[i, d] * d_lin[i, d]
             T.reduce_sum(work, dots, dim=1)
-            T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), work)
+            T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(stage_s, work)
             for i, d in T.Parallel(block_q, dim):
                 work[i, d] = (work[i, d] - BIAS[d]) * do_s[i, d]
             T.reduce_sum(work, delta, dim=1)
@@ -92,7 +97,8 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             T.copy(delta, DELTA[bz, by, bx * block_q:(bx + 1) * block_q])
 
             # phi(Q), the denominators, dnum (in d_lin) and dden.
-            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), work)
+            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(stage_s, work)
             phi(work, row_a, row_b, block_q, dim)
             T.copy(work, phi_s)
             for i, d in T.Parallel(block_q, dim):
@@ -119,7 +125,8 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
                    policy=T.GemmWarpPolicy.FullRow)
             for i, d in T.Parallel(block_q, dim):
                 d_lin[i, d] = d_lin[i, d] + dden[i] * z_s[d]
-            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), work)
+            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(stage_s, work)
             phi_vjp(work, d_lin, row_a, row_b, block_q, dim)
             T.copy(d_lin, rows(DQ, bz, by, bx * block_q, block_q, layout))
 
