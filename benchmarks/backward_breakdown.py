@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import kernels, spec, tilelang_backend
+from sla_tl import block_states, kernels, spec, tilelang_backend
 from sla_tl.settings import Settings
 
 from .environment import describe_environment
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     query = kernels.backward_query_kernel(d, bq, "bfloat16", "softmax", "bhsd", arch)
     dq_kernel = kernels.backward_dq_kernel(d, bq, bkv, "bfloat16", "bhsd", scale, arch)
-    dkdv = kernels.backward_dkdv_kernel(d, bq, bkv, "bfloat16", "softmax", args.linear, "bhsd",
-                                        scale, arch)
+    dkdv = kernels.backward_dkdv_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd", scale, arch)
 
     def buffers(q):
         return (torch.empty(b, h, length, device="cuda"), q.new_empty(b, h, n_q, d, d),
@@ -65,15 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         query(q, grad, saved.out, saved.linear, weight.bfloat16(), bias, saved.h_rows,
               saved.z_rows, active, delta, g_rows, gz_rows, dq)
         reverse = tilelang_backend.reverse_lut(routing.lut, routing.lut_count, n_kv)
-        neg = tilelang_backend.reverse_lut(tilelang_backend._with_width(routing.neg_lut),
-                                           routing.neg_count, n_kv)
+        key_block_args = (g_rows, gz_rows, routing, n_kv, args.linear)
+        dh, dz = block_states.key_states(*key_block_args)
         staged.append(dict(
             query=(q, grad, saved.out, saved.linear, weight.bfloat16(), bias, saved.h_rows,
                    saved.z_rows, active, delta, g_rows, gz_rows, dq),
             dq=(q, k, v, grad, saved.lse, delta, routing.lut, routing.lut_count, dq),
-            dkdv=(q, k, v, grad, saved.lse, delta, *reverse, *neg, g_rows, gz_rows,
-                  g_rows.sum(dim=2, dtype=torch.float32), gz_rows.sum(dim=2),
-                  torch.empty_like(k), torch.empty_like(v)),
+            dkdv=(q, k, v, grad, saved.lse, delta, *reverse, dh, dz, torch.empty_like(k),
+                  torch.empty_like(v)),
+            key_states=key_block_args,
             reverse=(routing.lut, routing.lut_count, n_kv),
         ))
 
@@ -96,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.repeats),
             "reverse_lut": median_ms(lambda x: tilelang_backend.reverse_lut(*x["reverse"]),
                                      [(x,) for x in staged], args.repeats),
+            "key_block_states": median_ms(lambda x: block_states.key_states(*x["key_states"]),
+                                          [(x,) for x in staged], args.repeats),
             "dkdv_kernel": median_ms(lambda x: dkdv(*x["dkdv"]), [(x,) for x in staged],
                                      args.repeats),
             "whole_backward": median_ms(whole, sets, args.repeats),

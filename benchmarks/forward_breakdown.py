@@ -3,7 +3,7 @@
     python -m sla_tl.benchmarks.forward_breakdown [--topk 0.05] [--out result.json]
 
 All parts are timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16),
-block_q=128, block_kv=64, on fresh random inputs.
+block_q=128, block_kv=64, on fresh random inputs (query_block_states serves linear=marginal).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import kernels, spec, tilelang_backend
+from sla_tl import block_states, kernels, spec, tilelang_backend
 from sla_tl.settings import Settings
 
 from .environment import describe_environment
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
         sets.append((q, k, v, weight, bias, routing))
     arch = kernels.arch_of(sets[0][0].device)
-    fused = kernels.forward_kernel(d, bq, bkv, "bfloat16", "softmax", args.linear, "bhsd",
-                                   d**-0.5, arch)
+    fused = kernels.forward_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd", d**-0.5, arch)
 
     def sdpa(q, k, v, *_):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -59,17 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     def key_pass(q, k, v, *_):
         tilelang_backend._key_states(k, v, s, arch)
 
+    n_q, n_kv = spec.num_blocks(length, bq), spec.num_blocks(length, bkv)
     states = [tilelang_backend._key_states(x[1], x[2], s, arch) for x in sets]
+    query_block_states = []
     fused_inputs = []
     for (q, k, v, weight, bias, r), (hb, zb, ht, zt) in zip(sets, states, strict=True):
-        zb = zb if args.linear == "marginal" else zb[:, :, :1].contiguous()
-        fused_inputs.append((q, k, v, r.lut, r.lut_count, tilelang_backend._with_width(r.neg_lut),
-                             r.neg_count, hb, zb, ht, zt, weight.bfloat16(), bias,
+        h_rows = q.new_empty(b, h, n_q, d, d)
+        z_rows = torch.empty(b, h, n_q, d, device="cuda")
+        query_block_states.append((hb, zb, ht, zt, r, h_rows, z_rows))
+        block_states.query_states(hb, zb, ht, zt, r, h_rows, z_rows)
+        if args.linear == "global":
+            h_rows, z_rows = ht.to(q.dtype).unsqueeze(2), zt.unsqueeze(2)
+        fused_inputs.append((q, k, v, r.lut, r.lut_count, h_rows, z_rows,
+                             tilelang_backend._active(r, n_kv), weight.bfloat16(), bias,
                              torch.empty_like(q), torch.empty_like(q),
-                             torch.empty(b, h, length, device="cuda"),
-                             torch.empty(b, h, spec.num_blocks(length, bq), d, d, device="cuda",
-                                         dtype=q.dtype),
-                             torch.empty(b, h, spec.num_blocks(length, bq), d, device="cuda")))
+                             torch.empty(b, h, length, device="cuda")))
 
     def whole(q, k, v, weight, bias, r):
         tilelang_backend.forward(q, k, v, tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv,
@@ -80,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             "sdpa_cudnn": median_ms(sdpa, sets, args.repeats),
             "route": median_ms(route, sets, args.repeats),
             "key_pass": median_ms(key_pass, sets, args.repeats),
+            "query_block_states": median_ms(block_states.query_states, query_block_states,
+                                            args.repeats),
             "fused_kernel": median_ms(fused, fused_inputs, args.repeats),
             "whole_forward": median_ms(whole, sets, args.repeats),
         }
-    n_kv = spec.num_blocks(length, bkv)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     sparse_flops = 4.0 * b * h * length * length * d * density
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "

@@ -3,7 +3,8 @@
 #   1. unpack .device/site.tar.xz (made by the device-bundle tool) if it is there;
 #   2. install this project without dependencies;
 #   3. run the tests marked `gpu`;
-#   4. run the forward breakdown and the side-by-side benchmark at the Wan2.1-1.3B shape.
+#   4. run the forward and backward breakdowns and the side-by-side benchmark (topk 0.05 and
+#      0.10; extra arguments go to it) at the Wan2.1-1.3B shape.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
 OUT="${OUT:-out}"
@@ -22,7 +23,10 @@ python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gp
 python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" 2>&1 \
   | tee "$OUT/forward_breakdown.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-python3 -m sla_tl.benchmarks.side_by_side --out "$OUT/side_by_side.json" "$@" 2>&1 \
+python3 -m sla_tl.benchmarks.backward_breakdown --out "$OUT/backward_breakdown.json" 2>&1 \
+  | tee "$OUT/backward_breakdown.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python3 -m sla_tl.benchmarks.side_by_side --topk 0.05,0.10 --out "$OUT/side_by_side.json" "$@" 2>&1 \
   | tee "$OUT/side_by_side.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

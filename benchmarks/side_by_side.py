@@ -82,12 +82,46 @@ def _sla(p: Problem) -> Callable:
     return run
 
 
+def _flex_block_mask(q: torch.Tensor, k: torch.Tensor, p: Problem):
+    """FlexAttention's BlockMask over exactly the critical blocks of sla-tl's routing."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    routing = sla_tl.route(q, k, p.topk, 0.0, p.block_q, p.block_kv)
+    lut, count = routing.lut, routing.lut_count
+    n_kv = spec.num_blocks(p.length, p.block_kv)
+    # FlexAttention wants one index column per key block; columns past the count are unread.
+    indices = lut.new_zeros((*lut.shape[:-1], n_kv))
+    indices[..., :lut.shape[-1]] = lut
+    return BlockMask.from_kv_blocks(count, indices, BLOCK_SIZE=(p.block_q, p.block_kv),
+                                    seq_lengths=(p.length, p.length))
+
+
+def _flex(p: Problem) -> Callable:
+    """Compiled FlexAttention, block-sparse over sla-tl's LUT (the sparse branch only).
+
+    Each input set's BlockMask is built on its first call (the warm-up), so the timed calls
+    measure the attention kernels alone, without routing or mask building."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks: dict[int, object] = {}
+
+    def run(q, k, v):
+        key = q.data_ptr()
+        if key not in masks:
+            with torch.no_grad():
+                masks[key] = _flex_block_mask(q, k, p)
+        return compiled(q, k, v, block_mask=masks[key])
+    return run
+
+
 SYSTEMS: dict[str, Callable[[Problem], Callable]] = {
     "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
     "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+    "flex_sparse": _flex,
     "sla_tl": _sla,
 }
-SPARSE_SYSTEMS = {"sla_tl"}
+SPARSE_SYSTEMS = {"flex_sparse", "sla_tl"}
 
 
 def _step(attend: Callable, mode: str) -> Callable:
@@ -113,6 +147,20 @@ def _repeats(step: Callable, inputs: list[tuple], budget_s: float, most: int) ->
     return max(3, min(most, int(budget_s / max(once, 1e-6))))
 
 
+def _measure_one(p: Problem, name: str, mode: str, inputs: list[tuple], budget_s: float,
+                 most: int) -> dict:
+    step = _step(SYSTEMS[name](p), mode)
+    repeats = _repeats(step, inputs, budget_s, most)
+    ms = median_ms(step, inputs, repeats, warmup=len(inputs))
+    computed = p.density if name in SPARSE_SYSTEMS else 1.0
+    return dict(
+        system=name, mode=mode, median_ms=ms, repeats=repeats,
+        tflops_dense_equiv=p.dense_flops(mode) / ms / 1e9,
+        tflops_per_computed_block=computed * p.dense_flops(mode) / ms / 1e9,
+        peak_memory_mb=peak_memory_mb(step, inputs[0]),
+    )
+
+
 def measure(p: Problem, systems: list[str], modes: list[str], budget_s: float,
             most: int) -> list[dict]:
     """Time every system in every mode on fresh inputs; speedups against cuDNN of this run."""
@@ -121,35 +169,37 @@ def measure(p: Problem, systems: list[str], modes: list[str], budget_s: float,
         inputs = _inputs(p, mode, sets=3)
         by_system = {}
         for name in systems:
-            step = _step(SYSTEMS[name](p), mode)
-            repeats = _repeats(step, inputs, budget_s, most)
-            ms = median_ms(step, inputs, repeats, warmup=1)
-            computed = p.density if name in SPARSE_SYSTEMS else 1.0
-            by_system[name] = dict(
-                system=name, mode=mode, median_ms=ms, repeats=repeats,
-                tflops_dense_equiv=p.dense_flops(mode) / ms / 1e9,
-                tflops_per_computed_block=computed * p.dense_flops(mode) / ms / 1e9,
-                peak_memory_mb=peak_memory_mb(step, inputs[0]),
-            )
-        cudnn = by_system.get("sdpa_cudnn", {}).get("median_ms")
+            try:
+                by_system[name] = _measure_one(p, name, mode, inputs, budget_s, most)
+            except Exception as error:  # noqa: BLE001  (a baseline that fails is reported)
+                print(f"{name} {mode} failed: {type(error).__name__}: {error}", flush=True)
+                by_system[name] = dict(system=name, mode=mode,
+                                       error=f"{type(error).__name__}: {error}")
+        cudnn = by_system.get("sdpa_cudnn", {})
         for row in by_system.values():
-            row["speedup_vs_cudnn"] = cudnn / row["median_ms"] if cudnn else None
+            if "median_ms" in row and "median_ms" in cudnn:
+                row["speedup_vs_cudnn"] = cudnn["median_ms"] / row["median_ms"]
+                row["memory_vs_cudnn"] = row["peak_memory_mb"] / cudnn["peak_memory_mb"]
             rows.append(row)
         del inputs
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table of the result rows."""
+    """A fixed-width table of the result rows (a failed system shows its error)."""
     head = (f"{'system':<12} {'mode':<8} {'median ms':>10} {'TFLOP/s':>8} {'per block':>10} "
-            f"{'vs cuDNN':>9} {'peak MiB':>10}")
+            f"{'vs cuDNN':>9} {'peak MiB':>10} {'mem/cuDNN':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        speedup = f"{r['speedup_vs_cudnn']:.2f}x" if r["speedup_vs_cudnn"] else "-"
+        if "error" in r:
+            lines.append(f"{r['system']:<12} {r['mode']:<8} failed: {r['error'][:120]}")
+            continue
+        speedup = f"{r['speedup_vs_cudnn']:.2f}x" if "speedup_vs_cudnn" in r else "-"
+        memory = f"{r['memory_vs_cudnn']:.2f}x" if "memory_vs_cudnn" in r else "-"
         lines.append(
             f"{r['system']:<12} {r['mode']:<8} {r['median_ms']:>10.3f} "
             f"{r['tflops_dense_equiv']:>8.1f} {r['tflops_per_computed_block']:>10.1f} "
-            f"{speedup:>9} {r['peak_memory_mb']:>10.0f}"
+            f"{speedup:>9} {r['peak_memory_mb']:>10.0f} {memory:>10}"
         )
     return "\n".join(lines)
 
@@ -158,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the side-by-side benchmark on the GPU in hand."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the JSON result here")
-    parser.add_argument("--topk", type=float, default=0.05)
+    parser.add_argument("--topk", default="0.05", help="comma-separated topk values")
     parser.add_argument("--length", type=int, default=WAN_1_3B["length"])
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
@@ -168,15 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU; none is visible to torch")
-    problem = Problem(**{**WAN_1_3B, "length": args.length}, topk=args.topk)
-    rows = measure(problem, args.systems.split(","), args.modes.split(","), args.budget_s,
-                   args.most_repeats)
-    result = dict(environment=describe_environment(), problem=asdict(problem),
-                  density=problem.density, results=rows)
-    print(f"B={problem.batch} H={problem.heads} L={problem.length} D={problem.dim} "
-          f"{problem.dtype} topk={problem.topk} (computed blocks {problem.density:.3f}) "
-          f"on {result['environment']['gpu']}")
-    print(format_table(rows))
+    results = []
+    for topk in (float(x) for x in args.topk.split(",")):
+        problem = Problem(**{**WAN_1_3B, "length": args.length}, topk=topk)
+        rows = measure(problem, args.systems.split(","), args.modes.split(","), args.budget_s,
+                       args.most_repeats)
+        results.append(dict(problem=asdict(problem), density=problem.density, results=rows))
+        print(f"B={problem.batch} H={problem.heads} L={problem.length} D={problem.dim} "
+              f"{problem.dtype} topk={problem.topk} (computed blocks {problem.density:.3f}) "
+              f"on {torch.cuda.get_device_name()}")
+        print(format_table(rows), flush=True)
+    result = dict(environment=describe_environment(), runs=results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -70,14 +70,13 @@ def key_pass_group(dim: int, block_kv: int) -> int:
 
 
 @functools.cache
-def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, linear: str,
-                   layout: str, scale: float, arch: str):
+def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,
+                   scale: float, arch: str):
     """The fused SLA forward."""
-    knobs = forward_schedule.default_schedule(dim, block_q, block_kv, linear)
-    program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, linear, layout,
-                                           scale, **knobs)
+    knobs = forward_schedule.default_schedule(dim, block_q, block_kv)
+    program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, layout, scale,
+                                           **knobs)
     return compile_program(program, arch)
-
 
 
 @functools.cache
@@ -99,9 +98,9 @@ def backward_dq_kernel(dim: int, block_q: int, block_kv: int, dtype: str, layout
 
 @functools.cache
 def backward_dkdv_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,
-                         linear: str, layout: str, scale: float, arch: str):
+                         layout: str, scale: float, arch: str):
     """dK and dV over the reverse LUT, with the linear branch's key-side gradients."""
     knobs = dkdv_schedule.default_schedule(dim, block_q, block_kv)
-    program = dkdv_schedule.backward_dkdv(dim, block_q, block_kv, dtype, feature, linear, layout,
-                                          scale, **knobs)
+    program = dkdv_schedule.backward_dkdv(dim, block_q, block_kv, dtype, feature, layout, scale,
+                                          **knobs)
     return compile_program(program, arch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels, spec
+from . import block_states, kernels, spec
 from .layout import to_bhsd
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
@@ -80,11 +80,6 @@ def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
     return h_block, z_block, h_group.sum(dim=2), z_block.sum(dim=2)
 
 
-def _with_width(lut: torch.Tensor) -> torch.Tensor:
-    """A LUT of width 0 becomes width 1 (never read: its counts are 0)."""
-    return lut if lut.shape[-1] else lut.new_zeros((*lut.shape[:-1], 1))
-
-
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
@@ -115,32 +110,33 @@ def forward_into(
     d = _dims(q, s.layout)[3]
     scale = d**-0.5 if s.scale is None else s.scale
     h_block, z_block, h_total, z_total = _key_states(k, v, s, arch)
-    marginal = s.linear == "marginal"
-    if not marginal:
-        z_block = z_block[:, :, :1].contiguous()
-    kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
-                                    s.linear, s.layout, float(scale), arch)
-    kernel(
-        q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
-        _with_width(routing.neg_lut).contiguous(), routing.neg_count.contiguous(),
-        h_block, z_block, h_total, z_total,
-        proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
-        outputs.out, outputs.linear, outputs.lse, outputs.h_rows, outputs.z_rows,
-    )
-    if not marginal:
+    if s.linear == "marginal":
+        block_states.query_states(h_block, z_block, h_total, z_total, routing, outputs.h_rows,
+                                  outputs.z_rows)
+        active = _active(routing, z_block.shape[2])
+    else:
         outputs.h_rows.copy_(h_total.unsqueeze(2))
         outputs.z_rows.copy_(z_total.unsqueeze(2))
+        active = torch.ones_like(routing.lut_count)
+    kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
+                                    s.layout, float(scale), arch)
+    kernel(
+        q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
+        outputs.h_rows, outputs.z_rows, active,
+        proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
+        outputs.out, outputs.linear, outputs.lse,
+    )
+
+
+def _active(routing: Routing, n_kv: int) -> torch.Tensor:
+    """int32 (B, H, Mq): 1 where a query block has at least one marginal key block."""
+    return (routing.lut_count + routing.neg_count < n_kv).to(torch.int32)
 
 
 def reverse_lut(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, ...]:
     """Key-major view of a LUT: for each key block, the query blocks listing it (ascending),
     as (B, H, Nk, Mq) int32 with counts (B, H, Nk). Torch ops only, no host synchronisation."""
-    b, h, n_q, width = lut.shape
-    valid = torch.arange(width, device=lut.device) < count.unsqueeze(-1)
-    column = torch.where(valid, lut.long(), n_kv)  # invalid entries go to a spare column
-    hits = torch.zeros((b, h, n_q, n_kv + 1), dtype=torch.int8, device=lut.device)
-    hits.scatter_(-1, column, 1)
-    by_key = hits[..., :n_kv].transpose(-1, -2)
+    by_key = block_states.block_map(lut, count, n_kv).transpose(-1, -2)
     order = torch.sort(by_key, dim=-1, descending=True, stable=True).indices
     return order.to(torch.int32).contiguous(), by_key.sum(dim=-1, dtype=torch.int32)
 
@@ -176,7 +172,7 @@ def backward_into(
     scale = float(d**-0.5 if s.scale is None else s.scale)
     weight = proj_weight.to(q.dtype).contiguous()
     if s.linear == "marginal":
-        active = (routing.lut_count + routing.neg_count < n_kv).to(torch.int32)
+        active = _active(routing, n_kv)
     else:
         active = torch.ones_like(routing.lut_count)
 
@@ -192,11 +188,10 @@ def backward_into(
         routing.lut_count.contiguous(), dq,
     )
     reverse = reverse_lut(routing.lut, routing.lut_count, n_kv)
-    neg_reverse = reverse_lut(_with_width(routing.neg_lut), routing.neg_count, n_kv)
-    kernels.backward_dkdv_kernel(d, s.block_q, s.block_kv, dtype, s.feature_map, s.linear,
-                                 s.layout, scale, arch)(
-        q, k, v, grad_out, saved.lse, delta, *reverse, *neg_reverse, g_rows, gz_rows,
-        g_rows.sum(dim=2, dtype=torch.float32), gz_rows.sum(dim=2), dk, dv,
+    dh, dz = block_states.key_states(g_rows, gz_rows, routing, n_kv, s.linear)
+    kernels.backward_dkdv_kernel(d, s.block_q, s.block_kv, dtype, s.feature_map, s.layout,
+                                 scale, arch)(
+        q, k, v, grad_out, saved.lse, delta, *reverse, dh, dz, dk, dv,
     )
     # dW = sum over rows of dO^T O_l (cuBLAS accumulates in float32), db = sum of dO.
     d_weight = (grad_out.reshape(-1, d).T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)

@@ -36,7 +36,7 @@ def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str,
         KernelSpec("key_pass_kernel", (dim, s.block_kv, dtype, s.feature_map, s.layout,
                                        s.linear == "marginal", arch)),
         KernelSpec("forward_kernel", (dim, s.block_q, s.block_kv, dtype, s.feature_map,
-                                      s.linear, s.layout, scale, arch)),
+                                      s.layout, scale, arch)),
     ]
     if backward:
         specs += [
@@ -45,7 +45,7 @@ def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str,
             KernelSpec("backward_dq_kernel", (dim, s.block_q, s.block_kv, dtype, s.layout, scale,
                                               arch)),
             KernelSpec("backward_dkdv_kernel", (dim, s.block_q, s.block_kv, dtype, s.feature_map,
-                                                s.linear, s.layout, scale, arch)),
+                                                s.layout, scale, arch)),
         ]
     return specs
 

@@ -1,20 +1,20 @@
 """Fused SLA forward: block-sparse softmax attention over each query block's LUT, the linear
-branch from pre-aggregated key-block states, and the projection, in one kernel.
+branch from the query block's state, and the projection, in one kernel.
 
 One CTA per (query block, head, batch). The pipelined loop visits only the LUT's critical
-key blocks: TMA brings K_j, V_j (and, in "marginal" mode, the block state h_j); wgmma does
-S = Q K_j^T and O += P V_j with an online softmax; h_j is summed into a float32 register
-accumulator. The epilogue forms the linear branch from the totals minus the excluded
-blocks (H_i = H - sum h_j, Z_i = Z - sum z_j over critical and negligible j):
+key blocks: TMA brings K_j and V_j, wgmma does S = Q K_j^T and O += P V_j with an online
+softmax. The epilogue forms the linear branch from the query block's H_i (D x D) and Z_i
+(D), which the caller computes (sums of phi(K_j)^T V_j and colsum phi(K_j) over the
+block's marginal key blocks), and the projection:
 
-    O_l = phi(Q) H_i / (phi(Q) . Z_i + eps)        (0 where a row has no marginal block)
+    O_l = phi(Q) H_i / (phi(Q) . Z_i + eps)        (0 where ACTIVE says no marginal block)
     O   = O_s + O_l W^T + b
 
-and writes O, the natural-log LSE of the sparse branch, and for the backward O_l and
-(in "marginal" mode) each query block's H_i and Z_i.
+It writes O, O_l (for the backward) and the natural-log LSE of the sparse branch.
 """
 
-
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
+# of a prim_func against the builder's local variables.
 import tilelang.language as T
 
 from ..common import DTYPES, LOG2E, rows, seq_shape
@@ -22,19 +22,14 @@ from ..feature_maps import feature_map_macro
 
 LINEAR_EPS = 1e-5
 SHARED_MEMORY_BYTES = 227 * 1024
-# Registers per thread the excluded-state accumulator may take before it moves to shared.
-REGISTER_ACCUMULATOR_LIMIT = 64
 
 
-def default_schedule(dim: int, block_q: int, block_kv: int, linear: str) -> dict:
+def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
     """Schedule knobs that compile without spills and fit shared memory for these sizes."""
-    threads = 2 * block_q  # one warpgroup per 64 query rows
-    marginal = linear == "marginal"
-    in_shared = marginal and dim * dim // threads > REGISTER_ACCUMULATOR_LIMIT
-    per_stage = 2 * block_kv * dim * 2 + (dim * dim * 2 if marginal else 0)
-    fixed = block_q * dim * 2 + (dim * dim * 4 if in_shared else 0) + 2048
+    per_stage = 2 * block_kv * dim * 2
+    fixed = block_q * dim * 2 + 2048
     stages = 2 if fixed + 2 * per_stage <= SHARED_MEMORY_BYTES else 1
-    return dict(threads=threads, num_stages=stages, excluded_in_shared=in_shared)
+    return dict(threads=2 * block_q, num_stages=stages)  # a warpgroup per 64 query rows
 
 
 def sla_forward(
@@ -43,29 +38,21 @@ def sla_forward(
     block_kv: int,
     dtype: str,
     feature: str,
-    linear: str,
     layout: str,
     scale: float,
     threads: int,
     num_stages: int,
-    excluded_in_shared: bool,
 ):
     """The forward kernel's TileLang program for one combination of compile-time settings.
 
-    Schedule knobs (speed only): `threads` doing the math, pipeline `num_stages`, and
-    whether the float32 sum of excluded h_j lives in shared memory instead of registers.
+    Schedule knobs (speed only): `threads` doing the math and pipeline `num_stages`.
     """
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
-    n_q, width, neg_width = T.dynamic("Mq"), T.dynamic("Kc"), T.dynamic("Kn")
-    # The block states have their own block count, so 1-block dummies can stand in for
-    # them in "global" mode, which never reads them.
-    n_h_state, n_z_state = T.dynamic("Nh"), T.dynamic("Nz")
-    # Per-query-block states saved for the backward: Mq of them in "marginal" mode; in
-    # "global" mode every block's state is the total and the caller saves that instead.
-    n_saved = T.dynamic("Ns")
-    marginal = linear == "marginal"
+    n_q, width = T.dynamic("Mq"), T.dynamic("Kc")
+    # One state per query block ("marginal"), or a single shared one ("global").
+    n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
     phi = feature_map_macro(feature)
 
@@ -76,19 +63,14 @@ def sla_forward(
         V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
         LUT: T.Tensor([batch, heads, n_q, width], T.int32),
         COUNT: T.Tensor([batch, heads, n_q], T.int32),
-        NEG_LUT: T.Tensor([batch, heads, n_q, neg_width], T.int32),
-        NEG_COUNT: T.Tensor([batch, heads, n_q], T.int32),
-        H_BLOCK: T.Tensor([batch, heads, n_h_state, dim, dim], dt),
-        Z_BLOCK: T.Tensor([batch, heads, n_z_state, dim], acc),
-        H_TOTAL: T.Tensor([batch, heads, dim, dim], acc),
-        Z_TOTAL: T.Tensor([batch, heads, dim], acc),
+        H_ROWS: T.Tensor([batch, heads, n_states, dim, dim], dt),
+        Z_ROWS: T.Tensor([batch, heads, n_states, dim], acc),
+        ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
         W: T.Tensor([dim, dim], dt),
         BIAS: T.Tensor([dim], acc),
         O: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         LSE: T.Tensor([batch, heads, lq], acc),
-        H_ROWS: T.Tensor([batch, heads, n_saved, dim, dim], dt),
-        Z_ROWS: T.Tensor([batch, heads, n_saved, dim], acc),
     ):
         with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=threads) as (bx, by, bz):
             q_s = T.alloc_shared([block_q, dim], dt)
@@ -102,16 +84,12 @@ def sla_forward(
             rescale = T.alloc_fragment([block_q], acc)
             row_sum = T.alloc_fragment([block_q], acc)
             denom = T.alloc_fragment([block_q], acc)
-            if excluded_in_shared:
-                excluded_h = T.alloc_shared([dim, dim], acc)
-            else:
-                excluded_h = T.alloc_fragment([dim, dim], acc)
+
             count = COUNT[bz, by, bx]
             T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s)
             T.fill(acc_o, 0)
             T.fill(denom, 0)
             T.fill(row_max, -T.infinity(acc))
-            T.clear(excluded_h)
 
             for t in T.Pipelined(count, num_stages=num_stages):
                 j = LUT[bz, by, bx, t]
@@ -133,11 +111,6 @@ def sla_forward(
                     acc_o[i, d] *= rescale[i]
                 T.copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s)
                 T.gemm(probs, v_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-                if marginal:
-                    h_s = T.alloc_shared([dim, dim], dt)
-                    T.copy(H_BLOCK[bz, by, j, :, :], h_s)
-                    for a, d in T.Parallel(dim, dim):
-                        excluded_h[a, d] += h_s[a, d]
 
             # Sparse branch: normalise, and the natural-log LSE (-inf for an empty row).
             lse = T.alloc_fragment([block_q], acc)
@@ -149,32 +122,15 @@ def sla_forward(
                 acc_o[i, d] = T.if_then_else(denom[i] > 0, acc_o[i, d] / denom[i], 0)
             T.copy(lse, LSE[bz, by, bx * block_q:(bx + 1) * block_q])
 
-            # Linear branch: H_i = H - excluded, Z_i = Z - excluded, summed in float32.
+            # Linear branch from this query block's H_i and Z_i.
+            state = T.if_then_else(n_states == 1, 0, bx)
+            active = ACTIVE[bz, by, bx]
+            h_i_s = T.alloc_shared([dim, dim], dt)
             # z_i lives in shared memory: as a fragment its layout would force one thread
             # per column onto every fragment it is combined with.
             z_i = T.alloc_shared([dim], acc)
-            T.copy(Z_TOTAL[bz, by, :], z_i)
-            has_marginal = T.alloc_var(T.int32)
-            has_marginal = 1
-            if marginal:
-                neg_count = NEG_COUNT[bz, by, bx]
-                for t in T.serial(neg_count):
-                    jn = NEG_LUT[bz, by, bx, t]
-                    for a, d in T.Parallel(dim, dim):
-                        excluded_h[a, d] += H_BLOCK[bz, by, jn, a, d]
-                    for d in T.Parallel(dim):
-                        z_i[d] -= Z_BLOCK[bz, by, jn, d]
-                for t in T.serial(count):
-                    jc = LUT[bz, by, bx, t]
-                    for d in T.Parallel(dim):
-                        z_i[d] -= Z_BLOCK[bz, by, jc, d]
-                has_marginal = T.if_then_else(count + neg_count < T.ceildiv(lk, block_kv), 1, 0)
-            h_i_s = T.alloc_shared([dim, dim], dt)
-            for a, d in T.Parallel(dim, dim):
-                h_i_s[a, d] = H_TOTAL[bz, by, a, d] - excluded_h[a, d]
-            if marginal:
-                T.copy(h_i_s, H_ROWS[bz, by, bx, :, :])
-                T.copy(z_i, Z_ROWS[bz, by, bx, :])
+            T.copy(H_ROWS[bz, by, state, :, :], h_i_s)
+            T.copy(Z_ROWS[bz, by, state, :], z_i)
 
             # phi(Q) is formed in `lin`, the fragment the linear GEMM later accumulates into,
             # so it takes that GEMM's register layout. Q comes from global memory, not q_s:
@@ -192,8 +148,7 @@ def sla_forward(
             T.reduce_sum(lin, lin_den, dim=1)
             T.gemm(phi_q_s, h_i_s, lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
             for i, d in T.Parallel(block_q, dim):
-                lin[i, d] = T.if_then_else(has_marginal > 0, lin[i, d] / (lin_den[i] + LINEAR_EPS),
-                                           0)
+                lin[i, d] = T.if_then_else(active > 0, lin[i, d] / (lin_den[i] + LINEAR_EPS), 0)
             lin_s = T.alloc_shared([block_q, dim], dt)
             T.copy(lin, lin_s)
             T.copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
