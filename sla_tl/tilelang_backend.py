@@ -65,7 +65,8 @@ def route(
 
 
 def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
-    """(per-block h, per-block z, total H, total Z) of the linear branch."""
+    """(per-block h, per-block z, per-group sums of h) of the linear branch; per-block h only
+    in "marginal" mode (a 1-block placeholder otherwise)."""
     b, h, lk, d = _dims(k, s.layout)
     n_kv = spec.num_blocks(lk, s.block_kv)
     n_groups = spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv))
@@ -77,7 +78,7 @@ def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
     kernel = kernels.key_pass_kernel(d, s.block_kv, _dtype_name(k), s.feature_map, s.layout,
                                      store_blocks, arch)
     kernel(k, v, h_block, z_block, h_group)
-    return h_block, z_block, h_group.sum(dim=2), z_block.sum(dim=2)
+    return h_block, z_block, h_group
 
 
 def forward(
@@ -109,14 +110,13 @@ def forward_into(
     arch = kernels.arch_of(q.device)
     d = _dims(q, s.layout)[3]
     scale = d**-0.5 if s.scale is None else s.scale
-    h_block, z_block, h_total, z_total = _key_states(k, v, s, arch)
+    h_block, z_block, h_group = _key_states(k, v, s, arch)
     if s.linear == "marginal":
-        block_states.query_states(h_block, z_block, h_total, z_total, routing, outputs.h_rows,
-                                  outputs.z_rows)
+        block_states.query_states(h_block, z_block, routing, outputs.h_rows, outputs.z_rows)
         active = _active(routing, z_block.shape[2])
     else:
-        outputs.h_rows.copy_(h_total.unsqueeze(2))
-        outputs.z_rows.copy_(z_total.unsqueeze(2))
+        torch.sum(h_group, dim=2, keepdim=True, out=outputs.h_rows)
+        torch.sum(z_block, dim=2, keepdim=True, out=outputs.z_rows)
         active = torch.ones_like(routing.lut_count)
     kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
                                     s.layout, float(scale), arch)
@@ -137,8 +137,15 @@ def reverse_lut(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> tuple[torc
     """Key-major view of a LUT: for each key block, the query blocks listing it (ascending),
     as (B, H, Nk, Mq) int32 with counts (B, H, Nk). Torch ops only, no host synchronisation."""
     by_key = block_states.block_map(lut, count, n_kv).transpose(-1, -2)
-    order = torch.sort(by_key, dim=-1, descending=True, stable=True).indices
-    return order.to(torch.int32).contiguous(), by_key.sum(dim=-1, dtype=torch.int32)
+    n_q = by_key.shape[-1]
+    # Each listing query block goes to its rank among the listing ones; the others to a
+    # spare column past the end.
+    rank = torch.cumsum(by_key, dim=-1, dtype=torch.int32) - 1
+    slot = torch.where(by_key.bool(), rank, n_q).long()
+    reverse = torch.zeros((*by_key.shape[:-1], n_q + 1), dtype=torch.int32, device=lut.device)
+    query_block = torch.arange(n_q, dtype=torch.int32, device=lut.device).expand_as(slot)
+    reverse.scatter_(-1, slot, query_block)
+    return reverse[..., :n_q].contiguous(), rank[..., -1] + 1
 
 
 def backward(
@@ -147,7 +154,7 @@ def backward(
     s: Settings,
 ) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dproj_weight, dproj_bias): query pass, dQ over the LUT, dK/dV over the
-    reverse LUT; the projection's gradients are two small torch reductions."""
+    reverse LUT; the projection's gradients are two small torch GEMMs."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_weight, d_bias = backward_into(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s,
@@ -195,5 +202,7 @@ def backward_into(
     )
     # dW = sum over rows of dO^T O_l (cuBLAS accumulates in float32), db = sum of dO.
     d_weight = (grad_out.reshape(-1, d).T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)
-    d_bias = grad_out.reshape(-1, d).sum(dim=0, dtype=torch.float32).to(proj_bias.dtype)
+    # db as a GEMV: a column sum over many rows is slow as a reduction kernel.
+    rows = grad_out.reshape(-1, d)
+    d_bias = (rows.new_ones((1, rows.shape[0])) @ rows).squeeze(0).to(proj_bias.dtype)
     return d_weight, d_bias

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sla_tl import block_states
+from sla_tl import block_states, tilelang_backend
 from sla_tl.routing import Routing, block_mask
 
 from .helpers import relative_error
@@ -31,16 +31,13 @@ def _marginal(routing: Routing) -> torch.Tensor:
 
 @pytest.mark.parametrize(("n_crit", "n_neg"), [(2, 1), (3, 0), (5, 3), (9, 0)])
 def test_query_states_sum_each_query_blocks_marginal_blocks(n_crit: int, n_neg: int) -> None:
-    """Both branches: subtracting excluded blocks from the total (few excluded) and summing
-    the marginal ones directly (many excluded)."""
     generator = torch.Generator().manual_seed(n_crit * 10 + n_neg)
     routing = _random_routing(n_crit, n_neg, generator)
     h_block = torch.randn(B, H, N_KV, D, D, generator=generator, dtype=torch.float64)
     z_block = torch.randn(B, H, N_KV, D, generator=generator, dtype=torch.float64)
     h_rows = torch.full((B, H, N_Q, D, D), float("nan"), dtype=torch.float64)
     z_rows = torch.full((B, H, N_Q, D), float("nan"), dtype=torch.float64)
-    block_states.query_states(h_block, z_block, h_block.sum(2), z_block.sum(2), routing,
-                              h_rows, z_rows)
+    block_states.query_states(h_block, z_block, routing, h_rows, z_rows)
     marginal = _marginal(routing)
     assert relative_error(h_rows, torch.einsum("bhij,bhjde->bhide", marginal, h_block)) < 1e-12
     assert relative_error(z_rows, torch.einsum("bhij,bhjd->bhid", marginal, z_block)) < 1e-12
@@ -69,3 +66,18 @@ def test_global_key_state_is_the_sum_over_all_query_blocks() -> None:
     assert dh.shape == (B, H, 1, D, D) and dz.shape == (B, H, 1, D)
     assert relative_error(dh[:, :, 0], g_rows.sum(2)) < 1e-12
     assert relative_error(dz[:, :, 0], gz_rows.sum(2)) < 1e-12
+
+
+@pytest.mark.parametrize("n_crit", [1, 4, 9])
+def test_reverse_lut_lists_each_key_blocks_query_blocks_in_order(n_crit: int) -> None:
+    generator = torch.Generator().manual_seed(200 + n_crit)
+    routing = _random_routing(n_crit, 0, generator)
+    reverse, count = tilelang_backend.reverse_lut(routing.lut, routing.lut_count, N_KV)
+    listed = block_mask(routing.lut, routing.lut_count, N_KV)
+    assert reverse.shape == (B, H, N_KV, N_Q) and reverse.dtype == torch.int32
+    for b in range(B):
+        for h in range(H):
+            for j in range(N_KV):
+                expected = listed[b, h, :, j].nonzero().flatten().tolist()
+                assert count[b, h, j].item() == len(expected)
+                assert reverse[b, h, j, :len(expected)].tolist() == expected

@@ -82,6 +82,7 @@ def sla_forward(
             row_max = T.alloc_fragment([block_q], acc)
             prev_max = T.alloc_fragment([block_q], acc)
             rescale = T.alloc_fragment([block_q], acc)
+            scaled_max = T.alloc_fragment([block_q], acc)
             row_sum = T.alloc_fragment([block_q], acc)
             denom = T.alloc_fragment([block_q], acc)
 
@@ -94,15 +95,20 @@ def sla_forward(
             for t in T.Pipelined(count, num_stages=num_stages):
                 j = LUT[bz, by, bx, t]
                 T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
-                for i, c in T.Parallel(block_q, block_kv):
-                    scores[i, c] = T.if_then_else(j * block_kv + c >= lk, -T.infinity(acc), 0)
-                T.gemm(q_s, k_s, scores, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                # Only the last key block can reach past Lk.
+                if (j + 1) * block_kv > lk:
+                    for i, c in T.Parallel(block_q, block_kv):
+                        scores[i, c] = T.if_then_else(j * block_kv + c >= lk, -T.infinity(acc),
+                                                      scores[i, c])
                 T.copy(row_max, prev_max)
                 T.reduce_max(scores, row_max, dim=1, clear=False)
                 for i in T.Parallel(block_q):
                     rescale[i] = T.exp2((prev_max[i] - row_max[i]) * scale_log2)
+                    scaled_max[i] = row_max[i] * scale_log2
                 for i, c in T.Parallel(block_q, block_kv):
-                    scores[i, c] = T.exp2((scores[i, c] - row_max[i]) * scale_log2)
+                    scores[i, c] = T.exp2(scores[i, c] * scale_log2 - scaled_max[i])
                 T.reduce_sum(scores, row_sum, dim=1)
                 for i in T.Parallel(block_q):
                     denom[i] = denom[i] * rescale[i] + row_sum[i]
