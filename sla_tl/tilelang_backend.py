@@ -29,12 +29,6 @@ def _pool(x: torch.Tensor, block: int, layout: str, arch: str) -> torch.Tensor:
     return pooled
 
 
-def _bottom(scores: torch.Tensor, critical: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` lowest scores of each row outside `critical`."""
-    rest = scores.scatter(-1, critical, float("inf"))
-    return torch.topk(rest, count, dim=-1, largest=False, sorted=False).indices
-
-
 def route(
     q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
     layout: str,
@@ -53,8 +47,11 @@ def route(
     scores = pooled_q @ (pooled_k - mean_k).transpose(-1, -2)
     n_crit = spec.num_critical(topk, n_kv)
     n_neg = spec.num_negligible(k_low, n_kv, n_crit)
-    critical = torch.topk(scores, n_crit, dim=-1, sorted=False).indices
-    negligible = _bottom(scores, critical, n_neg) if n_neg else critical[..., :0]
+    # One sort of each row (512 wide at Wan shapes: a single in-register sort kernel) gives
+    # both ends; cheaper than two multi-pass top-k selections.
+    order = torch.sort(scores, dim=-1, descending=True).indices
+    critical = order[..., :n_crit]
+    negligible = order[..., n_kv - n_neg:]
     rows = scores.shape[:-1]
     return Routing(
         critical.sort(dim=-1).values.to(torch.int32),
@@ -65,18 +62,17 @@ def route(
 
 
 def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
-    """(per-block h, per-block z, per-group sums of h) of the linear branch; per-block h only
-    in "marginal" mode (a 1-block placeholder otherwise)."""
+    """(per-block h, per-block z, per-group sums of h) of the linear branch: per-block h in
+    "marginal" mode, per-group sums in "global" mode, a 1-entry placeholder for the other."""
     b, h, lk, d = _dims(k, s.layout)
     n_kv = spec.num_blocks(lk, s.block_kv)
-    n_groups = spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv))
-    store_blocks = s.linear == "marginal"
-    f32 = dict(dtype=torch.float32, device=k.device)
-    h_block = k.new_empty((b, h, n_kv if store_blocks else 1, d, d))
-    z_block = torch.empty((b, h, n_kv, d), **f32)
-    h_group = torch.empty((b, h, n_groups, d, d), **f32)
+    marginal = s.linear == "marginal"
+    n_groups = 1 if marginal else spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv))
+    h_block = k.new_empty((b, h, n_kv if marginal else 1, d, d))
+    z_block = torch.empty((b, h, n_kv, d), dtype=torch.float32, device=k.device)
+    h_group = torch.empty((b, h, n_groups, d, d), dtype=torch.float32, device=k.device)
     kernel = kernels.key_pass_kernel(d, s.block_kv, _dtype_name(k), s.feature_map, s.layout,
-                                     store_blocks, arch)
+                                     marginal, arch)
     kernel(k, v, h_block, z_block, h_group)
     return h_block, z_block, h_group
 

@@ -187,19 +187,23 @@ def test_key_pass_matches_reference(generator, dim, block_kv, dtype, feature, la
     _, k, v = random_qkv(2, 3, 1, lk, dim, getattr(torch, dtype), generator, device="cuda")
     if layout == "bshd":
         k, v = (t.transpose(1, 2).contiguous() for t in (k, v))
-    s = Settings(128, block_kv, feature, "marginal", None, layout)
     arch = kernels.arch_of(k.device)
-    h_block, z_block, h_group = tilelang_backend._key_states(k, v, s, arch)
     kb, vb = (_bhsd64(t, layout, "cpu") for t in (k, v))
     n_kv = spec.num_blocks(lk, block_kv)
     phi_k = reference.feature_map(kb, feature)
+    # "marginal" stores h per block, "global" per group of blocks; both store z per block.
+    h_block, z_block, _ = tilelang_backend._key_states(
+        k, v, Settings(128, block_kv, feature, "marginal", None, layout), arch)
     for j in range(n_kv):
         rows = slice(j * block_kv, min(lk, (j + 1) * block_kv))
         h_j = phi_k[:, :, rows].transpose(-1, -2) @ vb[:, :, rows]
         assert relative_error(h_block[:, :, j], h_j) < TOLERANCE, f"h of block {j}"
         # z_j sums phi rounded to the input dtype (the GEMM's operand): ~1e-4 relative.
         assert relative_error(z_block[:, :, j], phi_k[:, :, rows].sum(dim=2)) < 1e-3, f"z {j}"
+    _, z_block, h_group = tilelang_backend._key_states(
+        k, v, Settings(128, block_kv, feature, "global", None, layout), arch)
     assert relative_error(h_group.sum(dim=2), phi_k.transpose(-1, -2) @ vb) < TOLERANCE
+    assert relative_error(z_block.sum(dim=2), phi_k.sum(dim=2)) < 1e-3
 
 
 @pytest.mark.parametrize("block,layout,length", [(64, "bhsd", 1000), (128, "bshd", 300)])

@@ -7,9 +7,9 @@ One CTA per (group of key blocks, head, batch). For each key block j of its grou
 phi(K_j) is rounded to the input dtype once, as the GEMM's operand, and z_j sums those
 same values, so numerator and denominator of the linear branch see one phi.
 
-h_j is stored per block (in the input dtype) only when the linear branch needs per-block
-states ("marginal"); the group's float32 sum of h_j is always stored, and summed over
-groups by the caller into the total H (Z is the sum of the per-block z_j).
+With `store_blocks` ("marginal": the linear branch needs per-block states) h_j is stored
+per block, in the input dtype; otherwise ("global") the group's float32 sum of h_j is
+stored, and the caller sums the groups into the total H. z_j is always stored per block.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
@@ -44,8 +44,8 @@ def key_pass(
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lk")
-    # H_BLOCK has its own block count so a 1-block dummy can stand in when no per-block
-    # states are stored.
+    # H_BLOCK and H_GROUP have their own counts: a 1-entry placeholder stands in for the
+    # one that is not written.
     n_kv, n_state, n_groups = T.dynamic("Nk"), T.dynamic("Ns"), T.dynamic("G")
     phi = feature_map_macro(feature)
 
@@ -57,18 +57,21 @@ def key_pass(
         Z_BLOCK: T.Tensor([batch, heads, n_kv, dim], acc),
         H_GROUP: T.Tensor([batch, heads, n_groups, dim, dim], acc),
     ):
-        with T.Kernel(n_groups, heads, batch, threads=threads) as (bx, by, bz):
+        with T.Kernel(T.ceildiv(n_kv, group), heads, batch, threads=threads) as (bx, by, bz):
             k_s = T.alloc_shared([block_kv, dim], dt)
             v_s = T.alloc_shared([block_kv, dim], dt)
             phi_s = T.alloc_shared([block_kv, dim], dt)
             keys = T.alloc_fragment([block_kv, dim], acc)
             col = T.alloc_fragment([dim], acc)
             h_j = T.alloc_fragment([dim, dim], acc)
-            h_sum = T.alloc_fragment([dim, dim], acc)
+            if store_blocks:
+                h_s = T.alloc_shared([dim, dim], dt)
+            else:
+                h_sum = T.alloc_fragment([dim, dim], acc)
+                T.clear(h_sum)
             row_max = T.alloc_fragment([block_kv], acc)
             row_sum = T.alloc_fragment([block_kv], acc)
 
-            T.clear(h_sum)
             first = bx * group
             blocks = T.min(group, n_kv - first)
             for t in T.Pipelined(blocks, num_stages=2):
@@ -92,10 +95,16 @@ def key_pass(
                         col[d] += phi_s[r, d]
                 for d in T.Parallel(dim):
                     Z_BLOCK[bz, by, j, d] = col[d]
-                for a, d in T.Parallel(dim, dim):
-                    h_sum[a, d] += h_j[a, d]
                 if store_blocks:
-                    T.copy(h_j, H_BLOCK[bz, by, j, :, :])
-            T.copy(h_sum, H_GROUP[bz, by, bx, :, :])
+                    # Staged through shared memory for a coalesced store; as with phi_s, both
+                    # warpgroups must be done storing the previous block's tile first.
+                    T.sync_threads(CONSUMER_BARRIER, threads)
+                    T.copy(h_j, h_s)
+                    T.copy(h_s, H_BLOCK[bz, by, j, :, :])
+                else:
+                    for a, d in T.Parallel(dim, dim):
+                        h_sum[a, d] += h_j[a, d]
+            if not store_blocks:
+                T.copy(h_sum, H_GROUP[bz, by, bx, :, :])
 
     return main
