@@ -87,7 +87,8 @@ def _gpu_section(topk: float) -> None:
     if not torch.cuda.is_available():
         print("No CUDA GPU is visible, so nothing is timed here. On a GPU this command times,")
         print(f"at {shape}, topk={topk}, block_q=128, block_kv=64:")
-        print("  dense SDPA (cuDNN and flash backends) and torch.ops.sla.attention,")
+        print("  dense SDPA (cuDNN and flash backends), compiled FlexAttention block-sparse over"
+              " the same LUT, and torch.ops.sla.attention,")
         print("  forward and forward+backward, median of many runs on fresh random inputs,")
         print("  with speedups against cuDNN measured in the same run.")
         return
