@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             query_block_states.append((hb, zb, r, h_rows, z_rows))
             block_states.query_states(hb, zb, r, h_rows, z_rows)
         fused_inputs.append((q, k, v, r.lut, r.lut_count, h_rows, z_rows,
-                             tilelang_backend._active(r, n_kv), weight.bfloat16(), bias,
+                             tilelang_backend._active(r, n_kv, args.linear),
+                             weight.bfloat16(), bias,
                              torch.empty_like(q), torch.empty_like(q),
                              torch.empty(b, h, length, device="cuda")))
 

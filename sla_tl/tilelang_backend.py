@@ -109,23 +109,24 @@ def forward_into(
     h_block, z_block, h_group = _key_states(k, v, s, arch)
     if s.linear == "marginal":
         block_states.query_states(h_block, z_block, routing, outputs.h_rows, outputs.z_rows)
-        active = _active(routing, z_block.shape[2])
     else:
         torch.sum(h_group, dim=2, keepdim=True, out=outputs.h_rows)
         torch.sum(z_block, dim=2, keepdim=True, out=outputs.z_rows)
-        active = torch.ones_like(routing.lut_count)
     kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
                                     s.layout, float(scale), arch)
     kernel(
         q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
-        outputs.h_rows, outputs.z_rows, active,
+        outputs.h_rows, outputs.z_rows, _active(routing, z_block.shape[2], s.linear),
         proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
         outputs.out, outputs.linear, outputs.lse,
     )
 
 
-def _active(routing: Routing, n_kv: int) -> torch.Tensor:
-    """int32 (B, H, Mq): 1 where a query block has at least one marginal key block."""
+def _active(routing: Routing, n_kv: int, linear: str) -> torch.Tensor:
+    """int32 (B, H, Mq): 1 where a query block's linear branch is on: it has at least one
+    marginal key block ("marginal"), always ("global")."""
+    if linear == "global":
+        return torch.ones_like(routing.lut_count)
     return (routing.lut_count + routing.neg_count < n_kv).to(torch.int32)
 
 
@@ -174,10 +175,7 @@ def backward_into(
     dtype = _dtype_name(q)
     scale = float(d**-0.5 if s.scale is None else s.scale)
     weight = proj_weight.to(q.dtype).contiguous()
-    if s.linear == "marginal":
-        active = _active(routing, n_kv)
-    else:
-        active = torch.ones_like(routing.lut_count)
+    active = _active(routing, n_kv, s.linear)
 
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     g_rows = q.new_empty((b, h, n_q, d, d))
@@ -196,9 +194,9 @@ def backward_into(
                                  scale, arch)(
         q, k, v, grad_out, saved.lse, delta, *reverse, dh, dz, dk, dv,
     )
-    # dW = sum over rows of dO^T O_l (cuBLAS accumulates in float32), db = sum of dO.
-    d_weight = (grad_out.reshape(-1, d).T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)
-    # db as a GEMV: a column sum over many rows is slow as a reduction kernel.
+    # dW = sum over rows of dO^T O_l, db = sum of dO, both as GEMMs (cuBLAS accumulates in
+    # float32; a column sum over this many rows is slow as a reduction kernel).
     rows = grad_out.reshape(-1, d)
+    d_weight = (rows.T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)
     d_bias = (rows.new_ones((1, rows.shape[0])) @ rows).squeeze(0).to(proj_bias.dtype)
     return d_weight, d_bias
