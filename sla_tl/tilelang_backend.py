@@ -5,6 +5,8 @@ Takes and returns tensors in the user's layout, like every backend (see `dispatc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import block_states, kernels, spec
@@ -153,19 +155,24 @@ def backward(
     """(dq, dk, dv, dproj_weight, dproj_bias): query pass, dQ over the LUT, dK/dV over the
     reverse LUT; the projection's gradients are two small torch GEMMs."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_weight, d_bias = backward_into(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s,
-                                     dq, dk, dv)
+    dq = torch.empty_like(q)
+    dk, dv, d_weight, d_bias = backward_into(
+        grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s, dq,
+        lambda: (torch.empty_like(k), torch.empty_like(v)))
     return dq, dk, dv, d_weight, d_bias
 
 
 def backward_into(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-    s: Settings, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`backward`, writing dq, dk, dv into given contiguous buffers (tests poison them first);
-    returns (dproj_weight, dproj_bias)."""
+    s: Settings, dq: torch.Tensor,
+    key_grads: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, ...]:
+    """`backward`, writing dq into a given contiguous buffer and dk, dv into the buffers that
+    `key_grads()` returns (tests poison them first); returns (dk, dv, dproj_weight, dproj_bias).
+
+    dk and dv are asked for only once the query blocks' states are freed: the two never
+    live at once, which keeps the backward's peak memory down."""
     kernels.check_block_sizes(s.block_q, s.block_kv)
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
     arch = kernels.arch_of(q.device)
@@ -190,6 +197,8 @@ def backward_into(
     )
     reverse = reverse_lut(routing.lut, routing.lut_count, n_kv)
     dh, dz = block_states.key_states(g_rows, gz_rows, routing, n_kv, s.linear)
+    del g_rows, gz_rows
+    dk, dv = key_grads()
     kernels.backward_dkdv_kernel(d, s.block_q, s.block_kv, dtype, s.feature_map, s.layout,
                                  scale, arch)(
         q, k, v, grad_out, saved.lse, delta, *reverse, dh, dz, dk, dv,
@@ -199,4 +208,4 @@ def backward_into(
     rows = grad_out.reshape(-1, d)
     d_weight = (rows.T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)
     d_bias = (rows.new_ones((1, rows.shape[0])) @ rows).squeeze(0).to(proj_bias.dtype)
-    return d_weight, d_bias
+    return dk, dv, d_weight, d_bias
