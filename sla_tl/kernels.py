@@ -1,20 +1,23 @@
 """Compiled TileLang kernels, built on first use and kept for the life of the process.
 
 Each getter takes the compile-time settings of one kernel and returns the compiled
-kernel (TileLang also caches the binary on disk, under $TILELANG_CACHE_DIR).
+kernel (TileLang also caches the binary on disk, see `sla_tl.kernel_cache`). Getters of
+tunable kernels also take `knobs`: schedule knobs that override the kernel's defaults, as
+`freeze`d (name, value) pairs.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 
 from .schedules.compile import compile_program
 from .schedules.sm90 import backward_dkdv as dkdv_schedule
+from .schedules.sm90 import backward_dq as dq_schedule
 from .schedules.sm90 import forward as forward_schedule
 from .schedules.sm90 import key_pass as key_pass_schedule
-from .schedules.sm90.backward_dq import backward_dq
 from .schedules.sm90.backward_query import backward_query
 from .schedules.sm90.pool import mean_pool
 
@@ -24,6 +27,54 @@ KERNEL_BLOCK_KV = (64, 128)
 
 # Compute capability -> the arch the schedules are compiled for.
 SUPPORTED_ARCHS = {(9, 0): "sm_90a"}
+
+Knobs = tuple[tuple[str, int | bool], ...]
+"""Schedule knobs of one kernel, hashable: sorted (name, value) pairs."""
+
+Schedule = Mapping[str, Mapping[str, int | bool]]
+"""Schedule knobs of several kernels, by kernel name (see TUNABLE); absent ones take defaults."""
+
+_SCHEDULES = {
+    "key_pass": key_pass_schedule,
+    "forward": forward_schedule,
+    "backward_dq": dq_schedule,
+    "backward_dkdv": dkdv_schedule,
+}
+TUNABLE = tuple(_SCHEDULES)
+"""The kernels whose schedule knobs the autotuner searches."""
+
+
+def freeze(knobs: Mapping[str, int | bool]) -> Knobs:
+    """Hashable form of one kernel's knobs."""
+    return tuple(sorted(knobs.items()))
+
+
+def knobs_of(schedule: Schedule | None, kernel: str) -> Knobs:
+    """One kernel's knobs from a schedule (none: the kernel's defaults)."""
+    return freeze((schedule or {}).get(kernel, {}))
+
+
+def _sizes(kernel: str, dim: int, block_q: int, block_kv: int) -> tuple[int, ...]:
+    return (dim, block_kv) if kernel == "key_pass" else (dim, block_q, block_kv)
+
+
+def default_knobs(kernel: str, dim: int, block_q: int, block_kv: int) -> dict:
+    """The knobs a kernel is built with when nothing overrides them."""
+    return _SCHEDULES[kernel].default_schedule(*_sizes(kernel, dim, block_q, block_kv))
+
+
+def search_space(kernel: str, dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
+    """The autotuner's choices for each searched knob of a kernel."""
+    return _SCHEDULES[kernel].search_space(*_sizes(kernel, dim, block_q, block_kv))
+
+
+def _merged(kernel: str, sizes: tuple[int, ...], knobs: Knobs) -> dict:
+    merged = _SCHEDULES[kernel].default_schedule(*sizes)
+    unknown = set(dict(knobs)) - set(merged)
+    if unknown:
+        raise ValueError(f"unknown schedule knobs for {kernel}: {sorted(unknown)}")
+    merged.update(knobs)
+    return merged
 
 
 def arch_of(device: torch.device) -> str:
@@ -56,26 +107,26 @@ def pool_kernel(dim: int, block: int, dtype: str, layout: str, arch: str):
 
 @functools.cache
 def key_pass_kernel(dim: int, block_kv: int, dtype: str, feature: str, layout: str,
-                    store_blocks: bool, arch: str):
+                    store_blocks: bool, arch: str, knobs: Knobs = ()):
     """Per-key-block linear states and pooled keys."""
-    knobs = key_pass_schedule.default_schedule(dim, block_kv)
+    merged = _merged("key_pass", (dim, block_kv), knobs)
     program = key_pass_schedule.key_pass(dim, block_kv, dtype, feature, layout, store_blocks,
-                                         **knobs)
+                                         **merged)
     return compile_program(program, arch)
 
 
-def key_pass_group(dim: int, block_kv: int) -> int:
+def key_pass_group(dim: int, block_kv: int, knobs: Knobs = ()) -> int:
     """Key blocks per CTA of the key pass (the caller sums the per-group states)."""
-    return key_pass_schedule.default_schedule(dim, block_kv)["group"]
+    return _merged("key_pass", (dim, block_kv), knobs)["group"]
 
 
 @functools.cache
 def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,
-                   scale: float, arch: str):
+                   scale: float, arch: str, knobs: Knobs = ()):
     """The fused SLA forward."""
-    knobs = forward_schedule.default_schedule(dim, block_q, block_kv)
+    merged = _merged("forward", (dim, block_q, block_kv), knobs)
     program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, layout, scale,
-                                           **knobs)
+                                           **merged)
     return compile_program(program, arch)
 
 
@@ -89,18 +140,18 @@ def backward_query_kernel(dim: int, block_q: int, dtype: str, feature: str, layo
 
 @functools.cache
 def backward_dq_kernel(dim: int, block_q: int, block_kv: int, dtype: str, layout: str,
-                       scale: float, arch: str):
+                       scale: float, arch: str, knobs: Knobs = ()):
     """dQ over the LUT."""
-    program = backward_dq(dim, block_q, block_kv, dtype, layout, scale, threads=2 * block_q,
-                          num_stages=2)
+    merged = _merged("backward_dq", (dim, block_q, block_kv), knobs)
+    program = dq_schedule.backward_dq(dim, block_q, block_kv, dtype, layout, scale, **merged)
     return compile_program(program, arch)
 
 
 @functools.cache
 def backward_dkdv_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,
-                         layout: str, scale: float, arch: str):
+                         layout: str, scale: float, arch: str, knobs: Knobs = ()):
     """dK and dV over the reverse LUT, with the linear branch's key-side gradients."""
-    knobs = dkdv_schedule.default_schedule(dim, block_q, block_kv)
+    merged = _merged("backward_dkdv", (dim, block_q, block_kv), knobs)
     program = dkdv_schedule.backward_dkdv(dim, block_q, block_kv, dtype, feature, layout, scale,
-                                          **knobs)
+                                          **merged)
     return compile_program(program, arch)

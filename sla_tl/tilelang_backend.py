@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import tilelang
 import torch
 
-from . import block_states, kernels, spec
+from . import block_states, config_store, kernel_cache, kernels, spec
+from .kernels import Schedule
 from .layout import to_bhsd
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
@@ -38,7 +40,7 @@ def route(
     """Pooled block scores (pooling kernels), then per-row top/bottom selection (torch)."""
     kernels.check_block_sizes(block_q, block_kv)
     q, k = q.contiguous(), k.contiguous()
-    arch = kernels.arch_of(q.device)
+    _, arch = kernel_cache.prepare(q.device)
     pooled_q = _pool(q, block_q, layout, arch)
     pooled_k = _pool(k, block_kv, layout, arch)
     lk = _dims(k, layout)[2]
@@ -63,18 +65,32 @@ def route(
     )
 
 
-def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
+def schedule_for_call(q: torch.Tensor, k: torch.Tensor, routing: Routing, s: Settings) -> Schedule:
+    """The tuned (or nearest tuned, or default) schedule of a call: see `config_store`."""
+    gpu, arch = kernel_cache.prepare(q.device)
+    b, h, lq, d = _dims(q, s.layout)
+    call = config_store.CallKey(
+        gpu, arch, tilelang.__version__, b, h, lq, _dims(k, s.layout)[2], d, _dtype_name(q),
+        s.block_q, s.block_kv, routing.lut.shape[-1], routing.neg_lut.shape[-1],
+        s.feature_map, s.linear, s.layout,
+    )
+    return config_store.schedule_for(call)
+
+
+def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str, schedule: Schedule):
     """(per-block h, per-block z, per-group sums of h) of the linear branch: per-block h in
     "marginal" mode, per-group sums in "global" mode, a 1-entry placeholder for the other."""
     b, h, lk, d = _dims(k, s.layout)
     n_kv = spec.num_blocks(lk, s.block_kv)
     marginal = s.linear == "marginal"
-    n_groups = 1 if marginal else spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv))
+    knobs = kernels.knobs_of(schedule, "key_pass")
+    n_groups = 1 if marginal else spec.num_blocks(n_kv, kernels.key_pass_group(d, s.block_kv,
+                                                                                 knobs))
     h_block = k.new_empty((b, h, n_kv if marginal else 1, d, d))
     z_block = torch.empty((b, h, n_kv, d), dtype=torch.float32, device=k.device)
     h_group = torch.empty((b, h, n_groups, d, d), dtype=torch.float32, device=k.device)
     kernel = kernels.key_pass_kernel(d, s.block_kv, _dtype_name(k), s.feature_map, s.layout,
-                                     marginal, arch)
+                                     marginal, arch, knobs)
     kernel(k, v, h_block, z_block, h_group)
     return h_block, z_block, h_group
 
@@ -82,8 +98,10 @@ def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str):
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+    schedule: Schedule | None = None,
 ) -> ForwardOutputs:
-    """The SLA output and what the backward reuses (see `ForwardOutputs`)."""
+    """The SLA output and what the backward reuses (see `ForwardOutputs`). `schedule`
+    overrides the stored one (the autotuner times candidates this way)."""
     q = q.contiguous()
     b, h, lq, d = _dims(q, s.layout)
     n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
@@ -94,28 +112,32 @@ def forward(
         q.new_empty((b, h, n_rows, d, d)),
         torch.empty((b, h, n_rows, d), dtype=torch.float32, device=q.device),
     )
-    forward_into(q, k, v, routing, proj_weight, proj_bias, s, outputs)
+    forward_into(q, k, v, routing, proj_weight, proj_bias, s, outputs, schedule)
     return outputs
 
 
 def forward_into(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings, outputs: ForwardOutputs,
+    schedule: Schedule | None = None,
 ) -> None:
     """`forward`, writing into given contiguous buffers (tests poison them first)."""
     kernels.check_block_sizes(s.block_q, s.block_kv)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    arch = kernels.arch_of(q.device)
+    _, arch = kernel_cache.prepare(q.device)
+    if schedule is None:
+        schedule = schedule_for_call(q, k, routing, s)
     d = _dims(q, s.layout)[3]
     scale = d**-0.5 if s.scale is None else s.scale
-    h_block, z_block, h_group = _key_states(k, v, s, arch)
+    h_block, z_block, h_group = _key_states(k, v, s, arch, schedule)
     if s.linear == "marginal":
         block_states.query_states(h_block, z_block, routing, outputs.h_rows, outputs.z_rows)
     else:
         torch.sum(h_group, dim=2, keepdim=True, out=outputs.h_rows)
         torch.sum(z_block, dim=2, keepdim=True, out=outputs.z_rows)
     kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
-                                    s.layout, float(scale), arch)
+                                    s.layout, float(scale), arch,
+                                    kernels.knobs_of(schedule, "forward"))
     kernel(
         q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
         outputs.h_rows, outputs.z_rows, _active(routing, z_block.shape[2], s.linear),
@@ -150,15 +172,16 @@ def reverse_lut(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> tuple[torc
 def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-    s: Settings,
+    s: Settings, schedule: Schedule | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dproj_weight, dproj_bias): query pass, dQ over the LUT, dK/dV over the
-    reverse LUT; the projection's gradients are two small torch GEMMs."""
+    reverse LUT; the projection's gradients are two small torch GEMMs. `schedule` overrides
+    the stored one."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq = torch.empty_like(q)
     dk, dv, d_weight, d_bias = backward_into(
         grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s, dq,
-        lambda: (torch.empty_like(k), torch.empty_like(v)))
+        lambda: (torch.empty_like(k), torch.empty_like(v)), schedule)
     return dq, dk, dv, d_weight, d_bias
 
 
@@ -167,6 +190,7 @@ def backward_into(
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
     s: Settings, dq: torch.Tensor,
     key_grads: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    schedule: Schedule | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """`backward`, writing dq into a given contiguous buffer and dk, dv into the buffers that
     `key_grads()` returns (tests poison them first); returns (dk, dv, dproj_weight, dproj_bias).
@@ -175,7 +199,9 @@ def backward_into(
     live at once, which keeps the backward's peak memory down."""
     kernels.check_block_sizes(s.block_q, s.block_kv)
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
-    arch = kernels.arch_of(q.device)
+    _, arch = kernel_cache.prepare(q.device)
+    if schedule is None:
+        schedule = schedule_for_call(q, k, routing, s)
     b, h, lq, d = _dims(q, s.layout)
     lk = _dims(k, s.layout)[2]
     n_q, n_kv = spec.num_blocks(lq, s.block_q), spec.num_blocks(lk, s.block_kv)
@@ -191,7 +217,8 @@ def backward_into(
         q, grad_out, saved.out, saved.linear, weight, proj_bias.float().contiguous(),
         saved.h_rows, saved.z_rows, active, delta, g_rows, gz_rows, dq,
     )
-    kernels.backward_dq_kernel(d, s.block_q, s.block_kv, dtype, s.layout, scale, arch)(
+    kernels.backward_dq_kernel(d, s.block_q, s.block_kv, dtype, s.layout, scale, arch,
+                               kernels.knobs_of(schedule, "backward_dq"))(
         q, k, v, grad_out, saved.lse, delta, routing.lut.contiguous(),
         routing.lut_count.contiguous(), dq,
     )
@@ -200,7 +227,7 @@ def backward_into(
     del g_rows, gz_rows
     dk, dv = key_grads()
     kernels.backward_dkdv_kernel(d, s.block_q, s.block_kv, dtype, s.feature_map, s.layout,
-                                 scale, arch)(
+                                 scale, arch, kernels.knobs_of(schedule, "backward_dkdv"))(
         q, k, v, grad_out, saved.lse, delta, *reverse, dh, dz, dk, dv,
     )
     # dW = sum over rows of dO^T O_l, db = sum of dO, both as GEMMs (cuBLAS accumulates in

@@ -34,6 +34,12 @@ def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
     return dict(num_stages=2, q_slice=64, linear_first=block_kv == 64)
 
 
+def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
+    """Choices of each schedule knob for the autotuner (some fail to compile and are pruned)."""
+    return dict(num_stages=(1, 2), q_slice=tuple(q for q in (32, 64, 128) if q <= block_q),
+                linear_first=(False, True))
+
+
 def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,
                   layout: str, scale: float, num_stages: int, q_slice: int,
                   linear_first: bool):

@@ -12,6 +12,16 @@ import tilelang.language as T
 from ..common import DTYPES, LOG2E, element, rows, seq_shape
 
 
+def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
+    """Schedule knobs that compile without spills and fit shared memory for these sizes."""
+    return dict(threads=2 * block_q, num_stages=2)  # a warpgroup per 64 query rows
+
+
+def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
+    """Choices of each schedule knob for the autotuner (some fail to compile and are pruned)."""
+    return dict(num_stages=(1, 2, 3))
+
+
 def backward_dq(dim: int, block_q: int, block_kv: int, dtype: str, layout: str, scale: float,
                 threads: int, num_stages: int):
     """The dQ program for one combination of compile-time settings."""

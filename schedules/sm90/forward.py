@@ -32,6 +32,12 @@ def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
     return dict(threads=2 * block_q, num_stages=stages)  # a warpgroup per 64 query rows
 
 
+def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
+    """Choices of each schedule knob for the autotuner (some fail to compile and are pruned)."""
+    return dict(threads=tuple(t for t in (2 * block_q, block_q) if t >= 128),
+                num_stages=(1, 2, 3))
+
+
 def sla_forward(
     dim: int,
     block_q: int,

@@ -30,6 +30,12 @@ def default_schedule(dim: int, block_kv: int) -> dict:
     return dict(group=8, threads=128 if dim == 64 else 256)
 
 
+def search_space(dim: int, block_kv: int) -> dict[str, tuple]:
+    """Choices of each schedule knob for the autotuner. `threads` is not searched: one value
+    per size is known to give exact results (see `default_schedule`)."""
+    return dict(group=(4, 8, 16))
+
+
 def key_pass(
     dim: int,
     block_kv: int,

@@ -1,0 +1,47 @@
+"""Where compiled kernels live on disk: TileLang's cache, one directory per GPU model.
+
+TileLang keys its cache by kernel text, target and version, not by GPU model; a directory
+per model keeps kernels tuned for one GPU apart from another's. A `TILELANG_CACHE_DIR`
+set by the user is respected as is.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .config_store import cache_dir
+
+_USER_DIRECTORY = os.environ.get("TILELANG_CACHE_DIR")
+
+
+def directory_for(gpu: str) -> Path:
+    """The kernel cache directory of a GPU model (e.g. "NVIDIA H200")."""
+    if _USER_DIRECTORY:
+        return Path(_USER_DIRECTORY)
+    return cache_dir() / "kernels" / re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-")
+
+
+def use_gpu_model(gpu: str) -> None:
+    """Compile into, and load from, `gpu`'s directory from now on in this process."""
+    os.environ["TILELANG_CACHE_DIR"] = str(directory_for(gpu))
+
+
+@functools.cache
+def _prepared(index: int) -> tuple[str, str]:
+    device = torch.device("cuda", index)
+    arch = kernels.arch_of(device)
+    gpu = torch.cuda.get_device_name(device)
+    use_gpu_model(gpu)
+    return gpu, arch
+
+
+def prepare(device: torch.device) -> tuple[str, str]:
+    """(GPU model, TileLang arch) of a CUDA device, with the kernel cache pointed at the
+    model's directory; a clear error where no schedule serves the device."""
+    return _prepared(device.index if device.index is not None else torch.cuda.current_device())
