@@ -26,6 +26,33 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--write-record", action="store_true",
                         help="replace the committed record with these facts")
 
+    tune = commands.add_parser("tune", help="search kernel schedules on the GPU in hand, store "
+                               "the best (compile-only pruning with no GPU)")
+    tune.add_argument("--arch", default="sm90")
+    tune.add_argument("--shape", action="append", default=None, metavar="B,H,L,D",
+                      help="B,H,L,D or B,H,Lq,Lk,D (repeatable; default Wan2.1-1.3B)")
+    tune.add_argument("--trials", type=int, default=30)
+    tune.add_argument("--storage", default=None, help="SQLAlchemy URL of the Optuna storage")
+    tune.add_argument("--mode", default="fwd+bwd", choices=("fwd", "fwd+bwd"))
+    tune.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    tune.add_argument("--topk", type=float, default=0.05)
+    tune.add_argument("--k-low", type=float, default=0.0)
+    tune.add_argument("--block-q", type=int, default=128)
+    tune.add_argument("--block-kv", type=int, default=64)
+    tune.add_argument("--feature-map", default="softmax")
+    tune.add_argument("--linear", default="marginal")
+    tune.add_argument("--compile-only", action="store_true")
+    tune.add_argument("--gpu", default=None, help="GPU model whose kernel cache to fill "
+                      "(with --compile-only)")
+    tune.add_argument("--workers", type=int, default=None)
+
+    warm = commands.add_parser("warm", help="precompile the default and tuned kernels (no GPU "
+                               "needed)")
+    warm.add_argument("--arch", default="sm90")
+    warm.add_argument("--gpu", default=None, help="GPU model whose kernel cache to fill "
+                      "(default: the GPU in hand, else every model in the tuned store)")
+    warm.add_argument("--workers", type=int, default=None)
+
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         if rest:
@@ -37,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _kernels(args.arch, args.workers, args.write_record)
+    if args.command in ("tune", "warm"):
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from . import tune_cli
+
+        return tune_cli.tune(args) if args.command == "tune" else tune_cli.warm(args)
     from .benchmarks import side_by_side
 
     return side_by_side.main(rest)

@@ -26,26 +26,31 @@ class KernelSpec(NamedTuple):
     args: tuple
 
 
-def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str,
-                     backward: bool = True) -> list[KernelSpec]:
-    """Every kernel that routing, the forward and (optionally) the backward of one call use."""
+def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str, backward: bool = True,
+                     schedule: kernels.Schedule | None = None) -> list[KernelSpec]:
+    """Every kernel that routing, the forward and (optionally) the backward of one call use,
+    with `schedule`'s knobs where it sets any."""
     scale = float(dim**-0.5 if s.scale is None else s.scale)
+
+    def tuned(kernel: str, args: tuple) -> KernelSpec:
+        knobs = kernels.knobs_of(schedule, kernel)
+        return KernelSpec(f"{kernel}_kernel", (*args, knobs) if knobs else args)
+
     specs = [
         KernelSpec("pool_kernel", (dim, s.block_q, dtype, s.layout, arch)),
         KernelSpec("pool_kernel", (dim, s.block_kv, dtype, s.layout, arch)),
-        KernelSpec("key_pass_kernel", (dim, s.block_kv, dtype, s.feature_map, s.layout,
-                                       s.linear == "marginal", arch)),
-        KernelSpec("forward_kernel", (dim, s.block_q, s.block_kv, dtype, s.feature_map,
-                                      s.layout, scale, arch)),
+        tuned("key_pass", (dim, s.block_kv, dtype, s.feature_map, s.layout,
+                           s.linear == "marginal", arch)),
+        tuned("forward", (dim, s.block_q, s.block_kv, dtype, s.feature_map, s.layout, scale,
+                          arch)),
     ]
     if backward:
         specs += [
             KernelSpec("backward_query_kernel", (dim, s.block_q, dtype, s.feature_map, s.layout,
                                                  arch)),
-            KernelSpec("backward_dq_kernel", (dim, s.block_q, s.block_kv, dtype, s.layout, scale,
-                                              arch)),
-            KernelSpec("backward_dkdv_kernel", (dim, s.block_q, s.block_kv, dtype, s.feature_map,
-                                                s.layout, scale, arch)),
+            tuned("backward_dq", (dim, s.block_q, s.block_kv, dtype, s.layout, scale, arch)),
+            tuned("backward_dkdv", (dim, s.block_q, s.block_kv, dtype, s.feature_map, s.layout,
+                                    scale, arch)),
         ]
     return specs
 

@@ -1,0 +1,95 @@
+"""Real measurements for the studies (GPU): latency of a schedule, and the error of an
+algorithm setting against full attention.
+
+Latency: CUDA events around each call, median of many calls, rotating through several
+sets of fresh random inputs, each with its own LUT from real routing of those inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sla_tl import tilelang_backend
+from sla_tl.benchmarks.timing import median_ms
+from sla_tl.config_store import TuneKey
+from sla_tl.settings import Settings
+from sla_tl.synthetic import video_like_qkv
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def settings_of(key: TuneKey) -> Settings:
+    """The call settings a key fixes (default softmax scale)."""
+    return Settings(key.block_q, key.block_kv, key.feature_map, key.linear, None, key.layout)
+
+
+def _shape(key: TuneKey, length: int) -> tuple[int, ...]:
+    if key.layout == "bhsd":
+        return (key.batch, key.heads, length, key.dim)
+    return (key.batch, length, key.heads, key.dim)
+
+
+def schedule_timer(key: TuneKey, mode: str = "fwd+bwd", input_sets: int = 3,
+                   repeats: int = 30, seed: int = 0) -> Callable[[dict], float]:
+    """A `Timer` for `key` on the current CUDA device."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    dtype = getattr(torch, key.dtype)
+    s = settings_of(key)
+
+    def fresh(length: int) -> torch.Tensor:
+        return torch.randn(_shape(key, length), device="cuda", dtype=dtype, generator=generator)
+
+    sets = []
+    for _ in range(input_sets):
+        q, k, v, grad = fresh(key.lq), fresh(key.lk), fresh(key.lk), fresh(key.lq)
+        routing = tilelang_backend.route(q, k, key.topk, key.k_low, key.block_q, key.block_kv,
+                                         key.layout)
+        weight = torch.randn(key.dim, key.dim, device="cuda", generator=generator) / key.dim
+        bias = torch.randn(key.dim, device="cuda", generator=generator)
+        sets.append((q, k, v, grad, routing, weight, bias))
+
+    def timer(schedule: dict) -> float:
+        def call(q, k, v, grad, routing, weight, bias):
+            saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s, schedule)
+            if mode == "fwd+bwd":
+                tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+                                          schedule)
+
+        return median_ms(call, sets, repeats)
+
+    return timer
+
+
+def calibration_inputs(key: TuneKey, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Structured video-like q, k, v at the key's shape (when the user gives none)."""
+    if key.lq != key.lk:
+        raise ValueError("synthetic calibration needs Lq == Lk; pass calibration=(q, k, v)")
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = video_like_qkv(key.batch, key.heads, key.lq, key.dim, generator=generator)
+    dtype = getattr(torch, key.dtype)
+    if key.layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return tuple(t.to("cuda", dtype).contiguous() for t in (q, k, v))
+
+
+def error_against_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: TuneKey,
+                       knobs: dict, weight: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None) -> float:
+    """||SLA - full attention|| / ||full attention|| with the algorithm knobs `knobs`
+    overriding the key's. The projection defaults to zero (an untrained SLA module)."""
+    merged = key._replace(**knobs)
+    s = settings_of(merged)
+    dim = q.shape[-1]
+    weight = torch.zeros(dim, dim, device=q.device) if weight is None else weight
+    bias = torch.zeros(dim, device=q.device) if bias is None else bias
+    routing = tilelang_backend.route(q, k, merged.topk, merged.k_low, merged.block_q,
+                                     merged.block_kv, merged.layout)
+    out = tilelang_backend.forward(q, k, v, routing, weight, bias, s).out
+    to_bhsd = (lambda t: t) if key.layout == "bhsd" else (lambda t: t.transpose(1, 2))
+    full = torch.nn.functional.scaled_dot_product_attention(*(to_bhsd(t) for t in (q, k, v)))
+    diff = (to_bhsd(out).double() - full.double()).norm()
+    return (diff / full.double().norm()).item()

@@ -1,0 +1,172 @@
+"""The Optuna studies: schedule knobs by latency, algorithm knobs by latency and error.
+
+Timing and error are injected (`Timer`, `ErrorFn`), so the study logic runs and is tested
+without a GPU; `autotune.measure` provides the real ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import optuna
+
+from sla_tl.config_store import TuneKey
+
+from .candidates import Candidate, label
+
+Timer = Callable[[dict], float]
+"""Milliseconds of one call run with a schedule ({kernel: knobs})."""
+
+ErrorFn = Callable[[dict], float]
+"""Relative error against full attention of a call with given algorithm knobs."""
+
+STATES_DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class ScheduleResult(NamedTuple):
+    """The outcome of a schedule study."""
+
+    key: TuneKey
+    best: dict
+    """{kernel: knobs} of the fastest complete trial."""
+    best_ms: float
+    default_ms: float | None
+    """Latency of the all-defaults schedule, timed in the same study (None if it never ran)."""
+    complete: int
+    pruned: int
+    failed: int
+
+
+def _choices(candidates: Sequence[Candidate]) -> dict[str, list[Candidate]]:
+    by_kernel: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_kernel.setdefault(c.kernel, []).append(c)
+    return by_kernel
+
+
+def create_study(name: str, storage: optuna.storages.BaseStorage, seed: int | None = 0,
+                 directions: Sequence[str] = ("minimize",)) -> optuna.Study:
+    """Open the study `name`, or create it (a resumed study keeps its finished trials)."""
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if len(directions) > 1:
+        sampler = optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                               directions=list(directions), load_if_exists=True)
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=STATES_DONE))
+
+
+def tune_schedule(key: TuneKey, candidates: Sequence[Candidate], timer: Timer, trials: int,
+                  storage: optuna.storages.BaseStorage, seed: int | None = 0,
+                  progress: bool = False) -> ScheduleResult:
+    """Search schedule knobs for `key` until the study holds `trials` finished trials.
+
+    The first trial of a new study is the all-defaults schedule. A trial that picks a
+    pruned candidate is pruned before anything is timed; a trial whose timing raises is
+    recorded as failed and the study goes on.
+    """
+    by_kernel = _choices(candidates)
+    study = create_study(key.study_name(), storage, seed)
+    if not study.trials:
+        study.enqueue_trial({kernel: cs[0].label for kernel, cs in by_kernel.items()},
+                            user_attrs={"default": True})
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        schedule = {}
+        for kernel, cs in by_kernel.items():
+            chosen = trial.suggest_categorical(kernel, [c.label for c in cs])
+            candidate = next(c for c in cs if c.label == chosen)
+            if candidate.pruned:
+                trial.set_user_attr("pruned", f"{kernel}: {candidate.pruned}")
+                raise optuna.TrialPruned(f"{kernel} {chosen}: {candidate.pruned}")
+            schedule[kernel] = dict(candidate.knobs)
+        latency = timer(schedule)
+        if not math.isfinite(latency) or latency <= 0:
+            raise ValueError(f"timer returned {latency!r}")
+        return latency
+
+    _optimize(study, objective, trials, progress)
+    return _schedule_result(key, study, by_kernel)
+
+
+def _optimize(study: optuna.Study, objective: Callable, trials: int, progress: bool) -> None:
+    """Run trials until the study holds `trials` finished ones, counting those of other
+    workers on the same study (each worker may overshoot by the trial it is running)."""
+    remaining = max(0, trials - _finished(study))
+    if remaining:
+        stop = optuna.study.MaxTrialsCallback(trials, states=STATES_DONE)
+        study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[stop],
+                       show_progress_bar=progress)
+
+
+def _schedule_result(key: TuneKey, study: optuna.Study,
+                     by_kernel: Mapping[str, list[Candidate]]) -> ScheduleResult:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"no trial of study {key.study_name()!r} completed; "
+                           "see the failed trials' messages in the study storage")
+    best = min(complete, key=lambda t: t.value)
+    defaults = [t for t in complete if t.user_attrs.get("default")]
+
+    def knobs(kernel: str, chosen: str) -> dict:
+        return dict(next(c.knobs for c in by_kernel[kernel] if c.label == chosen))
+
+    return ScheduleResult(
+        key=key,
+        best={kernel: knobs(kernel, chosen) for kernel, chosen in best.params.items()},
+        best_ms=best.value,
+        default_ms=defaults[0].value if defaults else None,
+        complete=len(complete),
+        pruned=sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+        failed=sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
+    )
+
+
+class AlgorithmPoint(NamedTuple):
+    """One evaluated setting of the algorithm knobs."""
+
+    knobs: dict
+    latency_ms: float
+    error: float
+
+
+class AlgorithmResult(NamedTuple):
+    """The Pareto front of (latency, error), and its fastest point within the error budget."""
+
+    front: list[AlgorithmPoint]
+    chosen: AlgorithmPoint | None
+    """None when no point meets the budget."""
+
+
+def tune_algorithm(name: str, space: Mapping[str, Sequence], timer: Callable[[dict], float],
+                   error_fn: ErrorFn, trials: int, storage: optuna.storages.BaseStorage,
+                   error_budget: float, seed: int = 0,
+                   progress: bool = False) -> AlgorithmResult:
+    """Multi-objective search of algorithm knobs (`space`: knob -> choices), minimising the
+    latency `timer(knobs)` and the error `error_fn(knobs)` together."""
+    study = create_study(name, storage, seed, directions=("minimize", "minimize"))
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        knobs = {n: trial.suggest_categorical(n, list(choices)) for n, choices in space.items()}
+        return timer(knobs), error_fn(knobs)
+
+    _optimize(study, objective, trials, progress)
+    # A setting sampled twice appears once, with its first measurement.
+    unique = {tuple(sorted(t.params.items())): t for t in reversed(study.best_trials)}
+    front = sorted((AlgorithmPoint(dict(t.params), *t.values) for t in unique.values()),
+                   key=lambda p: (p.latency_ms, p.error))
+    within = [p for p in front if p.error <= error_budget]
+    return AlgorithmResult(front, within[0] if within else None)
+
+
+def schedule_label(schedule: Mapping[str, Mapping]) -> str:
+    """One line naming a schedule's knobs, kernel by kernel."""
+    return "; ".join(f"{kernel}: {label(dict(knobs))}" for kernel, knobs in schedule.items())

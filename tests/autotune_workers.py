@@ -1,0 +1,47 @@
+"""Pieces the autotuner tests run in other processes (spawned processes import them by name)."""
+
+from __future__ import annotations
+
+import time
+
+from sla_tl.autotune.candidates import Candidate
+from sla_tl.autotune.storage import open_storage
+from sla_tl.autotune.study import tune_schedule
+from sla_tl.config_store import TuneKey
+
+KEY = TuneKey("Test GPU", "sm_90a", "0.0", 1, 2, 256, 256, 64, "bfloat16", 64, 64, 0.25, 0.0,
+              "softmax", "marginal", "bhsd")
+
+CANDIDATES = [
+    Candidate("forward", {"num_stages": 2}, None),  # the default comes first
+    Candidate("forward", {"num_stages": 1}, None),
+    Candidate("forward", {"num_stages": 3}, "spills registers"),
+    Candidate("backward_dkdv", {"q_slice": 64}, None),
+    Candidate("backward_dkdv", {"q_slice": 32}, None),
+    Candidate("backward_dkdv", {"q_slice": 128}, "overflows shared memory"),
+]
+
+# Milliseconds per knob value: the optimum is num_stages=1 with q_slice=32 (2.0 ms).
+COSTS = {("forward", 2): 3.0, ("forward", 1): 1.5, ("backward_dkdv", 64): 1.0,
+         ("backward_dkdv", 32): 0.5}
+
+
+def synthetic_latency(schedule: dict) -> float:
+    """A timer with a known optimum; refuses pruned candidates (they must never be timed)."""
+    stages = schedule["forward"]["num_stages"]
+    q_slice = schedule["backward_dkdv"]["q_slice"]
+    if stages == 3 or q_slice == 128:
+        raise AssertionError("a pruned candidate was timed")
+    return COSTS[("forward", stages)] + COSTS[("backward_dkdv", q_slice)]
+
+
+def slow_latency(schedule: dict) -> float:
+    """`synthetic_latency`, slow enough that two workers overlap."""
+    time.sleep(0.05)
+    return synthetic_latency(schedule)
+
+
+def run_worker(url: str, trials: int) -> int:
+    """One worker on the shared study; returns how many trials the study then holds."""
+    result = tune_schedule(KEY, CANDIDATES, slow_latency, trials, open_storage(url), seed=None)
+    return result.complete + result.pruned + result.failed
