@@ -1,0 +1,40 @@
+"""A real (small) tune on the GPU: the stored schedule is what the operator then runs, and
+it gives the numbers the default schedule gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sla_tl
+from sla_tl import config_store, tilelang_backend
+from sla_tl.config_store import ConfigStore
+from sla_tl.settings import Settings
+
+from .helpers import random_projection, random_qkv, relative_error
+
+pytestmark = pytest.mark.gpu
+
+
+def test_tune_stores_a_schedule_the_operator_runs(tmp_path, monkeypatch):
+    store = ConfigStore(tmp_path / "tuned.json")
+    monkeypatch.setattr(config_store, "active_store", lambda: store)
+    shape = (1, 4, 4000, 128)
+    reports = sla_tl.tune("sm90", shapes=[shape], trials=6, storage=f"sqlite:///{tmp_path}/s.db",
+                          block_q=128, block_kv=64, topk=0.1, progress=False)
+    result = reports[0].schedule
+    assert result.complete >= 1 and result.default_ms is not None
+    assert result.best_ms <= result.default_ms
+    assert [e.key for e in store.entries()] == [reports[0].key]
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = random_qkv(1, 4, 4000, 4000, 128, torch.bfloat16, generator, "cuda")
+    weight, bias = random_projection(128, torch.float32, generator, "cuda")
+    s = Settings(128, 64, "softmax", "marginal", None, "bhsd")
+    routing = tilelang_backend.route(q, k, 0.1, 0.0, 128, 64, "bhsd")
+    assert tilelang_backend.schedule_for_call(q, k, routing, s) == result.best
+
+    tuned = torch.ops.sla.attention(q, k, v, weight, bias, 0.1, 0.0, 128, 64)
+    default = tilelang_backend.forward(q, k, v, routing, weight, bias, s, schedule={}).out
+    assert not tuned.isnan().any()
+    assert relative_error(tuned, default) < 1e-2
