@@ -6,7 +6,7 @@ OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export SLA_TL_CACHE_DIR="${SLA_TL_CACHE_DIR:-/tmp/sla_tl_cache}" PYTHONUNBUFFERED=1
 status=0
-sla-tl tune --arch sm90 --trials "${TRIALS:-30}" "$@" 2>&1 | tee "$OUT/tune.log"
+python3 -m sla_tl.cli tune --arch sm90 --trials "${TRIALS:-30}" "$@" 2>&1 | tee "$OUT/tune.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python3 -m sla_tl.benchmarks.tuned_vs_default --out "$OUT/tuned_vs_default.json" 2>&1 \
   | tee "$OUT/tuned_vs_default.log"
