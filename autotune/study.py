@@ -111,8 +111,10 @@ def _schedule_result(key: TuneKey, study: optuna.Study,
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise RuntimeError(f"no trial of study {key.study_name()!r} completed; "
-                           "see the failed trials' messages in the study storage")
+        reasons = sorted({t.user_attrs["pruned"] for t in trials if "pruned" in t.user_attrs})
+        raise RuntimeError(f"no trial of study {key.study_name()!r} completed: "
+                           f"{len(trials)} trials; pruned for: {reasons or 'none'}; failed "
+                           "ones are logged by Optuna and kept in the study storage")
     best = min(complete, key=lambda t: t.value)
     defaults = [t for t in complete if t.user_attrs.get("default")]
 

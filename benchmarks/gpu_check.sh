@@ -1,20 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a GPU machine with torch but without tilelang/optuna:
-#   1. unpack .device/site.tar.xz (made by the device-bundle tool) if it is there;
-#   2. install this project without dependencies;
-#   3. run the tests marked `gpu`;
-#   4. run the forward and backward breakdowns and the side-by-side benchmark (topk 0.05 and
+#   1. unpack the bundled tilelang/optuna and install this project (device_env.sh);
+#   2. run the tests marked `gpu`;
+#   3. run the forward and backward breakdowns and the side-by-side benchmark (topk 0.05 and
 #      0.10; extra arguments go to it) at the Wan2.1-1.3B shape.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
-OUT="${OUT:-out}"
-mkdir -p "$OUT"
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1 TILELANG_PRINT_ON_COMPILATION=0
-if [ -f .device/site.tar.xz ]; then
-  mkdir -p /tmp/site && tar -xJf .device/site.tar.xz -C /tmp/site
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 
 status=0

@@ -2,9 +2,8 @@
 # A real tune on the GPU in hand, then the tuned schedule against the default in one run.
 # Writes logs and JSON to $OUT (default ./out). Extra arguments go to `sla-tl tune`.
 set -uo pipefail
-OUT="${OUT:-out}"
-mkdir -p "$OUT"
-export SLA_TL_CACHE_DIR="${SLA_TL_CACHE_DIR:-/tmp/sla_tl_cache}" PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
+export SLA_TL_CACHE_DIR="${SLA_TL_CACHE_DIR:-/tmp/sla_tl_cache}"
 status=0
 python3 -m sla_tl.cli tune --arch sm90 --trials "${TRIALS:-30}" "$@" 2>&1 | tee "$OUT/tune.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -81,7 +81,7 @@ def kernel_facts(spec: KernelSpec) -> KernelFacts:
     """Compile `spec` (or load it from TileLang's cache) and read its static facts."""
     kernel = getattr(kernels, spec.getter)(*spec.args)
     source = kernel.get_kernel_source()
-    arch = spec.args[-1]
+    arch = next(a for a in spec.args if isinstance(a, str) and a.startswith("sm_"))
     entry = _entry_section(_ptxas_report(source, arch))
     registers = int(re.search(r"Used (\d+) registers", entry).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)

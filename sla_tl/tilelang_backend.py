@@ -77,7 +77,8 @@ def schedule_for_call(q: torch.Tensor, k: torch.Tensor, routing: Routing, s: Set
     return config_store.schedule_for(call)
 
 
-def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str, schedule: Schedule):
+def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str,
+                schedule: Schedule | None = None):
     """(per-block h, per-block z, per-group sums of h) of the linear branch: per-block h in
     "marginal" mode, per-group sums in "global" mode, a 1-entry placeholder for the other."""
     b, h, lk, d = _dims(k, s.layout)
