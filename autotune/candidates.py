@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from sla_tl import kernels
 from sla_tl.settings import Settings
-from sla_tl.warm import KernelSpec, map_in_parallel
+from sla_tl.static_check import kernel_facts
+from sla_tl.warm import KernelSpec, kernels_for_call, map_in_parallel
 
 # Hopper: 227 KB of shared memory per block.
 SHARED_MEMORY_LIMIT = 227 * 1024
@@ -59,24 +60,12 @@ def enumerate_candidates(kernel: str, dim: int, s: Settings) -> list[dict]:
 def kernel_spec(kernel: str, knobs: dict, dim: int, dtype: str, s: Settings,
                 arch: str) -> KernelSpec:
     """The getter call that builds one candidate."""
-    scale = float(dim**-0.5 if s.scale is None else s.scale)
-    frozen = kernels.freeze(knobs)
-    args = {
-        "key_pass": (dim, s.block_kv, dtype, s.feature_map, s.layout, s.linear == "marginal",
-                     arch, frozen),
-        "forward": (dim, s.block_q, s.block_kv, dtype, s.feature_map, s.layout, scale, arch,
-                    frozen),
-        "backward_dq": (dim, s.block_q, s.block_kv, dtype, s.layout, scale, arch, frozen),
-        "backward_dkdv": (dim, s.block_q, s.block_kv, dtype, s.feature_map, s.layout, scale,
-                          arch, frozen),
-    }[kernel]
-    return KernelSpec(f"{kernel}_kernel", args)
+    specs = kernels_for_call(dim, dtype, s, arch, schedule={kernel: knobs})
+    return next(spec for spec in specs if spec.getter == f"{kernel}_kernel")
 
 
 def _shared_bytes(spec: KernelSpec) -> int:
     """Compile one candidate (raising what the compiler raises) and return its shared memory."""
-    from sla_tl.static_check import kernel_facts
-
     return kernel_facts(spec).shared_bytes
 
 

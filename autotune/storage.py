@@ -5,6 +5,7 @@ on one study together."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import optuna
 import sqlalchemy
@@ -23,23 +24,19 @@ def default_url() -> str:
 
 
 def open_storage(url: str | None = None) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at `url` (default: `default_url()`), creating the file's directory
-    for SQLite."""
+    """Optuna's RDB storage at `url` (default: `default_url()`), creating an SQLite file's
+    directory."""
     url = url or default_url()
     engine_kwargs: dict = {}
     if url.startswith("sqlite:///"):
-        path = cache_dir() if url == default_url() else None
-        if path is not None:
-            path.mkdir(parents=True, exist_ok=True)
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Concurrent writers queue on SQLite's lock instead of failing at once.
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    for attempt in range(CREATE_ATTEMPTS):
+    for attempt in range(1, CREATE_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except sqlalchemy.exc.SQLAlchemyError:
             # Workers opening a new database together race to create its tables; the
             # loser finds them made on the next attempt.
-            if attempt == CREATE_ATTEMPTS - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.5 * attempt)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)

@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     key = config_store.TuneKey(gpu, arch, tilelang.__version__, b, h, length, length, d,
                                "bfloat16", args.block_q, args.block_kv, args.topk, 0.0,
                                "softmax", "marginal", "bhsd")
-    n_crit, n_neg = key.block_counts()
-    call = config_store.CallKey(*key[:11], n_crit, n_neg, *key[13:])
-    found = config_store.active_store().lookup(call)
+    found = config_store.active_store().lookup(key.call_key())
     if found.source != "tuned":
         print(f"no tuned entry for {key.study_name()} (lookup gave {found.source!r}); "
               "run `sla-tl tune` first")

@@ -68,6 +68,12 @@ class TuneKey(NamedTuple):
         n_crit = spec.num_critical(self.topk, n_kv)
         return n_crit, spec.num_negligible(self.k_low, n_kv, n_crit)
 
+    def call_key(self) -> CallKey:
+        """What a call of this problem looks up."""
+        n_crit, n_neg = self.block_counts()
+        shared = {name: getattr(self, name) for name in CallKey._fields if name in self._fields}
+        return CallKey(**shared, n_crit=n_crit, n_neg=n_neg)
+
 
 class CallKey(NamedTuple):
     """What an operator call knows about its problem (block counts, not ratios)."""

@@ -15,9 +15,7 @@ SCHEDULE = {"forward": {"num_stages": 1}, "backward_dkdv": {"q_slice": 32}}
 
 
 def _call(key: TuneKey, **changes) -> CallKey:
-    n_crit, n_neg = key.block_counts()
-    fields = {n: getattr(key, n) for n in CallKey._fields if hasattr(key, n)}
-    return CallKey(**{**fields, "n_crit": n_crit, "n_neg": n_neg, **changes})
+    return key.call_key()._replace(**changes)
 
 
 @pytest.fixture
