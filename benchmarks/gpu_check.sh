@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for a GPU machine with torch but without tilelang/optuna:
-#   1. unpack the bundled tilelang/optuna and install this project (device_env.sh);
-#   2. run the tests marked `gpu`;
-#   3. run the forward and backward breakdowns and the side-by-side benchmark (topk 0.05 and
-#      0.10; extra arguments go to it) at the Wan2.1-1.3B shape.
+# The whole GPU check, for a GPU machine with torch but without tilelang/optuna:
+#   1. unpack the bundled packages and install this project (device_env.sh);
+#   2. tests:       the tests marked `gpu`;
+#   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape;
+#   4. bench:       `sla-tl bench` over $SECTIONS of the suite (default all) with JSON and plot;
+#   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
+# STEPS picks steps (default "tests breakdowns bench gate"); extra arguments go to the bench.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+STEPS="${STEPS:-tests breakdowns bench gate}"
 
 status=0
-python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" 2>&1 \
-  | tee "$OUT/forward_breakdown.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-python3 -m sla_tl.benchmarks.backward_breakdown --out "$OUT/backward_breakdown.json" 2>&1 \
-  | tee "$OUT/backward_breakdown.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-python3 -m sla_tl.benchmarks.side_by_side --topk 0.05,0.10 --out "$OUT/side_by_side.json" "$@" 2>&1 \
-  | tee "$OUT/side_by_side.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step() {  # step NAME COMMAND...: run it if NAME is in $STEPS, log to $OUT/NAME.log
+  local name=$1; shift
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+breakdowns() {
+  python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" &&
+    python3 -m sla_tl.benchmarks.backward_breakdown --out "$OUT/backward_breakdown.json"
+}
+step tests python3 -m pytest -m gpu -q -p no:cacheprovider tests
+step breakdowns breakdowns
+step bench python3 -m sla_tl.cli bench --sections "${SECTIONS:-shapes,sparsity,length}" \
+  --out "$OUT/bench.json" --plot "$OUT/bench.png" "$@"
+step gate python3 -m sla_tl.cli bench --check benchmarks/baselines --tolerance 0.05 \
+  --out "$OUT/gate.json"
 exit $status

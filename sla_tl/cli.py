@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dim", type=int, default=64, choices=(64, 128))
     demo.add_argument("--seed", type=int, default=0)
 
-    commands.add_parser("bench", help="side-by-side timing against dense SDPA (needs a GPU)",
-                        add_help=False)
+    commands.add_parser("bench", help="the benchmark suite against dense and sparse baselines, "
+                        "and the throughput gate (`sla-tl bench --help`)", add_help=False)
 
     report = commands.add_parser(
         "kernels", help="compile the shipped kernels (no GPU needed) and check their resources")
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import tune_cli
 
         return tune_cli.tune(args) if args.command == "tune" else tune_cli.warm(args)
-    from .benchmarks import side_by_side
+    from .benchmarks import bench
 
-    return side_by_side.main(rest)
+    return bench.main(rest)
 
 
 def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
@@ -87,9 +87,20 @@ def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
         static_check.write_record(facts)
         print(f"wrote {static_check.RECORD_PATH}")
         return 0
-    problems = static_check.compare(facts, static_check.load_record())
+    record = static_check.load_record()
+    changes = static_check.diff(facts, record)
+    if changes:
+        print(f"\ndifferences from {static_check.RECORD_PATH}:")
+        print("\n".join(f"  {line}" for line in changes))
+    problems = static_check.compare(facts, record)
     for line in problems:
         print("FAIL", line)
+    if problems:
+        print(f"static check failed: {len(problems)} problems (register margin "
+              f"{static_check.REGISTER_MARGIN}); if a change is intended, rewrite the record "
+              "with `sla-tl kernels --write-record`")
+    else:
+        print(f"static check passed: {len(facts)} kernels within the record")
     return 1 if problems else 0
 
 

@@ -88,14 +88,14 @@ def _gpu_section(topk: float) -> None:
         print("No CUDA GPU is visible, so nothing is timed here. On a GPU this command times,")
         print(f"at {shape}, topk={topk}, block_q=128, block_kv=64:")
         print("  dense SDPA (cuDNN and flash backends), compiled FlexAttention block-sparse over"
-              " the same LUT, and torch.ops.sla.attention,")
+              " the same LUT, thu-ml/SLA where installed, and torch.ops.sla.attention,")
         print("  forward and forward+backward, median of many runs on fresh random inputs,")
         print("  with speedups against cuDNN measured in the same run.")
         return
-    from .benchmarks import side_by_side
+    from .benchmarks import bench
 
     print(f"Timing on {torch.cuda.get_device_name()} at {shape}:")
-    side_by_side.main(["--topk", str(topk)])
+    bench.main(["--shape", "1,12,32760,128", "--sparsity", str(1.0 - topk)])
 
 
 def main(length: int = 4096, heads: int = 2, dim: int = 64, seed: int = 0) -> int:

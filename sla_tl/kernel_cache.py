@@ -20,11 +20,16 @@ from .config_store import cache_dir
 _USER_DIRECTORY = os.environ.get("TILELANG_CACHE_DIR")
 
 
+def model_slug(gpu: str) -> str:
+    """A GPU model's name as a file name: "NVIDIA H200" -> "NVIDIA-H200"."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-")
+
+
 def directory_for(gpu: str) -> Path:
     """The kernel cache directory of a GPU model (e.g. "NVIDIA H200")."""
     if _USER_DIRECTORY:
         return Path(_USER_DIRECTORY)
-    return cache_dir() / "kernels" / re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-")
+    return cache_dir() / "kernels" / model_slug(gpu)
 
 
 def use_gpu_model(gpu: str) -> None:

@@ -143,3 +143,21 @@ def compare(facts: list[KernelFacts], record: dict[str, dict]) -> list[str]:
             if getattr(x, field) != want[field]:
                 problems.append(f"{x.name}: {field} {want[field]} -> {getattr(x, field)}")
     return problems
+
+
+def diff(facts: list[KernelFacts], record: dict[str, dict]) -> list[str]:
+    """Every difference from the record, failing or not ("name: field recorded -> now"),
+    and the recorded kernels no longer built."""
+    lines = []
+    for x in facts:
+        want = record.get(x.name)
+        if want is None:
+            lines.append(f"{x.name}: new kernel ({x.registers} registers, "
+                         f"{x.spill_bytes} B spilled)")
+            continue
+        lines += [f"{x.name}: {field} {want[field]} -> {getattr(x, field)}"
+                  for field in KernelFacts._fields[1:] if getattr(x, field) != want[field]]
+    built = {x.name for x in facts}
+    lines += [f"{name}: recorded, no longer built" for name in sorted(set(record) - built)]
+    return lines
+

@@ -1,0 +1,218 @@
+"""`sla-tl bench`: the benchmark suite, side by side in one run, and the throughput gate.
+
+    sla-tl bench --out result.json --plot result.png        # the whole suite
+    sla-tl bench --sections shapes --systems sdpa_cudnn,sla_tl
+    sla-tl bench --shape 1,12,32760,128 --sparsity 0.9,0.95
+    sla-tl bench --check benchmarks/baselines --tolerance 0.05
+    sla-tl bench --from result.json --check benchmarks/baselines/NVIDIA-H200.json
+
+Exit status: 0 when everything ran (and the gate passed), 1 when the gate failed,
+2 on a usage error or a refused baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .gate import WrongGPUError, check, format_verdicts, gated_cases
+from .report import format_table
+from .result_file import baseline_path, load, make_result, merge, save
+from .suite import DEFAULT_SPARSITY, MODES, SECTIONS, Case, Shape, cases_of
+from .systems import GATED_SYSTEM, REFERENCE_SYSTEM, SYSTEMS, unavailable
+
+DEFAULT_BASELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
+
+
+class UsageError(Exception):
+    """A request that cannot be served (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sla-tl bench", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]))
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--sections", default=",".join(SECTIONS),
+                      help=f"parts of the suite, comma-separated: {', '.join(SECTIONS)}")
+    what.add_argument("--shape", action="append", metavar="B,H,L,D",
+                      help="measure this shape instead of the suite (repeatable)")
+    what.add_argument("--sparsity", default=str(DEFAULT_SPARSITY),
+                      help="comma-separated sparsities for --shape")
+    what.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                      help="dtype for --shape")
+    what.add_argument("--systems", default=",".join(SYSTEMS),
+                      help="comma-separated; one whose package is missing is skipped")
+    what.add_argument("--modes", default=",".join(MODES))
+    how = parser.add_argument_group("how")
+    how.add_argument("--budget-s", type=float, default=1.5,
+                     help="seconds of timed calls per measurement (sets the repeat count)")
+    how.add_argument("--most-repeats", type=int, default=100)
+    out = parser.add_argument_group("results")
+    out.add_argument("--out", help="write the JSON result here (rewritten as groups finish)")
+    out.add_argument("--plot", help="write the PNG plot here (needs matplotlib)")
+    out.add_argument("--from", dest="inputs", nargs="+", metavar="RESULT",
+                     help="use these result files (merged) instead of measuring")
+    gate = parser.add_argument_group("throughput gate")
+    gate.add_argument("--check", metavar="BASELINE",
+                      help="baseline file, or a directory holding <GPU model>.json; runs the "
+                      "baseline's cases (cuDNN and sla-tl) unless --from is given")
+    gate.add_argument("--tolerance", type=float, default=0.05,
+                      help="largest allowed relative fall of a speedup (default 0.05)")
+    return parser
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _requested_cases(args: argparse.Namespace) -> list[Case]:
+    if not args.shape:
+        return cases_of(_csv(args.sections))
+    cases = []
+    for text in args.shape:
+        try:
+            batch, heads, length, dim = (int(x) for x in text.split(","))
+        except ValueError:
+            raise UsageError(f"--shape wants B,H,L,D, got {text!r}") from None
+        shape = Shape(f"B{batch}-H{heads}-L{length}-D{dim}", batch, heads, length, dim,
+                      args.dtype)
+        cases += [Case(shape, float(s)) for s in _csv(args.sparsity)]
+    return cases
+
+
+def _systems(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The systems that can run here, and why the others cannot (unknown names are an error)."""
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        raise UsageError(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    skipped = {n: reason for n in names if (reason := unavailable(n))}
+    return [n for n in names if n not in skipped], skipped
+
+
+def _prewarm(cases: list[Case]) -> None:
+    """Compile sla-tl's kernels for the cases in parallel processes before timing starts."""
+    import torch
+
+    from sla_tl import kernel_cache
+    from sla_tl.settings import Settings
+    from sla_tl.warm import compile_in_parallel, kernels_for_call
+
+    _, arch = kernel_cache.prepare(torch.device("cuda"))
+    specs = []
+    for dim, dtype, bq, bkv in dict.fromkeys(
+            (c.shape.dim, c.shape.dtype, c.block_q, c.block_kv) for c in cases):
+        specs += kernels_for_call(dim, dtype, Settings(bq, bkv, "softmax", "marginal", None,
+                                                       "bhsd"), arch)
+    print(f"compiling {len(set(specs))} sla-tl kernels for {arch}", flush=True)
+    compile_in_parallel(specs)
+
+
+def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
+    import torch
+
+    from .environment import describe_environment
+    from .runner import cuda_timer, run
+
+    if not torch.cuda.is_available():
+        raise UsageError("measuring needs a CUDA GPU and none is visible to torch "
+                         "(--from RESULT.json checks or plots a result made elsewhere)")
+    if baseline is not None:
+        gpu = torch.cuda.get_device_name()
+        if baseline["environment"]["gpu"] != gpu:
+            raise WrongGPUError(f"the baseline was measured on {baseline['environment']['gpu']!r}, "
+                           f"this GPU is {gpu!r}")
+        cases, modes = gated_cases(baseline)
+        systems, skipped = [REFERENCE_SYSTEM, GATED_SYSTEM], {}
+    else:
+        cases, modes = _requested_cases(args), _csv(args.modes)
+        systems, skipped = _systems(_csv(args.systems))
+    bad_modes = set(modes) - set(MODES)
+    if bad_modes:
+        raise UsageError(f"unknown modes {sorted(bad_modes)}; known: {', '.join(MODES)}")
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}", flush=True)
+    if GATED_SYSTEM in systems:
+        _prewarm(cases)
+    environment = describe_environment()
+    settings = dict(budget_s=args.budget_s, most_repeats=args.most_repeats, modes=modes,
+                    systems=systems, command=" ".join(sys.argv[1:]))
+
+    def checkpoint(rows: list[dict]) -> None:
+        if args.out:
+            save(make_result(environment, settings, skipped, rows), args.out)
+
+    rows = run(cases, systems, modes, cuda_timer(args.budget_s, args.most_repeats),
+               log=lambda line: print(line, flush=True), checkpoint=checkpoint)
+    return make_result(environment, settings, skipped, rows)
+
+
+def _baseline_file(path: str, gpu: str | None) -> str:
+    if not os.path.isdir(path):
+        return path
+    if gpu is None:
+        raise UsageError(f"{path} is a directory, and there is no GPU to pick a baseline by")
+    file = baseline_path(path, gpu)
+    if not file.exists():
+        raise UsageError(f"no baseline for {gpu} in {path}: make one with "
+                         f"`sla-tl bench --out {file}` on that GPU")
+    return str(file)
+
+
+def _current_gpu(inputs: list[str] | None) -> str | None:
+    if inputs:
+        return load(inputs[0])["environment"]["gpu"]
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Measure (or read) a result, report it, and gate it when asked; the exit status."""
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    baseline = None
+    if args.check:
+        baseline = load(_baseline_file(args.check, _current_gpu(args.inputs)))
+        print(f"baseline: {args.check} ({baseline['environment']['gpu']}, commit "
+              f"{(baseline['environment']['git_commit'] or 'unknown')[:12]})", flush=True)
+    if args.inputs:
+        doc = merge([load(path) for path in args.inputs])
+        if args.out:
+            save(doc, args.out)
+    else:
+        doc = _measure(args, baseline)
+        if args.out:
+            save(doc, args.out)
+    print(format_table(doc), flush=True)
+    if args.out:
+        print(f"wrote {args.out}")
+    if args.plot:
+        from .plot import write_plot
+
+        write_plot(doc, args.plot)
+        print(f"wrote {args.plot}")
+    if baseline is None:
+        return 0
+    verdicts = check(baseline, doc, args.tolerance)
+    print(format_verdicts(verdicts, args.tolerance))
+    return 1 if any(v.failure for v in verdicts) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `sla-tl bench`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_bench(args)
+    except (UsageError, ValueError, ImportError) as error:  # WrongGPUError is a ValueError
+        print(f"sla-tl bench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

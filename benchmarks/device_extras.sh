@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build .device/extras.tar.xz: what `sla-tl bench` can use beyond the core bundle on a GPU
+# machine with no package index, for its Python 3.12: matplotlib (the plot) and
+# thu-ml/SLA's `sparse_linear_attention` package (a baseline), from a checkout of it.
+#
+#   usage: bash benchmarks/device_extras.sh PATH/TO/thu-ml-SLA [OUTDIR]   (default: .device)
+set -euo pipefail
+sla="${1:?give the path of a thu-ml/SLA checkout}"
+out="${2:-.device}"
+[ -f "$sla/sparse_linear_attention/__init__.py" ] || { echo "no sparse_linear_attention in $sla"; exit 2; }
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+plat=(--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
+      --platform any)
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${plat[@]}" -d "$tmp/whl" matplotlib
+mkdir -p "$tmp/site"
+# numpy comes with the machine's torch; a second copy would shadow it.
+for w in "$tmp"/whl/*.whl; do
+  case "$(basename "$w")" in numpy-*) continue ;; esac
+  python3 -m zipfile -e "$w" "$tmp/site"
+done
+cp -r "$sla/sparse_linear_attention" "$tmp/site/"
+chmod -R u+w,a+rX "$tmp/site"
+mkdir -p "$out"
+tar -C "$tmp/site" -cf - . | xz -6 -T0 > "$out/extras.tar.xz"
+ls -la "$out/extras.tar.xz"
