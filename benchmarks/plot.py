@@ -9,9 +9,12 @@ import os
 from collections import Counter
 
 from .suite import MODE_NAMES
-from .systems import REFERENCE_SYSTEM
+from .systems import REFERENCE_SYSTEM, SYSTEMS
 
 _LINESTYLE = {"fwd": "-", "fwd+bwd": "--"}
+# One color per system in both panels.
+_COLOR = dict(zip(SYSTEMS, ["black", "tab:gray", "tab:blue", "tab:green", "tab:red"],
+                  strict=True))
 
 
 def require_matplotlib() -> None:
@@ -71,14 +74,11 @@ def length_series(doc: dict) -> Series:
 
 
 def _panel(axes, series: dict, xlabel: str, title: str) -> None:
-    colors: dict[str, str] = {}
-    palette = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
     for (system, mode), points in sorted(series.items()):
-        color = colors.setdefault(system, palette[len(colors) % len(palette)])
         xs, ys = zip(*points, strict=True)
-        axes.plot(xs, ys, _LINESTYLE.get(mode, ":"), marker="o", color=color,
-                  label=f"{system} {MODE_NAMES.get(mode, mode)}")
-    axes.axhline(1.0, color="black", linewidth=0.8)
+        axes.plot(xs, ys, _LINESTYLE[mode], marker="o", color=_COLOR.get(system, "tab:purple"),
+                  label=f"{system} {MODE_NAMES[mode]}")
+    axes.axhline(1.0, color=_COLOR[REFERENCE_SYSTEM], linewidth=0.8)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("speedup over dense cuDNN (same run)")
     axes.set_title(title)
