@@ -21,6 +21,7 @@ from .report import format_table
 from .result_file import baseline_path, load, make_result, merge, save
 from .suite import DEFAULT_SPARSITY, MODES, SECTIONS, Case, Shape, cases_of
 from .systems import GATED_SYSTEM, REFERENCE_SYSTEM, SYSTEMS, unavailable
+from .timing import TIMINGS
 
 DEFAULT_BASELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
 
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--budget-s", type=float, default=1.5,
                      help="seconds of timed calls per measurement (sets the repeat count)")
     how.add_argument("--most-repeats", type=int, default=100)
+    how.add_argument("--timing", default="call", choices=TIMINGS,
+                     help="call: as called, host work included; kernels: GPU work alone, the "
+                     "host queued ahead (with --check: the baseline's)")
     out = parser.add_argument_group("results")
     out.add_argument("--out", help="write the JSON result here (rewritten as groups finish)")
     out.add_argument("--plot", help="write the PNG plot here (needs matplotlib)")
@@ -126,9 +130,11 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
                            f"this GPU is {gpu!r}")
         cases, modes = gated_cases(baseline)
         systems, skipped = [REFERENCE_SYSTEM, GATED_SYSTEM], {}
+        timing = baseline["settings"]["timing"]
     else:
         cases, modes = _requested_cases(args), _csv(args.modes)
         systems, skipped = _systems(_csv(args.systems))
+        timing = args.timing
     bad_modes = set(modes) - set(MODES)
     if bad_modes:
         raise UsageError(f"unknown modes {sorted(bad_modes)}; known: {', '.join(MODES)}")
@@ -137,14 +143,14 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
     if GATED_SYSTEM in systems:
         _prewarm(cases)
     environment = describe_environment()
-    settings = dict(budget_s=args.budget_s, most_repeats=args.most_repeats, modes=modes,
-                    systems=systems, command=" ".join(sys.argv[1:]))
+    settings = dict(timing=timing, budget_s=args.budget_s, most_repeats=args.most_repeats,
+                    modes=modes, systems=systems, command=" ".join(sys.argv[1:]))
 
     def checkpoint(rows: list[dict]) -> None:
         if args.out:
             save(make_result(environment, settings, skipped, rows), args.out)
 
-    rows = run(cases, systems, modes, cuda_timer(args.budget_s, args.most_repeats),
+    rows = run(cases, systems, modes, cuda_timer(args.budget_s, args.most_repeats, timing),
                log=lambda line: print(line, flush=True), checkpoint=checkpoint)
     return make_result(environment, settings, skipped, rows)
 

@@ -1,9 +1,13 @@
 """The throughput gate: sla-tl's speedup over dense cuDNN, against a committed baseline.
 
 Both times in a speedup come from the same run, so a noisy or different machine of the
-same GPU model moves both and the ratio holds; a baseline from another GPU model is
-refused. A case fails when its speedup falls by more than the tolerance (relative to
-the baseline's), or when it was not measured.
+same GPU model moves both and the ratio holds. A baseline from another GPU model is
+refused, and so is one timed another way (`timing.TIMINGS`). A case fails when its
+speedup falls by more than the tolerance (relative to the baseline's), or when it was
+not measured.
+
+Gate with kernel timing (`--timing kernels`): the host's share of a short call depends
+on the machine's CPU, which a ratio against cuDNN does not cancel.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
     if want != have:
         raise WrongGPUError(f"the baseline was measured on {want!r}, this result on {have!r}: "
                        "speedups of different GPU models are not comparable")
+    want, have = baseline["settings"]["timing"], result["settings"]["timing"]
+    if want != have:
+        raise ValueError(f"the baseline was timed {want!r}, this result {have!r}: "
+                         "measure both the same way")
     rows = gated_rows(baseline)
     if not rows:
         raise ValueError(f"the baseline has no {GATED_SYSTEM} speedup over cuDNN to check")

@@ -5,6 +5,8 @@
 #   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape;
 #   4. bench:       `sla-tl bench` over $SECTIONS of the suite (default all) with JSON and plot;
 #   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
+# Not by default: baseline: a new baseline, cuDNN and sla-tl over the suite, kernel timing,
+#                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
 # STEPS picks steps (default "tests breakdowns bench gate"); extra arguments go to the bench.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
@@ -28,6 +30,8 @@ step tests python3 -m pytest -m gpu -q -p no:cacheprovider tests
 step breakdowns breakdowns
 step bench python3 -m sla_tl.cli bench --sections "${SECTIONS:-shapes,sparsity,length}" \
   --out "$OUT/bench.json" --plot "$OUT/bench.png" "$@"
+step baseline python3 -m sla_tl.cli bench --timing kernels --systems sdpa_cudnn,sla_tl \
+  --out "$OUT/baseline.json"
 step gate python3 -m sla_tl.cli bench --check benchmarks/baselines --tolerance 0.05 \
   --out "$OUT/gate.json"
 exit $status

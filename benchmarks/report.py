@@ -28,7 +28,8 @@ def format_table(doc: dict) -> str:
                            row["dtype"], row["mode"]), []).append(row)
     env = doc["environment"]
     lines = [f"{env['gpu']}, torch {env['torch']}, tilelang {env['tilelang']}, "
-             f"commit {(env['git_commit'] or 'unknown')[:12]}, {env['date_utc']}"]
+             f"commit {(env['git_commit'] or 'unknown')[:12]}, {env['date_utc']}, timed "
+             + ("as called" if doc["settings"]["timing"] == "call" else "kernels only")]
     for name, reason in doc["skipped_systems"].items():
         lines.append(f"skipped {name}: {reason}")
     for (label, batch, heads, length, dim, dtype, mode), rows in groups.items():

@@ -3,7 +3,7 @@ validation, merging and naming.
 
     {"schema_version": 1,
      "environment": {"gpu", "driver", "torch", "tilelang", "git_commit", "date_utc", ...},
-     "settings": {...how it was run...},
+     "settings": {"timing": "call" or "kernels", ...how it was run...},
      "skipped_systems": {system: reason},
      "rows": [{shape, batch, heads, length, dim, dtype, block_q, block_kv, sparsity, topk,
                density, system, mode, and either the figures (median_ms, repeats,
@@ -20,6 +20,7 @@ from pathlib import Path
 from sla_tl.kernel_cache import model_slug
 
 from .suite import MODE_NAMES, MODES, Shape
+from .timing import TIMINGS
 
 SCHEMA_VERSION = 1
 
@@ -74,6 +75,9 @@ def validate(doc: object) -> list[str]:
     if problems:
         return problems
     problems += _type_problems("environment", doc["environment"], ENVIRONMENT_FIELDS)
+    if doc["settings"].get("timing") not in TIMINGS:
+        problems.append(f"settings: timing {doc['settings'].get('timing')!r} is not one of "
+                        f"{TIMINGS}")
     for i, row in enumerate(doc["rows"]):
         where = f"row {i}"
         if not isinstance(row, dict):

@@ -1,11 +1,51 @@
-"""GPU timing: CUDA events around each call, fresh inputs per call, median of many."""
+"""GPU timing: CUDA events around each call, fresh inputs per call, median of many.
+
+Two ways to time a call:
+
+- as called (`queue_ahead_s=0`): each call's events bracket what a user waits for,
+  including the host's work where the host, not the GPU, is the bottleneck;
+- kernels only (`queue_ahead_s>0`): the GPU first sleeps while the host queues every call,
+  so the events bracket GPU work alone. A host slower than the GPU (short sequences)
+  cannot show in the time; this is what a kernel regression gate compares, since host
+  speed differs between machines that have the same GPU.
+"""
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable, Sequence
 
 import torch
+
+# "call": as called; "kernels": GPU work alone, the host queued ahead.
+TIMINGS: tuple[str, ...] = ("call", "kernels")
+
+
+class HostFellBehindError(RuntimeError):
+    """The host did not finish queuing before the GPU caught up (the times would hold host
+    work); a longer queue-ahead, or a call that synchronises, is the cause."""
+
+
+@functools.cache
+def _sleep_cycles_per_second(device: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 50_000_000
+    torch.cuda._sleep(cycles)  # first launch outside the timing
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def gpu_sleep(seconds: float) -> torch.cuda.Event:
+    """Keep the current stream busy for about `seconds`; returns an event recorded after it."""
+    rate = _sleep_cycles_per_second(torch.cuda.current_device())
+    torch.cuda._sleep(int(rate * seconds))
+    done = torch.cuda.Event()
+    done.record()
+    return done
 
 
 def median_ms(
@@ -13,22 +53,30 @@ def median_ms(
     input_sets: Sequence[tuple],
     repeats: int,
     warmup: int = 3,
+    queue_ahead_s: float = 0.0,
 ) -> float:
     """Median milliseconds of `fn(*inputs)` over `repeats` calls.
 
     Calls rotate through `input_sets` so that no call finds its inputs in L2 from the
-    previous one. Each call is bracketed by its own pair of CUDA events.
+    previous one. Each call is bracketed by its own pair of CUDA events. With
+    `queue_ahead_s`, the GPU sleeps that long first so the host queues the calls ahead
+    (kernel time only); HostFellBehindError if the GPU still caught up with the host.
     """
     for i in range(warmup):
         fn(*input_sets[i % len(input_sets)])
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    asleep = gpu_sleep(queue_ahead_s) if queue_ahead_s > 0 else None
     for i in range(repeats):
         inputs = input_sets[i % len(input_sets)]
         starts[i].record()
         fn(*inputs)
         ends[i].record()
+    if asleep is not None and asleep.query():
+        torch.cuda.synchronize()
+        raise HostFellBehindError(f"the GPU woke before the host queued {repeats} calls "
+                             f"({queue_ahead_s:.3f} s ahead)")
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
 

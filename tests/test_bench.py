@@ -41,7 +41,8 @@ def make_doc(cases: list[Case] | None = None, gpu: str = H200,
     rows = runner.run(cases or suite.cases_of(list(suite.SECTIONS)), systems, suite.MODES,
                       time_one, make_inputs=lambda shape, mode: ["inputs", shape, mode],
                       log=lambda line: None)
-    return result_file.make_result(environment(gpu), {"budget_s": 1.0}, {}, rows)
+    return result_file.make_result(environment(gpu), {"timing": "kernels", "budget_s": 1.0}, {},
+                                   rows)
 
 
 def write(doc: dict, path: Path) -> str:
@@ -153,6 +154,7 @@ def test_a_measured_result_validates_and_round_trips(tmp_path):
     (lambda d: d["rows"][0].update(mode="bwd"), "mode 'bwd' is not one of"),
     (lambda d: d["rows"][1].pop("tflops_dense_equiv"), "row 1: missing 'tflops_dense_equiv'"),
     (lambda d: d.update(schema_version=2), "schema_version is 2"),
+    (lambda d: d["settings"].pop("timing"), "settings: timing None is not one of"),
     (lambda d: d.update(rows={}), "'rows' is missing or not a list"),
 ])
 def test_schema_violations_are_named(break_it, complaint, tmp_path):
@@ -267,6 +269,13 @@ def test_a_missing_or_failed_kernel_fails():
 def test_a_baseline_of_another_gpu_model_is_refused():
     with pytest.raises(gate.WrongGPUError, match="'NVIDIA B200'.*'NVIDIA H200'"):
         gate.check(make_doc(gpu="NVIDIA B200"), make_doc(), 0.05)
+
+
+def test_a_baseline_timed_another_way_is_refused():
+    base = make_doc()
+    base["settings"]["timing"] = "call"
+    with pytest.raises(ValueError, match="timed 'call', this result 'kernels'"):
+        gate.check(base, make_doc(), 0.05)
 
 
 def test_gated_cases_rebuild_the_baseline_cases():
