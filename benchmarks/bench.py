@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds of timed calls per measurement (sets the repeat count)")
     how.add_argument("--most-repeats", type=int, default=100)
     how.add_argument("--timing", default="call", choices=TIMINGS,
-                     help="call: as called, host work included; kernels: GPU work alone, the "
-                     "host queued ahead (with --check: the baseline's)")
+                     help="call: as called, host work included; kernels: GPU work alone, each "
+                     "call replayed from a CUDA graph (with --check: the baseline's)")
     out = parser.add_argument_group("results")
     out.add_argument("--out", help="write the JSON result here (rewritten as groups finish)")
     out.add_argument("--plot", help="write the PNG plot here (needs matplotlib)")

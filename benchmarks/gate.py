@@ -6,8 +6,8 @@ refused, and so is one timed another way (`timing.TIMINGS`). A case fails when i
 speedup falls by more than the tolerance (relative to the baseline's), or when it was
 not measured.
 
-Gate with kernel timing (`--timing kernels`): the host's share of a short call depends
-on the machine's CPU, which a ratio against cuDNN does not cancel.
+Gate with kernel timing (`--timing kernels`, CUDA graph replays): the host's share of a
+short call depends on the machine's CPU, which a ratio against cuDNN does not cancel.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 
 from .suite import MODES, Case, Shape
 from .systems import DENSE, REFERENCE_SYSTEM, SYSTEMS
-from .timing import HostFellBehindError, median_ms, peak_memory_mb
+from .timing import graphed, median_ms, peak_memory_mb, replay
 
 INPUT_SETS = 3
 
@@ -82,38 +82,34 @@ def _step(attend: Callable, mode: str) -> Callable:
     return forward_backward
 
 
-def _repeats(step: Callable, inputs: list[tuple], budget_s: float,
-             most: int) -> tuple[int, float]:
-    """As many repeats as fit the time budget (between 3 and `most`), and the seconds the
-    host takes to queue one call."""
+def _repeats(step: Callable, inputs: list[tuple], budget_s: float, most: int) -> int:
+    """As many repeats as fit the time budget, between 3 and `most`."""
     step(*inputs[0])
     torch.cuda.synchronize()
     start = time.perf_counter()
     step(*inputs[0])
-    queued = time.perf_counter()
     torch.cuda.synchronize()
     once = time.perf_counter() - start
-    return max(3, min(most, int(budget_s / max(once, 1e-6)))), queued - start
+    return max(3, min(most, int(budget_s / max(once, 1e-6))))
 
 
 def cuda_timer(budget_s: float, most_repeats: int,
                timing: str = "call") -> Callable[[Measurement, list], dict]:
     """Times a measurement on the GPU: median of CUDA-event-timed calls over the input
     sets, as many as fit `budget_s`, and the peak memory of one call. `timing` is "call"
-    (as called) or "kernels" (the host queues every call while the GPU sleeps first)."""
+    (as called) or "kernels" (replays of the call captured in CUDA graphs)."""
     def time_one(m: Measurement, inputs: list) -> dict:
         step = _step(SYSTEMS[m.system](m.case), m.mode)
-        repeats, host_s = _repeats(step, inputs, budget_s, most_repeats)
+        repeats = _repeats(step, inputs, budget_s, most_repeats)
+        peak = peak_memory_mb(step, inputs[0])
         if timing == "call":
             ms = median_ms(step, inputs, repeats, warmup=len(inputs))
         else:
-            lead = 1.5 * repeats * host_s + 0.01
-            try:
-                ms = median_ms(step, inputs, repeats, warmup=len(inputs), queue_ahead_s=lead)
-            except HostFellBehindError:
-                ms = median_ms(step, inputs, repeats, warmup=len(inputs),
-                               queue_ahead_s=4 * lead)
-        return dict(median_ms=ms, repeats=repeats, peak_memory_mb=peak_memory_mb(step, inputs[0]))
+            graphs = graphed(step, inputs)
+            ms = median_ms(replay, graphs, repeats, warmup=len(graphs))
+            del graphs
+            torch.cuda.empty_cache()
+        return dict(median_ms=ms, repeats=repeats, peak_memory_mb=peak)
     return time_one
 
 
