@@ -118,7 +118,7 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
     import torch
 
     from .environment import describe_environment
-    from .runner import cuda_timer, run
+    from .runner import cuda_preparer, run
 
     if not torch.cuda.is_available():
         raise UsageError("measuring needs a CUDA GPU and none is visible to torch "
@@ -150,7 +150,7 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
         if args.out:
             save(make_result(environment, settings, skipped, rows), args.out)
 
-    rows = run(cases, systems, modes, cuda_timer(args.budget_s, args.most_repeats, timing),
+    rows = run(cases, systems, modes, cuda_preparer(args.budget_s, args.most_repeats, timing),
                log=lambda line: print(line, flush=True), checkpoint=checkpoint)
     return make_result(environment, settings, skipped, rows)
 

@@ -1,24 +1,29 @@
 """The measuring loop of `sla-tl bench`: every system on every case, speedups from one run.
 
 Cases are grouped by shape and mode. A group draws its random inputs once (three sets,
-so no call finds its inputs in L2 from the previous one), times the dense systems once
-(sparsity does not change them), then every sparse system at each sparsity. Speedups are
-against cuDNN's time in the same group.
+so no call finds its inputs in L2 from the previous one), prepares the dense systems once
+(sparsity does not change them) and every sparse system at each sparsity, then times
+them in interleaved rounds, so that a drift of the GPU's clocks or temperature during
+the group reaches every system alike. Speedups are against cuDNN in the same group.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .suite import MODES, Case, Shape
 from .systems import DENSE, REFERENCE_SYSTEM, SYSTEMS
-from .timing import graphed, median_ms, peak_memory_mb, replay
+from .timing import call_times_ms, graphed, peak_memory_mb, replay
 
 INPUT_SETS = 3
+ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -93,31 +98,76 @@ def _repeats(step: Callable, inputs: list[tuple], budget_s: float, most: int) ->
     return max(3, min(most, int(budget_s / max(once, 1e-6))))
 
 
-def cuda_timer(budget_s: float, most_repeats: int,
-               timing: str = "call") -> Callable[[Measurement, list], dict]:
-    """Times a measurement on the GPU: median of CUDA-event-timed calls over the input
-    sets, as many as fit `budget_s`, and the peak memory of one call. `timing` is "call"
-    (as called) or "kernels" (replays of the call captured in CUDA graphs)."""
-    def time_one(m: Measurement, inputs: list) -> dict:
+class Timed(NamedTuple):
+    """A measurement ready to time: `sample(n)` gives the milliseconds of n more calls."""
+
+    sample: Callable[[int], list[float]]
+    repeats: int
+    peak_memory_mb: float
+
+
+Prepare = Callable[[Measurement, list], Timed]
+
+
+def cuda_preparer(budget_s: float, most_repeats: int, timing: str = "call") -> Prepare:
+    """Prepares a measurement on the GPU: its repeat count (as many calls as fit
+    `budget_s`), the peak memory of one call, and a sampler of CUDA-event-timed calls.
+    `timing` is "call" (as called) or "kernels" (the call captured in CUDA graphs, one per
+    input set, and replayed)."""
+    def prepare(m: Measurement, inputs: list) -> Timed:
         step = _step(SYSTEMS[m.system](m.case), m.mode)
         repeats = _repeats(step, inputs, budget_s, most_repeats)
         peak = peak_memory_mb(step, inputs[0])
-        if timing == "call":
-            ms = median_ms(step, inputs, repeats, warmup=len(inputs))
-        else:
-            graphs = graphed(step, inputs)
-            ms = median_ms(replay, graphs, repeats, warmup=len(graphs))
-            del graphs
-            torch.cuda.empty_cache()
-        return dict(median_ms=ms, repeats=repeats, peak_memory_mb=peak)
-    return time_one
+        fn, sets = (step, inputs) if timing == "call" else (replay, graphed(step, inputs))
+        call_times_ms(fn, sets, 0, warmup=len(sets))
+        return Timed(lambda count: call_times_ms(fn, sets, count), repeats, peak)
+    return prepare
 
 
-def _figures(m: Measurement, timed: dict) -> dict:
-    dense_tflops = m.case.shape.dense_flops(m.mode) / timed["median_ms"] / 1e9
+def _figures(m: Measurement, times: list[float], peak_memory: float) -> dict:
+    ms = statistics.median(times)
+    dense_tflops = m.case.shape.dense_flops(m.mode) / ms / 1e9
     density = 1.0 if m.system in DENSE else m.case.density
-    return dict(timed, tflops_dense_equiv=dense_tflops,
-                tflops_per_computed_block=density * dense_tflops)
+    return dict(median_ms=ms, repeats=len(times), peak_memory_mb=peak_memory,
+                tflops_dense_equiv=dense_tflops, tflops_per_computed_block=density * dense_tflops)
+
+
+def _error(error: Exception) -> str:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return f"{type(error).__name__}: {error}"
+
+
+def _measure_group(group: list[Measurement], inputs: list, prepare: Prepare) -> list[dict]:
+    """Rows of one group: each measurement prepared, then timed in interleaved rounds."""
+    rows = [case_fields(m) for m in group]
+    timed: list[Timed | None] = []
+    for m, row in zip(group, rows, strict=True):
+        try:
+            timed.append(prepare(m, inputs))
+        except Exception as error:  # noqa: BLE001  (a system that fails is reported)
+            row["error"] = _error(error)
+            timed.append(None)
+    times: list[list[float]] = [[] for _ in group]
+    for _ in range(ROUNDS):
+        for i, t in enumerate(timed):
+            if t is None or "error" in rows[i]:
+                continue
+            try:
+                times[i] += t.sample(math.ceil(t.repeats / ROUNDS))
+            except Exception as error:  # noqa: BLE001
+                rows[i]["error"] = _error(error)
+    reference = None
+    for m, row, t, ms in zip(group, rows, timed, times, strict=True):
+        if "error" in row:
+            continue
+        row.update(_figures(m, ms, t.peak_memory_mb))
+        if m.system == REFERENCE_SYSTEM:
+            reference = row
+        if reference is not None:
+            row["speedup_vs_cudnn"] = reference["median_ms"] / row["median_ms"]
+            row["memory_vs_cudnn"] = row["peak_memory_mb"] / reference["peak_memory_mb"]
+    return rows
 
 
 def _progress_line(done: int, total: int, start: float, m: Measurement, row: dict) -> str:
@@ -137,7 +187,7 @@ def run(
     cases: list[Case],
     systems: Sequence[str],
     modes: Sequence[str] = MODES,
-    time_one: Callable[[Measurement, list], dict] | None = None,
+    prepare: Prepare | None = None,
     make_inputs: Callable[[Shape, str], list] = _random_inputs,
     log: Callable[[str], None] = print,
     checkpoint: Callable[[list[dict]], None] | None = None,
@@ -145,31 +195,17 @@ def run(
     """One row per measurement (figures, or the error of a system that failed), with
     speedup and memory against the reference system of the same group. `checkpoint`
     gets the rows so far after each group (a long suite keeps what it measured)."""
-    time_one = time_one or cuda_timer(1.5, 100)
+    prepare = prepare or cuda_preparer(1.5, 100)
     groups = plan(cases, systems, modes)
-    total, done, start = sum(len(g) for g in groups), 0, time.perf_counter()
+    total, start = sum(len(g) for g in groups), time.perf_counter()
     log(f"{total} measurements: {len(cases)} cases, systems {', '.join(systems)}, "
-        f"modes {', '.join(modes)}")
-    rows = []
+        f"modes {', '.join(modes)}, {ROUNDS} interleaved rounds per shape and mode")
+    rows: list[dict] = []
     for group in groups:
         inputs = make_inputs(group[0].case.shape, group[0].mode)
-        reference = None
-        for m in group:
-            row = case_fields(m)
-            try:
-                row.update(_figures(m, time_one(m, inputs)))
-            except Exception as error:  # noqa: BLE001  (a system that fails is reported)
-                row["error"] = f"{type(error).__name__}: {error}"
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            if m.system == REFERENCE_SYSTEM and "error" not in row:
-                reference = row
-            if reference is not None and "error" not in row:
-                row["speedup_vs_cudnn"] = reference["median_ms"] / row["median_ms"]
-                row["memory_vs_cudnn"] = row["peak_memory_mb"] / reference["peak_memory_mb"]
+        for m, row in zip(group, _measure_group(group, inputs, prepare), strict=True):
             rows.append(row)
-            done += 1
-            log(_progress_line(done, total, start, m, row))
+            log(_progress_line(len(rows), total, start, m, row))
         del inputs
         if checkpoint is not None:
             checkpoint(rows)

@@ -20,8 +20,8 @@ TIMINGS: tuple[str, ...] = ("call", "kernels")
 
 
 def graphed(fn: Callable[..., object], input_sets: Sequence[tuple]) -> list[tuple]:
-    """One CUDA graph of `fn(*inputs)` per input set, as argument tuples for `median_ms`
-    of `replay` (warmed up on a side stream first, as capture requires)."""
+    """One CUDA graph of `fn(*inputs)` per input set, as argument tuples for timing
+    `replay` (warmed up on a side stream first, as capture requires)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -38,8 +38,33 @@ def graphed(fn: Callable[..., object], input_sets: Sequence[tuple]) -> list[tupl
 
 
 def replay(graph: torch.cuda.CUDAGraph) -> None:
-    """Run a captured graph (the function `median_ms` times in kernel timing)."""
+    """Run a captured graph (the function timed in kernel timing)."""
     graph.replay()
+
+
+def call_times_ms(
+    fn: Callable[..., object],
+    input_sets: Sequence[tuple],
+    count: int,
+    warmup: int = 0,
+) -> list[float]:
+    """Milliseconds of each of `count` calls of `fn(*inputs)`.
+
+    Calls rotate through `input_sets` so that no call finds its inputs in L2 from the
+    previous one. Each call is bracketed by its own pair of CUDA events.
+    """
+    for i in range(warmup):
+        fn(*input_sets[i % len(input_sets)])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    for i in range(count):
+        inputs = input_sets[i % len(input_sets)]
+        starts[i].record()
+        fn(*inputs)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
 def median_ms(
@@ -48,23 +73,8 @@ def median_ms(
     repeats: int,
     warmup: int = 3,
 ) -> float:
-    """Median milliseconds of `fn(*inputs)` over `repeats` calls.
-
-    Calls rotate through `input_sets` so that no call finds its inputs in L2 from the
-    previous one. Each call is bracketed by its own pair of CUDA events.
-    """
-    for i in range(warmup):
-        fn(*input_sets[i % len(input_sets)])
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        inputs = input_sets[i % len(input_sets)]
-        starts[i].record()
-        fn(*inputs)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    """Median milliseconds of `fn(*inputs)` over `repeats` calls (see `call_times_ms`)."""
+    return statistics.median(call_times_ms(fn, input_sets, repeats, warmup))
 
 
 def peak_memory_mb(fn: Callable[..., object], inputs: tuple) -> float:

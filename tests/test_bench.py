@@ -25,9 +25,9 @@ def fake_ms(m: runner.Measurement) -> float:
     return (1.0 - m.case.sparsity) * 30.0 * scale + (0.2 if m.system == "flex_sparse" else 0.5)
 
 
-def fake_timer(m: runner.Measurement, inputs: list) -> dict:
+def fake_prepare(m: runner.Measurement, inputs: list) -> runner.Timed:
     assert inputs == ["inputs", m.case.shape, m.mode]  # the group's inputs are passed on
-    return dict(median_ms=fake_ms(m), repeats=50, peak_memory_mb=100.0 + m.case.shape.heads)
+    return runner.Timed(lambda count: [fake_ms(m)] * count, 50, 100.0 + m.case.shape.heads)
 
 
 def environment(gpu: str = H200) -> dict:
@@ -37,9 +37,9 @@ def environment(gpu: str = H200) -> dict:
 
 def make_doc(cases: list[Case] | None = None, gpu: str = H200,
              systems: tuple[str, ...] = ("sdpa_cudnn", "sdpa_flash", "flex_sparse", "sla_tl"),
-             time_one=fake_timer) -> dict:
+             prepare=fake_prepare) -> dict:
     rows = runner.run(cases or suite.cases_of(list(suite.SECTIONS)), systems, suite.MODES,
-                      time_one, make_inputs=lambda shape, mode: ["inputs", shape, mode],
+                      prepare, make_inputs=lambda shape, mode: ["inputs", shape, mode],
                       log=lambda line: None)
     return result_file.make_result(environment(gpu), {"timing": "kernels", "budget_s": 1.0}, {},
                                    rows)
@@ -112,26 +112,49 @@ def test_speedups_come_from_cudnn_of_the_same_shape_and_mode():
     assert all(r["sparsity"] is None and r["density"] == 1.0 for r in dense)
 
 
+def test_systems_are_timed_in_interleaved_rounds():
+    order = []
+
+    def prepare(m, inputs):
+        def sample(count):
+            order.append((m.system, m.case.sparsity))
+            return [fake_ms(m)] * count
+        return runner.Timed(sample, 10, 1.0)
+
+    cases = [Case(suite.WAN_1_3B, s) for s in (0.9, 0.95)]
+    rows = runner.run(cases, ["sdpa_cudnn", "sla_tl"], ["fwd"], prepare,
+                      make_inputs=lambda s, m: ["inputs", s, m], log=lambda line: None)
+    one_round = [("sdpa_cudnn", 0.9), ("sla_tl", 0.9), ("sla_tl", 0.95)]
+    assert order == one_round * runner.ROUNDS
+    assert all(r["repeats"] == 10 for r in rows)
+
+
 def test_a_failing_system_is_reported_and_the_rest_still_run():
-    def timer(m, inputs):
+    def prepare(m, inputs):
         if m.system == "flex_sparse" and m.mode == "fwd+bwd":
             raise RuntimeError("out of shared memory")
-        return fake_timer(m, inputs)
+        if m.system == "sla_tl" and m.mode == "fwd":
+            def sample(count):
+                raise RuntimeError("illegal memory access")
+            return runner.Timed(sample, 10, 1.0)
+        return fake_prepare(m, inputs)
 
     lines, checkpoints = [], []
     rows = runner.run([Case(suite.WAN_1_3B, 0.95)], ["sdpa_cudnn", "flex_sparse", "sla_tl"],
-                      suite.MODES, timer, make_inputs=lambda s, m: ["inputs", s, m],
+                      suite.MODES, prepare, make_inputs=lambda s, m: ["inputs", s, m],
                       log=lines.append, checkpoint=lambda rows: checkpoints.append(len(rows)))
     failed = [r for r in rows if "error" in r]
-    assert [(r["system"], r["mode"]) for r in failed] == [("flex_sparse", "fwd+bwd")]
-    assert "out of shared memory" in failed[0]["error"]
+    assert [(r["system"], r["mode"]) for r in failed] == [("sla_tl", "fwd"),
+                                                           ("flex_sparse", "fwd+bwd")]
+    assert "illegal memory access" in failed[0]["error"]
+    assert "out of shared memory" in failed[1]["error"]
     assert len(rows) == 6 and checkpoints == [3, 6]
     assert lines[0].startswith("6 measurements") and "[  6/6" in lines[-1]
     assert any("failed: RuntimeError: out of shared memory" in line for line in lines)
 
 
 def test_without_cudnn_there_is_no_speedup():
-    rows = runner.run([Case(suite.WAN_1_3B, 0.95)], ["sla_tl"], ["fwd"], fake_timer,
+    rows = runner.run([Case(suite.WAN_1_3B, 0.95)], ["sla_tl"], ["fwd"], fake_prepare,
                       make_inputs=lambda s, m: ["inputs", s, m], log=lambda line: None)
     assert "speedup_vs_cudnn" not in rows[0] and "median_ms" in rows[0]
 
