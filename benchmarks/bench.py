@@ -118,7 +118,7 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
     import torch
 
     from .environment import describe_environment
-    from .runner import cuda_preparer, run
+    from .runner import ROUNDS, cuda_preparer, run
 
     if not torch.cuda.is_available():
         raise UsageError("measuring needs a CUDA GPU and none is visible to torch "
@@ -143,8 +143,9 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
     if GATED_SYSTEM in systems:
         _prewarm(cases)
     environment = describe_environment()
-    settings = dict(timing=timing, budget_s=args.budget_s, most_repeats=args.most_repeats,
-                    modes=modes, systems=systems, command=" ".join(sys.argv[1:]))
+    settings = dict(timing=timing, rounds=ROUNDS, budget_s=args.budget_s,
+                    most_repeats=args.most_repeats, modes=modes, systems=systems,
+                    command=" ".join(sys.argv[1:]))
 
     def checkpoint(rows: list[dict]) -> None:
         if args.out:
