@@ -3,7 +3,7 @@
     sla-tl bench --out result.json --plot result.png        # the whole suite
     sla-tl bench --sections shapes --systems sdpa_cudnn,sla_tl
     sla-tl bench --shape 1,12,32760,128 --sparsity 0.9,0.95
-    sla-tl bench --check benchmarks/baselines --tolerance 0.05
+    sla-tl bench --check --tolerance 0.05                    # the gate, shipped baselines
     sla-tl bench --from result.json --check benchmarks/baselines/NVIDIA-H200.json
 
 Exit status: 0 when everything ran (and the gate passed), 1 when the gate failed,
@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--from", dest="inputs", nargs="+", metavar="RESULT",
                      help="use these result files (merged) instead of measuring")
     gate = parser.add_argument_group("throughput gate")
-    gate.add_argument("--check", metavar="BASELINE",
-                      help="baseline file, or a directory holding <GPU model>.json; runs the "
-                      "baseline's cases (cuDNN and sla-tl) unless --from is given")
+    gate.add_argument("--check", metavar="BASELINE", nargs="?", const=DEFAULT_BASELINES,
+                      help="baseline file, or a directory holding <GPU model>.json (alone: "
+                      "the baselines shipped with sla-tl); runs the baseline's cases (cuDNN "
+                      "and sla-tl) unless --from is given")
     gate.add_argument("--tolerance", type=float, default=0.05,
                       help="largest allowed relative fall of a speedup (default 0.05)")
     return parser

@@ -353,3 +353,21 @@ def test_cli_merges_reports_and_plots_results_made_elsewhere(tmp_path, capsys):
 def test_cli_measuring_without_a_gpu_is_a_clear_error(capsys):
     assert bench.main(["--sections", "shapes"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_committed_baselines_are_valid_gate_baselines():
+    files = sorted(Path(bench.DEFAULT_BASELINES).glob("*.json"))
+    assert files, "no baseline committed under benchmarks/baselines"
+    for path in files:
+        doc = result_file.load(path)
+        assert path == result_file.baseline_path(path.parent, doc["environment"]["gpu"])
+        assert doc["settings"]["timing"] == "kernels", path
+        assert gate.gated_rows(doc), path
+        assert not any(v.failure for v in gate.check(doc, doc, 0.0))
+
+
+def test_check_alone_uses_the_shipped_baselines(tmp_path, capsys):
+    [shipped] = [p for p in Path(bench.DEFAULT_BASELINES).glob("*.json")
+                 if p.name == "NVIDIA-H200.json"]
+    assert bench.main(["--from", str(shipped), "--check"]) == 0
+    assert f"baseline: {bench.DEFAULT_BASELINES}" in capsys.readouterr().out
