@@ -52,3 +52,16 @@ def test_shipped_kernels_use_wgmma_and_tma_where_expected():
         assert entry["wgmma"] == (kind != "pool"), name
         # The query pass has no pipelined loop, so nothing there is a TMA copy.
         assert entry["tma"] == (kind != "backward_query"), name
+
+
+def test_diff_lists_every_change_failing_or_not():
+    fewer = BASE._replace(registers=BASE.registers - 24)
+    new = BASE._replace(name="new:y")
+    stale = {**RECORD, "old:z": BASE._replace(name="old:z")._asdict()}
+    assert static_check.diff([fewer, new], stale) == [
+        "forward:x: registers 168 -> 144",
+        "new:y: new kernel (168 registers, 0 B spilled)",
+        "old:z: recorded, no longer built",
+    ]
+    assert static_check.compare([fewer], RECORD) == []  # a fall is reported, not failed
+    assert static_check.diff([BASE], RECORD) == []
