@@ -138,8 +138,12 @@ def _error(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _measure_group(group: list[Measurement], inputs: list, prepare: Prepare) -> list[dict]:
+def _measure_group(group: list[Measurement], inputs: list, prepare: Prepare,
+                   log: Callable[[str], None]) -> list[dict]:
     """Rows of one group: each measurement prepared, then timed in interleaved rounds."""
+    first = group[0]
+    log(f"{first.case.shape.label} {first.mode}: preparing {len(group)} measurements, then "
+        f"{ROUNDS} rounds")
     rows = [case_fields(m) for m in group]
     timed: list[Timed | None] = []
     for m, row in zip(group, rows, strict=True):
@@ -149,7 +153,8 @@ def _measure_group(group: list[Measurement], inputs: list, prepare: Prepare) -> 
             row["error"] = _error(error)
             timed.append(None)
     times: list[list[float]] = [[] for _ in group]
-    for _ in range(ROUNDS):
+    for round_ in range(ROUNDS):
+        log(f"  round {round_ + 1}/{ROUNDS}")
         for i, t in enumerate(timed):
             if t is None or "error" in rows[i]:
                 continue
@@ -203,7 +208,7 @@ def run(
     rows: list[dict] = []
     for group in groups:
         inputs = make_inputs(group[0].case.shape, group[0].mode)
-        for m, row in zip(group, _measure_group(group, inputs, prepare), strict=True):
+        for m, row in zip(group, _measure_group(group, inputs, prepare, log), strict=True):
             rows.append(row)
             log(_progress_line(len(rows), total, start, m, row))
         del inputs

@@ -150,6 +150,8 @@ def test_a_failing_system_is_reported_and_the_rest_still_run():
     assert "out of shared memory" in failed[1]["error"]
     assert len(rows) == 6 and checkpoints == [3, 6]
     assert lines[0].startswith("6 measurements") and "[  6/6" in lines[-1]
+    assert lines[1] == "wan2.1-1.3b-480p fwd: preparing 3 measurements, then 5 rounds"
+    assert sum(line.startswith("  round ") for line in lines) == 2 * runner.ROUNDS
     assert any("failed: RuntimeError: out of shared memory" in line for line in lines)
 
 
