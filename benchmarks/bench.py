@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from .gate import WrongGPUError, check, format_verdicts, gated_cases
+from .gate import check, format_verdicts, gated_cases, refuse_other_gpu
 from .report import format_table
 from .result_file import baseline_path, load, make_result, merge, save
 from .suite import DEFAULT_SPARSITY, MODES, SECTIONS, Case, Shape, cases_of
@@ -125,10 +125,7 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
         raise UsageError("measuring needs a CUDA GPU and none is visible to torch "
                          "(--from RESULT.json checks or plots a result made elsewhere)")
     if baseline is not None:
-        gpu = torch.cuda.get_device_name()
-        if baseline["environment"]["gpu"] != gpu:
-            raise WrongGPUError(f"the baseline was measured on {baseline['environment']['gpu']!r}, "
-                           f"this GPU is {gpu!r}")
+        refuse_other_gpu(baseline, torch.cuda.get_device_name())
         cases, modes = gated_cases(baseline)
         systems, skipped = [REFERENCE_SYSTEM, GATED_SYSTEM], {}
         timing = baseline["settings"]["timing"]
@@ -164,8 +161,9 @@ def _baseline_file(path: str, gpu: str | None) -> str:
         raise UsageError(f"{path} is a directory, and there is no GPU to pick a baseline by")
     file = baseline_path(path, gpu)
     if not file.exists():
-        raise UsageError(f"no baseline for {gpu} in {path}: make one with "
-                         f"`sla-tl bench --out {file}` on that GPU")
+        raise UsageError(f"no baseline for {gpu} in {path}: make one on that GPU with "
+                         "`sla-tl bench --timing kernels --systems sdpa_cudnn,sla_tl "
+                         f"--out {file}`")
     return str(file)
 
 
@@ -175,6 +173,10 @@ def _current_gpu(inputs: list[str] | None) -> str | None:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+# What --check takes from the baseline instead of the command line.
+_SET_BY_BASELINE = ("sections", "shape", "sparsity", "dtype", "systems", "modes", "timing")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -188,14 +190,9 @@ def run_bench(args: argparse.Namespace) -> int:
         baseline = load(_baseline_file(args.check, _current_gpu(args.inputs)))
         print(f"baseline: {args.check} ({baseline['environment']['gpu']}, commit "
               f"{(baseline['environment']['git_commit'] or 'unknown')[:12]})", flush=True)
-    if args.inputs:
-        doc = merge([load(path) for path in args.inputs])
-        if args.out:
-            save(doc, args.out)
-    else:
-        doc = _measure(args, baseline)
-        if args.out:
-            save(doc, args.out)
+    doc = merge([load(path) for path in args.inputs]) if args.inputs else _measure(args, baseline)
+    if args.out:
+        save(doc, args.out)
     print(format_table(doc), flush=True)
     if args.out:
         print(f"wrote {args.out}")
@@ -215,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `sla-tl bench`."""
     parser = _parser()
     args = parser.parse_args(argv)
+    given = [name for name in _SET_BY_BASELINE if getattr(args, name) != parser.get_default(name)]
+    if args.check and not args.inputs and given:
+        parser.error("--check measures the baseline's cases, systems, modes and timing; "
+                     f"leave out --{', --'.join(given)}")
     try:
         return run_bench(args)
     except (UsageError, ValueError, ImportError) as error:  # WrongGPUError is a ValueError

@@ -38,6 +38,14 @@ class Verdict:
         return None if self.current is None else 1.0 - self.current / self.baseline
 
 
+def refuse_other_gpu(baseline: dict, gpu: str) -> None:
+    """WrongGPUError unless `baseline` was measured on GPU model `gpu`."""
+    want = baseline["environment"]["gpu"]
+    if want != gpu:
+        raise WrongGPUError(f"the baseline was measured on {want!r}, this result on {gpu!r}: "
+                            "speedups of different GPU models are not comparable")
+
+
 def gated_rows(baseline: dict) -> list[dict]:
     """The baseline's rows the gate checks: sla-tl with a speedup over cuDNN."""
     return [row for row in baseline["rows"]
@@ -58,10 +66,7 @@ def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
     ValueError for a tolerance outside [0, 1) or a baseline with nothing to gate."""
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    want, have = baseline["environment"]["gpu"], result["environment"]["gpu"]
-    if want != have:
-        raise WrongGPUError(f"the baseline was measured on {want!r}, this result on {have!r}: "
-                       "speedups of different GPU models are not comparable")
+    refuse_other_gpu(baseline, result["environment"]["gpu"])
     want, have = baseline["settings"]["timing"], result["settings"]["timing"]
     if want != have:
         raise ValueError(f"the baseline was timed {want!r}, this result {have!r}: "

@@ -7,6 +7,7 @@ the first call per input set (FlexAttention, so that only its kernels are timed)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -60,22 +61,22 @@ def _flex_block_mask(q: torch.Tensor, k: torch.Tensor, case: Case):
                                     seq_lengths=(case.shape.length, case.shape.length))
 
 
-_flex_compiled: list[Callable] = []
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    """flex_attention compiled once for the process (each shape and mode recompiles it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # One compiled function serves every shape and mode of the suite: each is a recompile,
+    # more than dynamo's default limit of 8 allows.
+    torch._dynamo.config.recompile_limit = 64
+    # Autotuned: with 64-key blocks, the default backward config of sm90 (128-key tiles)
+    # does not divide the block size, and the autotuner's configs do.
+    return torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
 
 
 def _flex(case: Case) -> Attend:
     """Compiled FlexAttention, block-sparse over sla-tl's LUT (the sparse branch only)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not _flex_compiled:
-        # One compiled function serves every shape and mode of the suite: each is a
-        # recompile, more than dynamo's default limit of 8 allows.
-        torch._dynamo.config.recompile_limit = 64
-        # Autotuned: with 64-key blocks, the default backward config of sm90 (128-key
-        # tiles) does not divide the block size, and the autotuner's configs do.
-        _flex_compiled.append(torch.compile(flex_attention, dynamic=False,
-                                            mode="max-autotune-no-cudagraphs"))
-    compiled = _flex_compiled[0]
+    compiled = _compiled_flex_attention()
     masks: dict[int, object] = {}
 
     def attend(q, k, v):

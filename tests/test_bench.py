@@ -351,6 +351,13 @@ def test_cli_merges_reports_and_plots_results_made_elsewhere(tmp_path, capsys):
     assert "wan2.1-14b-720p: B=1 H=40 L=75600 D=128 bf16, forward+backward" in table
 
 
+def test_check_refuses_options_the_baseline_sets(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--check", "--shape", "1,2,4096,64", "--timing", "kernels"])
+    assert exit_.value.code == 2
+    assert "leave out --shape, --timing" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
 def test_cli_measuring_without_a_gpu_is_a_clear_error(capsys):
     assert bench.main(["--sections", "shapes"]) == 2
