@@ -7,6 +7,9 @@ import tilelang.language as T
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# Added to the linear branch's denominator (the reference uses the same value).
+LINEAR_EPS = 1e-5
+
 DTYPES = {"bfloat16": T.bfloat16, "float16": T.float16}
 
 # The named barrier TileLang's warp-specialised code uses among the consumer threads; an

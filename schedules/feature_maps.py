@@ -6,15 +6,20 @@ one token; the map runs over the head dimension).
 
 import tilelang.language as T
 
+from .common import LOG2E
+
 
 @T.macro
 def _softmax(x, row_max, row_sum, n_rows, dim):
     T.reduce_max(x, row_max, dim=1)
     for i, d in T.Parallel(n_rows, dim):
-        x[i, d] = T.exp(x[i, d] - row_max[i])
+        x[i, d] = T.exp2(x[i, d] * LOG2E - row_max[i] * LOG2E)
     T.reduce_sum(x, row_sum, dim=1)
+    # One reciprocal per row: a per-element division compiles to an IEEE division call.
+    for i in T.Parallel(n_rows):
+        row_sum[i] = 1.0 / row_sum[i]
     for i, d in T.Parallel(n_rows, dim):
-        x[i, d] = x[i, d] / row_sum[i]
+        x[i, d] = x[i, d] * row_sum[i]
 
 
 @T.macro

@@ -17,6 +17,7 @@ from .schedules.compile import compile_program
 from .schedules.sm90 import backward_dkdv as dkdv_schedule
 from .schedules.sm90 import backward_dq as dq_schedule
 from .schedules.sm90 import forward as forward_schedule
+from .schedules.sm90 import forward_ws
 from .schedules.sm90 import key_pass as key_pass_schedule
 from .schedules.sm90.backward_query import backward_query
 from .schedules.sm90.pool import mean_pool
@@ -28,10 +29,10 @@ KERNEL_BLOCK_KV = (64, 128)
 # Compute capability -> the arch the schedules are compiled for.
 SUPPORTED_ARCHS = {(9, 0): "sm_90a"}
 
-Knobs = tuple[tuple[str, int | bool], ...]
+Knobs = tuple[tuple[str, int | bool | str], ...]
 """Schedule knobs of one kernel, hashable: sorted (name, value) pairs."""
 
-Schedule = Mapping[str, Mapping[str, int | bool]]
+Schedule = Mapping[str, Mapping[str, int | bool | str]]
 """Schedule knobs of several kernels, by kernel name (see TUNABLE); absent ones take defaults."""
 
 _SCHEDULES = {
@@ -44,7 +45,7 @@ TUNABLE = tuple(_SCHEDULES)
 """The kernels whose schedule knobs the autotuner searches."""
 
 
-def freeze(knobs: Mapping[str, int | bool]) -> Knobs:
+def freeze(knobs: Mapping[str, int | bool | str]) -> Knobs:
     """Hashable form of one kernel's knobs."""
     return tuple(sorted(knobs.items()))
 
@@ -125,8 +126,19 @@ def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: s
                    scale: float, arch: str, knobs: Knobs = ()):
     """The fused SLA forward."""
     merged = _merged("forward", (dim, block_q, block_kv), knobs)
-    program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, layout, scale,
-                                           **merged)
+    variant = merged.pop("warp_specialization")
+    if variant not in forward_schedule.WARP_SPECIALIZATION:
+        raise ValueError(f"warp_specialization must be one of "
+                         f"{forward_schedule.WARP_SPECIALIZATION}; got {variant!r}")
+    if variant == "auto":
+        program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, layout,
+                                               scale, **merged)
+    elif block_q != forward_ws.BLOCK_Q:
+        raise ValueError(f"warp_specialization={variant!r} needs block_q={forward_ws.BLOCK_Q}; "
+                         f"got {block_q}")
+    else:
+        program = forward_ws.sla_forward_ws(dim, block_kv, dtype, feature, layout, scale,
+                                            merged["num_stages"], variant == "pingpong")
     return compile_program(program, arch)
 
 

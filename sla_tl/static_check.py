@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from . import kernels
 from .schedules import sm90
+from .schedules.compile import FAST_ARITHMETIC
 from .settings import Settings
 from .warm import KernelSpec, kernels_for_call, map_in_parallel
 
@@ -59,7 +60,8 @@ def _ptxas_report(source: str, arch: str) -> str:
         with open(path, "w") as f:
             f.write(source)
         result = subprocess.run(
-            [nvcc, "--cubin", "-O3", "-std=c++20", "-w", f"-gencode=arch=compute_{number},"
+            [nvcc, "--cubin", "-O3", "-std=c++20", "-w", *FAST_ARITHMETIC,
+             f"-gencode=arch=compute_{number},"
              f"code=sm_{number}", "-I" + tl_env.TILELANG_TEMPLATE_PATH,
              "-I" + tl_env.CUTLASS_INCLUDE_DIR, "-Xptxas", "-v", "-o",
              os.path.join(tmp, "kernel.cubin"), path],

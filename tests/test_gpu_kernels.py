@@ -5,6 +5,7 @@ Outputs are poisoned with NaN before each kernel runs, so an unwritten element f
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.routing import Routing
+from sla_tl.schedules.sm90 import forward_ws
 from sla_tl.settings import ForwardOutputs, Settings
 from sla_tl.warm import KernelSpec, compile_in_parallel, kernels_for_call
 
@@ -216,3 +218,69 @@ def test_pool_kernel_matches_reference(generator, block, layout, length):
     pooled = tilelang_backend._pool(x, block, layout, kernels.arch_of(x.device))
     expected = reference.mean_pool(_bhsd64(x, layout, "cpu"), block)
     assert relative_error(pooled, expected) < 1e-5
+
+
+def forward_schedules(case: Case) -> list[dict]:
+    """Every forward schedule the autotuner may pick for a case (its search space), that
+    fits the GPU's shared memory."""
+    space = kernels.search_space("forward", case.dim, case.block_q, case.block_kv)
+    names = sorted(space)
+    combos = [dict(zip(names, values, strict=True))
+              for values in itertools.product(*(space[n] for n in names))]
+    return [c for c in combos if _fits(case, c)]
+
+
+def _fits(case: Case, knobs: dict) -> bool:
+    if knobs["warp_specialization"] == "auto":
+        return knobs["num_stages"] <= kernels.default_knobs(
+            "forward", case.dim, case.block_q, case.block_kv)["num_stages"] + 1
+    return forward_ws.fits(case.dim, case.block_q, case.block_kv, knobs["num_stages"])
+
+
+SCHEDULE_CASES = [c for c in CASES if c.block_q == forward_ws.BLOCK_Q] + [
+    # one critical block; all blocks critical; Lq != Lk with a partial key block
+    Case(128, "float16", "bhsd", "softmax", "global", 128, 64, 700, 64, 0.05, 0.0),
+    Case(128, "bfloat16", "bshd", "relu", "marginal", 128, 64, 129, 1000, 1.0, 0.0),
+    Case(64, "float16", "bhsd", "elu", "marginal", 128, 64, 1000, 333, 0.3, 0.2),
+]
+
+
+@pytest.mark.parametrize("case", SCHEDULE_CASES, ids=str)
+def test_every_forward_schedule_matches_reference(case, generator):
+    """Each schedule the tuner may pick, against float64; the warp-specialised ones, which
+    differ only in how work is ordered, must also agree with each other bit for bit."""
+    q, k, v, weight, bias = _inputs(case, generator)
+    s = case.settings
+    routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
+                                     case.layout)
+    schedules = forward_schedules(case)
+    compile_in_parallel([KernelSpec("forward_kernel", spec.args) for knobs in schedules
+                         for spec in kernels_for_call(case.dim, case.dtype, s, "sm_90a",
+                                                      backward=False,
+                                                      schedule={"forward": knobs})
+                         if spec.getter == "forward_kernel"])
+    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    expected = reference.attention_with_routing(
+        *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
+        Routing(*(t.to(device) for t in routing)), weight.double().to(device),
+        bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
+    )
+    hand_written = None
+    for knobs in schedules:
+        outputs = ForwardOutputs(*(t.fill_(float("nan")) for t in tilelang_backend.forward(
+            q, k, v, routing, weight, bias, s)))
+        tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, outputs,
+                                      {"forward": knobs})
+        torch.cuda.synchronize()
+        for name in ("out", "lse", "linear"):
+            assert not getattr(outputs, name).isnan().any(), f"{knobs}: {name} has NaN"
+        out = _bhsd64(outputs.out, case.layout, "cpu")
+        assert relative_error(out, expected.out) < TOLERANCE, knobs
+        assert relative_error(outputs.lse, expected.lse) < 1e-4, knobs
+        if knobs["warp_specialization"] != "auto":
+            if hand_written is None:
+                hand_written = (knobs, outputs)
+            else:
+                for name in ("out", "lse", "linear"):
+                    assert torch.equal(getattr(outputs, name), getattr(hand_written[1], name)), (
+                        f"{knobs} and {hand_written[0]} differ in {name}")

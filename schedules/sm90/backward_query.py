@@ -16,10 +16,8 @@ One CTA per (query block i, head, batch), with H_i and Z_i saved by the forward:
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import DTYPES, rows, seq_shape
+from ..common import DTYPES, LINEAR_EPS, rows, seq_shape
 from ..feature_maps import feature_map_macro, feature_map_vjp_macro
-
-LINEAR_EPS = 1e-5
 
 
 def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str, threads: int):

@@ -17,11 +17,17 @@ It writes O, O_l (for the backward) and the natural-log LSE of the sparse branch
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import DTYPES, LOG2E, rows, seq_shape
+from ..common import DTYPES, LINEAR_EPS, LOG2E, rows, seq_shape
 from ..feature_maps import feature_map_macro
+from . import forward_ws
 
-LINEAR_EPS = 1e-5
 SHARED_MEMORY_BYTES = 227 * 1024
+
+WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
+"""How the forward's warpgroups share the work: "auto" is TileLang's automatic
+producer/consumer split (this module's kernel, any block_q); "manual" and "pingpong" are the
+hand-written schedule of `forward_ws` (128-row query blocks), "pingpong" with the two
+consumers taking turns on the tensor cores."""
 
 
 def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
@@ -29,14 +35,16 @@ def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
     per_stage = 2 * block_kv * dim * 2
     fixed = block_q * dim * 2 + 2048
     stages = 2 if fixed + 2 * per_stage <= SHARED_MEMORY_BYTES else 1
-    return dict(threads=2 * block_q, num_stages=stages)  # a warpgroup per 64 query rows
+    # A warpgroup per 64 query rows.
+    return dict(threads=2 * block_q, num_stages=stages, warp_specialization="auto")
 
 
 def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
     """Choices of each schedule knob for the autotuner (some fail to compile and are pruned)."""
     # One warpgroup for 128 query rows is left out: it spills, and nvcc takes over ten
     # minutes to say so.
-    return dict(num_stages=(1, 2, 3))
+    variants = WARP_SPECIALIZATION if block_q == forward_ws.BLOCK_Q else ("auto",)
+    return dict(num_stages=(1, 2, 3), warp_specialization=variants)
 
 
 def sla_forward(

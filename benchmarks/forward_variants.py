@@ -1,0 +1,128 @@
+"""The fused forward kernel under each schedule the autotuner may pick, beside cuDNN SDPA.
+
+    python -m sla_tl.benchmarks.forward_variants [--topk 0.05] [--linear marginal] [--out r.json]
+
+At the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16) by default, blocks 128x64, on
+fresh random inputs with their own routing. Per schedule: median ms of the fused kernel
+alone (its inputs prepared once), TFLOP/s per computed block, and how its output compares
+with the first schedule's (bit-identical, or the largest difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sla_tl import kernels, spec, tilelang_backend
+from sla_tl.settings import Settings
+from sla_tl.warm import compile_in_parallel, kernels_for_call
+
+from .environment import describe_environment
+from .timing import median_ms
+
+
+def schedules(dim: int, block_q: int, block_kv: int) -> list[dict]:
+    """Every combination of the forward's searched knobs, the default first."""
+    space = kernels.search_space("forward", dim, block_q, block_kv)
+    default = kernels.default_knobs("forward", dim, block_q, block_kv)
+    names = sorted(space)
+    first = {n: default[n] for n in names}
+    combos = [dict(zip(names, values, strict=True))
+              for values in itertools.product(*(space[n] for n in names))]
+    return [first] + [c for c in combos if c != first]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every forward schedule and print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topk", type=float, default=0.05)
+    parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
+    parser.add_argument("--length", type=int, default=32760)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--block-q", type=int, default=128)
+    parser.add_argument("--block-kv", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    b, h, length, d = 1, args.heads, args.length, args.dim
+    bq, bkv = args.block_q, args.block_kv
+    s = Settings(bq, bkv, "softmax", args.linear, None, "bhsd")
+    arch = kernels.arch_of(torch.device("cuda"))
+    candidates = schedules(d, bq, bkv)
+    specs = [x for knobs in candidates
+             for x in kernels_for_call(d, "bfloat16", s, arch, backward=False,
+                                       schedule={"forward": knobs})]
+    try:
+        compile_in_parallel(specs)
+    except RuntimeError as error:  # a schedule that does not fit is reported, not timed
+        print(error)
+
+    sets = []
+    for _ in range(3):
+        q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        weight = torch.randn(d, d, device="cuda") / d**0.5
+        bias = torch.randn(d, device="cuda") * 0.1
+        routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
+        saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
+        n_kv = spec.num_blocks(length, bkv)
+        sets.append((q, k, v, routing.lut, routing.lut_count, saved.h_rows, saved.z_rows,
+                     tilelang_backend._active(routing, n_kv, args.linear), weight.bfloat16(),
+                     bias, torch.empty_like(q), torch.empty_like(q),
+                     torch.empty(b, h, length, device="cuda")))
+
+    def sdpa(q, k, v, *_):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(q, k, v)
+
+    n_kv = spec.num_blocks(length, bkv)
+    density = spec.num_critical(args.topk, n_kv) / n_kv
+    sparse_flops = 4.0 * b * h * length * length * d * density
+    rows = []
+    first_out = None
+    with torch.no_grad():
+        cudnn_ms = median_ms(sdpa, sets, args.repeats)
+        for knobs in candidates:
+            try:
+                kernel = kernels.forward_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd",
+                                                d**-0.5, arch, kernels.freeze(knobs))
+            except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
+                rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
+                continue
+            ms = median_ms(kernel, sets, args.repeats)
+            kernel(*sets[0])
+            out = sets[0][10].clone()
+            if first_out is None:
+                first_out = out
+            same = torch.equal(out, first_out)
+            diff = (out.float() - first_out.float()).abs().max().item()
+            rows.append(dict(knobs=knobs, ms=ms, tflops=sparse_flops / ms / 1e9,
+                             bit_identical_to_first=same, max_abs_diff_to_first=diff))
+    cudnn_tflops = 4.0 * b * h * length**2 * d / cudnn_ms / 1e9
+    print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
+          f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
+    print(f"  cuDNN dense {cudnn_ms:.3f} ms, {cudnn_tflops:.0f} TFLOP/s")
+    for row in rows:
+        label = ",".join(f"{k}={v}" for k, v in row["knobs"].items())
+        if "error" in row:
+            print(f"  {label:<50} {row['error']}")
+            continue
+        print(f"  {label:<50} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
+              f"({row['tflops'] / cudnn_tflops:4.0%} of cuDNN) "
+              f"{'=' if row['bit_identical_to_first'] else '~'}first "
+              f"(max diff {row['max_abs_diff_to_first']:.2e})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(environment=describe_environment(), args=vars(args), density=density,
+                           cudnn_ms=cudnn_ms, schedules=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
