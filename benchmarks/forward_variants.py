@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ def schedules(dim: int, block_q: int, block_kv: int) -> list[dict]:
     return [first] + [c for c in combos if c != first]
 
 
+def label(knobs: dict) -> str:
+    """A schedule's knobs as text."""
+    return ",".join(f"{name}={value}" for name, value in knobs.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time every forward schedule and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     specs = [x for knobs in candidates
              for x in kernels_for_call(d, "bfloat16", s, arch, backward=False,
                                        schedule={"forward": knobs})]
+    start = time.perf_counter()
     try:
         compile_in_parallel(specs)
     except RuntimeError as error:  # a schedule that does not fit is reported, not timed
         print(error)
+    print(f"compiled {len(set(specs))} kernels in {time.perf_counter() - start:.0f} s",
+          flush=True)
 
     sets = []
+    print("preparing inputs", flush=True)
     for _ in range(3):
         q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
                 rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
                 continue
+            print("timing", label(knobs), flush=True)
             ms = median_ms(kernel, sets, args.repeats)
             kernel(*sets[0])
             out = sets[0][10].clone()
@@ -109,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
           f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
     print(f"  cuDNN dense {cudnn_ms:.3f} ms, {cudnn_tflops:.0f} TFLOP/s")
     for row in rows:
-        label = ",".join(f"{k}={v}" for k, v in row["knobs"].items())
         if "error" in row:
-            print(f"  {label:<50} {row['error']}")
+            print(f"  {label(row['knobs']):<50} {row['error']}")
             continue
-        print(f"  {label:<50} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
+        print(f"  {label(row['knobs']):<50} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
               f"({row['tflops'] / cudnn_tflops:4.0%} of cuDNN) "
               f"{'=' if row['bit_identical_to_first'] else '~'}first "
               f"(max diff {row['max_abs_diff_to_first']:.2e})")
