@@ -13,9 +13,8 @@ NO_SPILLS = ["--ptxas-options=--warn-on-spills,--warning-as-error"]
 FAST_ARITHMETIC = ["-ftz=true"]
 
 
-def compile_program(program, arch: str, forbid_spills: bool = True):
+def compile_program(program, arch: str, forbid_spills: bool = True,
+                    fast_arithmetic: bool = True):
     """Compile a TileLang program for `arch` (e.g. "sm_90a"); callers preallocate outputs."""
-    return tilelang.compile(
-        program, out_idx=None, target=target(arch),
-        compile_flags=FAST_ARITHMETIC + (NO_SPILLS if forbid_spills else []),
-    )
+    flags = (FAST_ARITHMETIC if fast_arithmetic else []) + (NO_SPILLS if forbid_spills else [])
+    return tilelang.compile(program, out_idx=None, target=target(arch), compile_flags=flags)

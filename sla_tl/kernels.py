@@ -113,7 +113,10 @@ def key_pass_kernel(dim: int, block_kv: int, dtype: str, feature: str, layout: s
     merged = _merged("key_pass", (dim, block_kv), knobs)
     program = key_pass_schedule.key_pass(dim, block_kv, dtype, feature, layout, store_blocks,
                                          **merged)
-    return compile_program(program, arch)
+    # Without flush-to-zero: compiled with it, the CTA that gets a single key block hung on
+    # the H200 (TileLang's warp-specialised pipeline of one iteration, a known upstream
+    # hazard); compiled without it, every case of the GPU tests has passed.
+    return compile_program(program, arch, fast_arithmetic=False)
 
 
 def key_pass_group(dim: int, block_kv: int, knobs: Knobs = ()) -> int:
