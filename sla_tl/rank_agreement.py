@@ -33,10 +33,11 @@ def resolve_group(group: object) -> dist.ProcessGroup:
     return group
 
 
-def served_device_types(group: dist.ProcessGroup) -> tuple[str, ...] | None:
-    """Device types the group's backend runs collectives on ("cpu:gloo,cuda:nccl" serves
-    cpu and cuda); None when the backend does not say (a custom backend)."""
-    parts = [part.split(":") for part in dist.get_backend_config(group).split(",")]
+def served_device_types(backend_config: str) -> tuple[str, ...] | None:
+    """Device types a backend configuration (`torch.distributed.get_backend_config`) runs
+    collectives on: "cpu:gloo,cuda:nccl" serves cpu and cuda, "cuda:nccl" cuda alone;
+    None where the configuration does not say (a custom backend)."""
+    parts = [part.split(":") for part in backend_config.split(",")]
     if not all(len(part) == 2 for part in parts):
         return None
     return tuple(device for device, _ in parts)
@@ -45,15 +46,16 @@ def served_device_types(group: dist.ProcessGroup) -> tuple[str, ...] | None:
 def check_served(named: dict[str, torch.Tensor], group: dist.ProcessGroup) -> None:
     """Each tensor is on a device type the group's backend serves (an NCCL group serves
     cuda tensors only)."""
-    served = served_device_types(group)
+    config = dist.get_backend_config(group)
+    served = served_device_types(config)
     if served is None:
         return
     for name, x in named.items():
         if x.device.type not in served:
             raise ValueError(
-                f"{name} is on {x.device.type} but the group's backend "
-                f"({dist.get_backend_config(group)}) serves {', '.join(served)}; move the "
-                "tensors or pass a group whose backend serves them"
+                f"{name} is on {x.device.type} but the group's backend ({config}) serves "
+                f"{', '.join(served)}; move the tensors or pass a group whose backend "
+                "serves them"
             )
 
 

@@ -199,17 +199,17 @@ def _check_local(
     q_length: object, kv_length: object,
 ) -> tuple[int, int]:
     """What one rank can check of its own call; returns the whole q and k lengths."""
-    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
+    named = {"q": q, "k": k, "v": v, "proj_weight": proj_weight, "proj_bias": proj_bias}
+    check_tensors(**named)
+    for name, x in named.items():
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor; got {x.layout}")
     check_qkv(q, k, v, layout)
     check_projection(proj_weight, proj_bias, q)
     check_ratio("topk", options["topk"])
     check_ratio("k_low", options["k_low"])
     check_settings(options["block_q"], options["block_kv"], options["feature_map"],
                    options["linear"], options["scale"])
-    named = {"q": q, "k": k, "v": v, "proj_weight": proj_weight, "proj_bias": proj_bias}
-    for name, x in named.items():
-        if x.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor; got {x.layout}")
     if collectives_may_synchronise():  # reading the backend's configuration is not traceable
         check_served(named, group)
     world = dist.get_world_size(group)
