@@ -314,3 +314,72 @@ SCENARIOS: dict[str, Callable[[dist.ProcessGroup, torch.Generator], dict]] = {
                                             ddp=True),
     "compiled": compiled_matches_eager,
 }
+
+
+# ---------------------------------------------------------------- NCCL, one GPU per rank
+
+
+def _gpu_whole(generator, layout: str, lq: int, lk: int) -> list[torch.Tensor]:
+    """bf16 q, k, v of 8 heads, D=128, on this rank's GPU, and a float32 projection."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    shape = (lambda n: (1, n, 8, 128)) if layout == "bshd" else (lambda n: (1, 8, n, 128))
+    q, k, v = (_draw(generator, *shape(n)).to(device, torch.bfloat16) for n in (lq, lk, lk))
+    weight, bias = _draw(generator, 128, 128) / 128**0.5, _draw(generator, 128) * 0.1
+    return [q, k, v, weight.to(device, torch.float32), bias.to(device, torch.float32)]
+
+
+GPU_OPTIONS = dict(topk=0.1, k_low=0.1, block_q=128, block_kv=64)
+
+
+def nccl_matches_single_gpu(group, generator, *, layout: str, shard_q: int, shard_k: int,
+                            compiled: bool = False) -> dict:
+    """`ulysses_attention` over NCCL (TileLang kernels) against `sla_tl.attention` on the
+    whole sequence on this rank's GPU; with `compiled`, the Ulysses call goes through
+    torch.compile(fullgraph=True) with inductor."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    axis = sequence_axis(layout)
+    q, k, v, w, b = _gpu_whole(generator, layout, shard_q * world, shard_k * world)
+    whole = _leaves(q, k, v, w, b)
+    expected = sla_tl.attention(*whole, layout=layout, **GPU_OPTIONS)
+    grad_out = _draw(generator, *expected.shape).to(expected)
+    expected.backward(grad_out)
+
+    def call(*tensors: torch.Tensor) -> torch.Tensor:
+        return sla_tl.ulysses_attention(*tensors, group=group, layout=layout, **GPU_OPTIONS)
+
+    fn = torch.compile(call, fullgraph=True) if compiled else call
+    mine = _leaves(_rows(q, axis, rank, shard_q), _rows(k, axis, rank, shard_k),
+                   _rows(v, axis, rank, shard_k), w, b)
+    out = fn(*mine)
+    out.backward(_rows(grad_out, axis, rank, shard_q))
+    return {
+        "out": relative_error(out, _rows(expected, axis, rank, shard_q)),
+        "dq": relative_error(mine[0].grad, _rows(whole[0].grad, axis, rank, shard_q)),
+        "dk": relative_error(mine[1].grad, _rows(whole[1].grad, axis, rank, shard_k)),
+        "dv": relative_error(mine[2].grad, _rows(whole[2].grad, axis, rank, shard_k)),
+        "dproj_weight": relative_error(_summed(mine[3].grad, group), whole[3].grad),
+        "dproj_bias": relative_error(_summed(mine[4].grad, group), whole[4].grad),
+    }
+
+
+def nccl_rejects_cpu_tensors(group, generator) -> dict:
+    """CPU shards on an NCCL group (which serves cuda tensors only)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    tensors = [_rows(x, 1, rank, 16) if x.dim() == 4 else x
+               for x in _whole(generator, "bshd", 2 * world, 16 * world, 16 * world)]
+    return _raised(lambda: sla_tl.ulysses_attention(*tensors, group=group, layout="bshd",
+                                                    **OPTIONS))
+
+
+GPU_MATCHES: list[str] = ["nccl bshd Lq!=Lk", "nccl bhsd Lq=Lk", "nccl compiled"]
+
+GPU_SCENARIOS: dict[str, Callable[[dist.ProcessGroup, torch.Generator], dict]] = {
+    "nccl rejects cpu tensors": nccl_rejects_cpu_tensors,
+    "nccl bshd Lq!=Lk": functools.partial(nccl_matches_single_gpu, layout="bshd",
+                                          shard_q=1000, shard_k=900),
+    "nccl bhsd Lq=Lk": functools.partial(nccl_matches_single_gpu, layout="bhsd",
+                                         shard_q=1024, shard_k=1024),
+    "nccl compiled": functools.partial(nccl_matches_single_gpu, layout="bshd",
+                                       shard_q=1000, shard_k=1000, compiled=True),
+}
+SCENARIOS.update(GPU_SCENARIOS)
