@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sla_tl
+from sla_tl.benchmarks import ulysses as ulysses_bench
 from sla_tl.rank_agreement import served_device_types
 
 from .helpers import random_projection, random_qkv
@@ -117,3 +118,17 @@ def test_needs_an_initialised_default_group(generator):
         sla_tl.ulysses_attention(q, k, v, w, b)
     with pytest.raises(ValueError, match="group: torch.distributed is not initialised"):
         sla_tl.shard_sequence(q, 2)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "1,2"], "--shape wants four positive integers B,L,H,D, got (1, 2)"),
+    (["--shape", "1,a,3,4"], "--shape wants B,L,H,D, got '1,a,3,4'"),
+    (["--modes", "bwd"], "--modes wants some of fwd, fwd+bwd, got ['bwd']"),
+    (["--topk", "0"], "--topk must lie in (0, 1] and --repeats be at least 1"),
+    ([], "run under torchrun --nproc-per-node N, N >= 2 GPUs"),
+])
+def test_benchmark_refuses_bad_requests_in_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert ulysses_bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"ulysses bench: error: {message}\n"
