@@ -59,7 +59,7 @@ def check_served(named: dict[str, torch.Tensor], group: dist.ProcessGroup) -> No
             )
 
 
-def collectives_may_synchronise() -> bool:
+def host_synchronisation_allowed() -> bool:
     """False while torch.compile traces or a CUDA graph is being captured: no host
     synchronisation and no untraceable collective is allowed there."""
     if torch.compiler.is_compiling():

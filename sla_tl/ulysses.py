@@ -26,7 +26,7 @@ from .module import SparseLinearAttention
 from .rank_agreement import (
     agree_across_ranks,
     check_served,
-    collectives_may_synchronise,
+    host_synchronisation_allowed,
     resolve_group,
 )
 from .sequence_collectives import head_axis, heads_to_sequence, sequence_axis, sequence_to_heads
@@ -129,12 +129,14 @@ class UlyssesAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, float]:
         """This rank's output shard in q's dtype; with `return_sparsity`, also the share of
         key blocks the sparse branch computes over the whole sequence."""
-        check_tensors(q=q, k=k, v=v)
         inner = self.attention
+        # A non-tensor goes through to be rejected with the other ranks told (no hang).
+        q_in, k_in, v_in = (x.to(inner.dtype) if isinstance(x, torch.Tensor) else x
+                            for x in (q, k, v))
         out = ulysses_attention(
-            q.to(inner.dtype), k.to(inner.dtype), v.to(inner.dtype),
-            inner.proj_l.weight, inner.proj_l.bias, group=self.group, q_length=q_length,
-            kv_length=kv_length, check_shards=self.check_shards, **inner.attention_options(),
+            q_in, k_in, v_in, inner.proj_l.weight, inner.proj_l.bias, group=self.group,
+            q_length=q_length, kv_length=kv_length, check_shards=self.check_shards,
+            **inner.attention_options(),
         ).to(q.dtype)
         if not return_sparsity:
             return out
@@ -186,7 +188,7 @@ def _checked_lengths(
         description = _describe(q, k, layout, options, lengths)
     except (TypeError, ValueError) as error:
         problem = error
-    if check_shards and collectives_may_synchronise():
+    if check_shards and host_synchronisation_allowed():
         agree_across_ranks(group, description, problem, _FIX_HINTS)
     elif problem is not None:
         raise problem
@@ -210,7 +212,7 @@ def _check_local(
     check_ratio("k_low", options["k_low"])
     check_settings(options["block_q"], options["block_kv"], options["feature_map"],
                    options["linear"], options["scale"])
-    if collectives_may_synchronise():  # reading the backend's configuration is not traceable
+    if host_synchronisation_allowed():  # reading the backend's configuration is not traceable
         check_served(named, group)
     world = dist.get_world_size(group)
     heads = q.shape[head_axis(layout)]
