@@ -7,6 +7,8 @@
 #   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
 # Not by default: baseline: a new baseline, cuDNN and sla-tl over the suite, kernel timing,
 #                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
+#                 ulysses:  Ulysses sequence parallelism on every visible GPU (2 or more) against
+#                           one GPU at the Wan2.1-14B 720p shape, at $OUT/ulysses.json.
 # STEPS picks steps (default "tests breakdowns bench gate"); extra arguments go to the bench.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
@@ -32,6 +34,9 @@ step bench python3 -m sla_tl.cli bench --sections "${SECTIONS:-shapes,sparsity,l
   --out "$OUT/bench.json" --plot "$OUT/bench.png" "$@"
 step baseline python3 -m sla_tl.cli bench --timing kernels --systems sdpa_cudnn,sla_tl \
   --out "$OUT/baseline.json"
+step ulysses python3 -m torch.distributed.run --nproc-per-node \
+  "$(python3 -c 'import torch; print(torch.cuda.device_count())')" \
+  -m sla_tl.benchmarks.ulysses --out "$OUT/ulysses.json"
 step gate python3 -m sla_tl.cli bench --check benchmarks/baselines --tolerance 0.05 \
   --out "$OUT/gate.json"
 exit $status

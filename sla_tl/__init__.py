@@ -6,6 +6,7 @@ Importing the package registers the `torch.ops.sla` operators.
 from .api import attention, attention_with_routing, route
 from .module import SparseLinearAttention
 from .routing import Routing
+from .ulysses import UlyssesAttention, shard_sequence, ulysses_attention
 
 
 def tune(arch: str = "sm90", **options):
@@ -16,6 +17,6 @@ def tune(arch: str = "sm90", **options):
     return run_tune(arch, **options)
 
 
-__all__ = ["Routing", "SparseLinearAttention", "attention", "attention_with_routing", "route",
-           "tune"]
+__all__ = ["Routing", "SparseLinearAttention", "UlyssesAttention", "attention",
+           "attention_with_routing", "route", "shard_sequence", "tune", "ulysses_attention"]
 __version__ = "0.1.0"

@@ -84,12 +84,19 @@ class SparseLinearAttention(nn.Module):
         blocks the sparse branch computes (what thu-ml/SLA returns under that name)."""
         out = attention(
             q.to(self.dtype), k.to(self.dtype), v.to(self.dtype),
-            self.proj_l.weight, self.proj_l.bias,
-            topk=self.topk, k_low=self.k_low, block_q=self.BLKQ, block_kv=self.BLKK,
-            feature_map=self.feature_map, linear=self.linear, scale=self.scale,
-            layout=self.layout,
+            self.proj_l.weight, self.proj_l.bias, **self.attention_options(),
         ).to(q.dtype)
         if not return_sparsity:
             return out
-        n_kv = spec.num_blocks(to_bhsd(k, self.layout).shape[2], self.BLKK)
-        return out, spec.num_critical(self.topk, n_kv) / n_kv
+        return out, self.density(to_bhsd(k, self.layout).shape[2])
+
+    def attention_options(self) -> dict[str, object]:
+        """The keyword arguments of `sla_tl.attention` this module calls it with."""
+        return dict(topk=self.topk, k_low=self.k_low, block_q=self.BLKQ, block_kv=self.BLKK,
+                    feature_map=self.feature_map, linear=self.linear, scale=self.scale,
+                    layout=self.layout)
+
+    def density(self, kv_length: int) -> float:
+        """Share of key blocks the sparse branch computes for `kv_length` keys."""
+        n_kv = spec.num_blocks(kv_length, self.BLKK)
+        return spec.num_critical(self.topk, n_kv) / n_kv
