@@ -136,6 +136,7 @@ def attention_dynamic_topk(
     under torch.compile a change of the tensor's value needs no recompile.
     Differentiable in q, k, v, proj_weight and proj_bias."""
     check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
+    _check_topk_tensor(topk)
     check_layout_plausible(layout, q=q, k=k, v=v)
     return torch.ops.sla.attention_dynamic_topk(
         q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_kv, feature_map, linear,
