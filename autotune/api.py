@@ -139,7 +139,8 @@ def tune(
                 continue
             key = key._replace(**algorithm.chosen.knobs)
         candidates = build_candidates(d, dtype, settings_of(key), arch_name,
-                                      backward=mode == "fwd+bwd", workers=workers)
+                                      backward=mode == "fwd+bwd", workers=workers,
+                                      progress=progress)
         if compile_only:
             reports.append(TuneReport(key, candidates, None, algorithm))
             continue

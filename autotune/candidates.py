@@ -95,13 +95,13 @@ Compiler = Callable[[KernelSpec], tuple[str | None, int | None]]
 
 def build_candidates(dim: int, dtype: str, s: Settings, arch: str, backward: bool,
                      compiler: Compiler = _compile_one,
-                     workers: int | None = None) -> list[Candidate]:
+                     workers: int | None = None, progress: bool = False) -> list[Candidate]:
     """Every candidate of every searched kernel, compiled in parallel and marked pruned
-    where it cannot run."""
+    where it cannot run (with `progress`, a line per candidate on stderr)."""
     pairs = [(kernel, knobs) for kernel in kernels_searched(backward)
              for knobs in enumerate_candidates(kernel, dim, s)]
     specs = [kernel_spec(kernel, knobs, dim, dtype, s, arch) for kernel, knobs in pairs]
-    outcomes = map_in_parallel(compiler, specs, workers)
+    outcomes = map_in_parallel(compiler, specs, workers, progress)
     by_spec = dict(zip(dict.fromkeys(specs), outcomes, strict=True))
     return [Candidate(kernel, knobs, prune_reason(*by_spec[spec]))
             for (kernel, knobs), spec in zip(pairs, specs, strict=True)]

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from sla_tl.cli import HelpFormatter
+
 from .gate import check, format_verdicts, gated_cases, refuse_other_gpu
 from .report import format_table
 from .result_file import baseline_path, load, make_result, merge, save
@@ -26,6 +28,10 @@ from .timing import TIMINGS
 DEFAULT_BASELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The epilog's examples as written, and each option's default."""
+
+
 class UsageError(Exception):
     """A request that cannot be served (exit status 2)."""
 
@@ -33,7 +39,7 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sla-tl bench", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
         epilog="\n".join(__doc__.splitlines()[1:]))
     what = parser.add_argument_group("what to measure")
     what.add_argument("--sections", default=",".join(SECTIONS),
@@ -46,11 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="dtype for --shape")
     what.add_argument("--systems", default=",".join(SYSTEMS),
                       help="comma-separated; one whose package is missing is skipped")
-    what.add_argument("--modes", default=",".join(MODES))
+    what.add_argument("--modes", default=",".join(MODES),
+                      help=f"comma-separated: {', '.join(MODES)}")
     how = parser.add_argument_group("how")
     how.add_argument("--budget-s", type=float, default=1.5,
                      help="seconds of timed calls per measurement (sets the repeat count)")
-    how.add_argument("--most-repeats", type=int, default=100)
+    how.add_argument("--most-repeats", type=int, default=100,
+                     help="most timed calls per measurement, whatever the budget")
     how.add_argument("--timing", default="call", choices=TIMINGS,
                      help="call: as called, host work included; kernels: GPU work alone, each "
                      "call replayed from a CUDA graph (with --check: the baseline's)")
@@ -65,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                       "the baselines shipped with sla-tl); runs the baseline's cases (cuDNN "
                       "and sla-tl) unless --from is given")
     gate.add_argument("--tolerance", type=float, default=0.05,
-                      help="largest allowed relative fall of a speedup (default 0.05)")
+                      help="largest allowed relative fall of a speedup")
     return parser
 
 
@@ -112,7 +120,7 @@ def _prewarm(cases: list[Case]) -> None:
         specs += kernels_for_call(dim, dtype, Settings(bq, bkv, "softmax", "marginal", None,
                                                        "bhsd"), arch)
     print(f"compiling {len(set(specs))} sla-tl kernels for {arch}", flush=True)
-    compile_in_parallel(specs)
+    compile_in_parallel(specs, progress=True)
 
 
 def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:

@@ -8,6 +8,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.sla)
     spec,
 )
+from .layout import check_layout_plausible
 from .routing import Routing
 from .validation import check_tensors
 
@@ -29,6 +30,7 @@ def route(
     `attention_with_routing`.
     """
     check_tensors(q=q, k=k)
+    check_layout_plausible(layout, q=q, k=k)
     return Routing(*torch.ops.sla.route(q, k, topk, k_low, block_q, block_kv, layout))
 
 
@@ -56,6 +58,7 @@ def attention(
     Differentiable in q, k, v, proj_weight and proj_bias.
     """
     check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
+    check_layout_plausible(layout, q=q, k=k, v=v)
     return torch.ops.sla.attention(
         q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_kv, feature_map, linear,
         scale, layout,
@@ -84,6 +87,7 @@ def attention_with_routing(
     device (that would need a host synchronisation).
     """
     check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias, **routing._asdict())
+    check_layout_plausible(layout, q=q, k=k, v=v)
     return torch.ops.sla.attention_lut(
         q, k, v, *routing, proj_weight, proj_bias, block_q, block_kv, feature_map, linear,
         scale, layout,

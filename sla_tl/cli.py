@@ -1,84 +1,138 @@
-"""The `sla-tl` command line."""
+"""The `sla-tl` command line.
+
+Parsing needs neither torch nor TileLang (the package defers them inside this command, see
+`sla_tl/__init__.py`), so `--help` answers at once; a subcommand imports what it uses.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `sla-tl` command."""
-    parser = argparse.ArgumentParser(prog="sla-tl", description="Sparse-Linear Attention tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default, except where there is none to show (flags, and
+    options whose default is said in words)."""
 
-    demo = commands.add_parser("demo", help="reference quality on a small problem; timing on a GPU")
-    demo.add_argument("--length", type=int, default=4096)
-    demo.add_argument("--heads", type=int, default=2)
-    demo.add_argument("--dim", type=int, default=64, choices=(64, 128))
-    demo.add_argument("--seed", type=int, default=0)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _subcommand(commands, name: str, text: str, **options) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=text, description=text,
+                               formatter_class=HelpFormatter, **options)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show TileLang's own log lines while compiling")
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes compiling kernels in parallel (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `sla-tl` command and its subcommands."""
+    parser = argparse.ArgumentParser(prog="sla-tl", description="Sparse-Linear Attention tools",
+                                     formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = _subcommand(commands, "demo", "reference quality on a small problem, the kernels "
+                       "of one call compiled for sm_90a, timing on a GPU")
+    demo.add_argument("--length", type=int, default=4096, help="sequence length L")
+    demo.add_argument("--heads", type=int, default=2, help="attention heads H")
+    demo.add_argument("--dim", type=int, default=64, choices=(64, 128), help="head dim D")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    _add_verbose(demo)
 
     commands.add_parser("bench", help="the benchmark suite against dense and sparse baselines, "
                         "and the throughput gate (`sla-tl bench --help`)", add_help=False)
 
-    report = commands.add_parser(
-        "kernels", help="compile the shipped kernels (no GPU needed) and check their resources")
-    report.add_argument("--arch", default="sm_90a")
-    report.add_argument("--workers", type=int, default=None)
+    report = _subcommand(commands, "kernels", "compile the shipped kernels (no GPU needed) and "
+                         "check their registers, spills, shared memory, wgmma and TMA against "
+                         "the committed record")
+    report.add_argument("--arch", default="sm_90a", help="TileLang target arch")
+    _add_workers(report)
     report.add_argument("--write-record", action="store_true",
                         help="replace the committed record with these facts")
+    _add_verbose(report)
 
-    tune = commands.add_parser("tune", help="search kernel schedules on the GPU in hand, store "
-                               "the best (compile-only pruning with no GPU)")
-    tune.add_argument("--arch", default="sm90")
+    tune = _subcommand(commands, "tune", "search kernel schedules on the GPU in hand and store "
+                       "the best (with --compile-only: compile and prune, no GPU needed)")
+    tune.add_argument("--arch", default="sm90", help="GPU arch to tune for")
     tune.add_argument("--shape", action="append", default=None, metavar="B,H,L,D",
-                      help="B,H,L,D or B,H,Lq,Lk,D (repeatable; default Wan2.1-1.3B)")
-    tune.add_argument("--trials", type=int, default=30)
-    tune.add_argument("--storage", default=None, help="SQLAlchemy URL of the Optuna storage")
-    tune.add_argument("--mode", default="fwd+bwd", choices=("fwd", "fwd+bwd"))
-    tune.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    tune.add_argument("--topk", type=float, default=0.05)
-    tune.add_argument("--k-low", type=float, default=0.0)
-    tune.add_argument("--block-q", type=int, default=128)
-    tune.add_argument("--block-kv", type=int, default=64)
-    tune.add_argument("--feature-map", default="softmax")
-    tune.add_argument("--linear", default="marginal")
-    tune.add_argument("--compile-only", action="store_true")
-    tune.add_argument("--gpu", default=None, help="GPU model whose kernel cache to fill "
-                      "(with --compile-only)")
-    tune.add_argument("--workers", type=int, default=None)
+                      help="B,H,L,D or B,H,Lq,Lk,D, repeatable (default: the Wan2.1-1.3B "
+                      "shape 1,12,32760,128)")
+    tune.add_argument("--trials", type=int, default=30, help="timed trials per shape")
+    tune.add_argument("--storage", default=None, help="SQLAlchemy URL of the Optuna storage "
+                      "(default: SQLite in $SLA_TL_CACHE_DIR, ~/.cache/sla_tl)")
+    tune.add_argument("--mode", default="fwd+bwd", choices=("fwd", "fwd+bwd"),
+                      help="what the trials time")
+    tune.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                      help="dtype of q, k, v")
+    tune.add_argument("--topk", type=float, default=0.05, help="critical share of key blocks")
+    tune.add_argument("--k-low", type=float, default=0.0, help="negligible share of key blocks")
+    tune.add_argument("--block-q", type=int, default=128, help="query block size")
+    tune.add_argument("--block-kv", type=int, default=64, help="key block size")
+    tune.add_argument("--feature-map", default="softmax", help="softmax, elu or relu")
+    tune.add_argument("--linear", default="marginal", help="marginal or global")
+    tune.add_argument("--compile-only", action="store_true",
+                      help="compile and prune the candidates, time nothing")
+    tune.add_argument("--gpu", default=None, help="GPU model whose kernel cache to fill with "
+                      "--compile-only (default: the GPU in hand)")
+    _add_workers(tune)
+    _add_verbose(tune)
 
-    warm = commands.add_parser("warm", help="precompile the default and tuned kernels (no GPU "
-                               "needed)")
-    warm.add_argument("--arch", default="sm90")
+    warm = _subcommand(commands, "warm", "precompile the default and tuned kernels into the "
+                       "kernel cache (no GPU needed)")
+    warm.add_argument("--arch", default="sm90", help="GPU arch to compile for")
     warm.add_argument("--gpu", default=None, help="GPU model whose kernel cache to fill "
                       "(default: the GPU in hand, else every model in the tuned store)")
-    warm.add_argument("--workers", type=int, default=None)
+    _add_workers(warm)
+    _add_verbose(warm)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sla-tl` command."""
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .benchmarks import bench  # its own parser and help
+
+        return bench.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # What `import sla_tl` does outside this command (see the module docstring).
+    from . import ops  # noqa: F401
+
+    if args.verbose:
+        from .kernels import show_tilelang_log
+
+        show_tilelang_log()
     if args.command == "demo":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         from . import demo as demo_module
 
         return demo_module.main(args.length, args.heads, args.dim, args.seed)
     if args.command == "kernels":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _kernels(args.arch, args.workers, args.write_record)
     if args.command in ("tune", "warm"):
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         from . import tune_cli
 
         return tune_cli.tune(args) if args.command == "tune" else tune_cli.warm(args)
-    from .benchmarks import bench
-
-    return bench.main(rest)
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
     from . import static_check
 
-    facts = static_check.collect(static_check.shipped_kernels(arch), workers)
+    specs = list(dict.fromkeys(static_check.shipped_kernels(arch)))
+    print(f"compiling {len(specs)} kernels for {arch} (a line each as it is done; cached "
+          "ones load in a second)", flush=True)
+    facts = static_check.collect(specs, workers, progress=True)
     for f in facts:
         print(f"{f.name:<64} regs {f.registers:>3}  spill {f.spill_bytes:>4} B  "
               f"smem {f.shared_bytes:>6} B  threads {f.threads:>3}  "

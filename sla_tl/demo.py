@@ -69,7 +69,8 @@ def _kernel_section() -> bool:
     print("TileLang kernels of one call (D=128, bf16, blocks 128x64, softmax, marginal),")
     print("compiled for sm_90a on this machine (no GPU needed; cached after the first run):")
     try:
-        facts = static_check.collect(kernels_for_call(128, "bfloat16", settings, "sm_90a"))
+        facts = static_check.collect(kernels_for_call(128, "bfloat16", settings, "sm_90a"),
+                                     progress=True)
     except (OSError, RuntimeError) as error:
         print(f"error: the kernels did not compile: {error}")
         print("TileLang needs the CUDA toolkit: set CUDA_HOME to it (default /usr/local/cuda).")

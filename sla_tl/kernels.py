@@ -9,8 +9,10 @@ tunable kernels also take `knobs`: schedule knobs that override the kernel's def
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 
+import tilelang
 import torch
 
 from .schedules.compile import compile_program
@@ -21,6 +23,29 @@ from .schedules.sm90 import forward_ws
 from .schedules.sm90 import key_pass as key_pass_schedule
 from .schedules.sm90.backward_query import backward_query
 from .schedules.sm90.pool import mean_pool
+
+# TileLang logs every compile at INFO ("TileLang begins to compile kernel `main`"); sla-tl
+# reports its own progress, so TileLang's lines show only when asked, through this variable
+# (inherited by the compile worker processes).
+TILELANG_LOG_VARIABLE = "SLA_TL_TILELANG_LOG"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _apply_tilelang_log_level() -> None:
+    level = os.environ.get(TILELANG_LOG_VARIABLE, "WARNING").upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"{TILELANG_LOG_VARIABLE} must be one of {', '.join(_LOG_LEVELS)}; "
+                         f"got {os.environ[TILELANG_LOG_VARIABLE]!r}")
+    tilelang.set_log_level(level)
+
+
+def show_tilelang_log() -> None:
+    """Let TileLang's INFO lines through, in this process and the workers it starts."""
+    os.environ[TILELANG_LOG_VARIABLE] = "INFO"
+    _apply_tilelang_log_level()
+
+
+_apply_tilelang_log_level()
 
 # Block sizes the kernels are built for.
 KERNEL_BLOCK_Q = (64, 128)

@@ -1,35 +1,67 @@
-"""`SparseLinearAttention`: a drop-in for thu-ml/SLA's module of the same name."""
+"""`SparseLinearAttention` and `SageSparseLinearAttention`: drop-ins for the modules of the same
+names in thu-ml/SLA and TurboDiffusion, giving thu-ml/SLA `main`'s numbers by default."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import spec
+from . import presets, reference, spec
 from .api import attention
 from .layout import to_bhsd
 from .validation import check_block, check_choice, check_ratio
 
 
+# The linear branch's feature maps as upstream modules expose them (`feature_map_q`,
+# `feature_map_k`). Module-level functions, so a module holding them deep-copies (EMA copies)
+# and pickles with its maps still recognisable.
+def softmax_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the head dimension."""
+    return reference.feature_map(x, "softmax")
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1."""
+    return reference.feature_map(x, "elu")
+
+
+def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)."""
+    return reference.feature_map(x, "relu")
+
+
+FEATURE_MAP_FUNCTIONS = {
+    "softmax": softmax_feature_map,
+    "elu": elu_feature_map,
+    "relu": relu_feature_map,
+}
+"""The function behind each name in `spec.FEATURE_MAPS` (the kernels compute these only)."""
+
+
 class SparseLinearAttention(nn.Module):
     """Sparse-Linear Attention with a learnable projection of the linear branch.
 
-    The constructor and `forward` match thu-ml/SLA's module, and its state_dict keys
-    (`proj_l.weight`, `proj_l.bias`) load unchanged. `proj_l` is zero-initialised, so an
-    untrained module returns the sparse branch alone.
+    The constructor, `forward`, attributes (`topk`, `BLKQ`, `BLKK`, `dtype`, `proj_l`,
+    `feature_map_q`, `feature_map_k`) and state_dict keys (`proj_l.weight`, `proj_l.bias`)
+    are thu-ml/SLA's, and by default so are the numbers: its `main` branch (linear branch
+    over all blocks, (B, H, L, D), 64x64 blocks). `preset` picks another published variant
+    (see `sla_tl.presets.PRESETS`): "sla-1", "paper", "turbodiffusion", "sagesla",
+    "turbodiffusion-sagesla". `proj_l` is zero-initialised, so an untrained module returns
+    the sparse branch alone.
 
     Args:
         head_dim: D, 64 or 128.
         topk: share of key blocks each query block attends to exactly (critical).
         feature_map: linear-branch feature map: "softmax", "elu" (elu+1) or "relu".
-        BLKQ, BLKK: query and key block sizes (positive multiples of 16).
+        BLKQ, BLKK: query and key block sizes (positive multiples of 16); None: the preset's.
         use_bf16: compute in bfloat16 (True) or float16 (False); the output keeps q's dtype.
         tie_feature_map_qk: kept for compatibility; the built-in feature maps have no
             parameters, so q and k always share the same map.
-        k_low: share of key blocks dropped entirely (negligible); the paper uses 0.10.
-        linear: "marginal" (linear branch over the non-critical, non-negligible blocks)
-            or "global" (over all blocks, as thu-ml/SLA `main`).
-        layout: "bhsd" for (B, H, L, D) inputs or "bshd" for (B, L, H, D).
+        preset: the variant whose settings fill every argument left None.
+        k_low: share of key blocks dropped entirely (negligible); None: the preset's.
+        linear: "global" (linear branch over all blocks) or "marginal" (over the
+            non-critical, non-negligible ones); None: the preset's.
+        layout: "bhsd" for (B, H, L, D) inputs or "bshd" for (B, L, H, D); None: the preset's.
         scale: softmax scale of the sparse branch; None means D ** -0.5.
     """
 
@@ -38,17 +70,24 @@ class SparseLinearAttention(nn.Module):
         head_dim: int,
         topk: float,
         feature_map: str = spec.DEFAULT_FEATURE_MAP,
-        BLKQ: int = spec.DEFAULT_BLOCK_Q,  # noqa: N803 (thu-ml/SLA's argument name)
-        BLKK: int = spec.DEFAULT_BLOCK_KV,  # noqa: N803
+        BLKQ: int | None = None,  # noqa: N803 (thu-ml/SLA's argument name)
+        BLKK: int | None = None,  # noqa: N803
         use_bf16: bool = True,
         tie_feature_map_qk: bool = True,
         *,
-        k_low: float = spec.DEFAULT_K_LOW,
-        linear: str = spec.DEFAULT_LINEAR,
-        layout: str = spec.DEFAULT_LAYOUT,
+        preset: str = presets.DEFAULT_PRESET,
+        k_low: float | None = None,
+        linear: str | None = None,
+        layout: str | None = None,
         scale: float | None = None,
     ) -> None:
         super().__init__()
+        chosen = presets.preset(preset)
+        BLKQ = chosen.block_q if BLKQ is None else BLKQ  # noqa: N806
+        BLKK = chosen.block_kv if BLKK is None else BLKK  # noqa: N806
+        k_low = chosen.k_low if k_low is None else k_low
+        linear = chosen.linear if linear is None else linear
+        layout = chosen.layout if layout is None else layout
         if head_dim not in spec.HEAD_DIMS:
             raise ValueError(f"head_dim must be one of {spec.HEAD_DIMS}; got {head_dim}")
         check_ratio("topk", topk)
@@ -62,9 +101,12 @@ class SparseLinearAttention(nn.Module):
         self.topk = topk
         self.k_low = k_low
         self.feature_map = feature_map
+        self.feature_map_q = FEATURE_MAP_FUNCTIONS[feature_map]
+        self.feature_map_k = self.feature_map_q
         self.BLKQ = BLKQ
         self.BLKK = BLKK
         self.tie_feature_map_qk = tie_feature_map_qk
+        self.preset = preset
         self.linear = linear
         self.layout = layout
         self.scale = scale
@@ -77,11 +119,24 @@ class SparseLinearAttention(nn.Module):
             nn.init.zeros_(self.proj_l.weight)
             nn.init.zeros_(self.proj_l.bias)
 
+    def check_feature_maps(self) -> None:
+        """`feature_map_q` and `feature_map_k` must still be the built-in map `feature_map`
+        names: the kernels compute only those, so a replaced map would be ignored."""
+        builtin = FEATURE_MAP_FUNCTIONS[self.feature_map]
+        for name in ("feature_map_q", "feature_map_k"):
+            if getattr(self, name) is not builtin:
+                raise ValueError(
+                    f"{name} is not the built-in {self.feature_map!r} map: sla-tl computes "
+                    f"only {', '.join(spec.FEATURE_MAPS)}; set feature_map to one of them "
+                    "instead of replacing the function"
+                )
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, float]:
-        """Attention output in q's dtype; with `return_sparsity`, also the share of key
-        blocks the sparse branch computes (what thu-ml/SLA returns under that name)."""
+        """Attention output in q's dtype and layout; with `return_sparsity`, also the share of
+        key blocks the sparse branch computes (what thu-ml/SLA returns under that name)."""
+        self.check_feature_maps()
         out = attention(
             q.to(self.dtype), k.to(self.dtype), v.to(self.dtype),
             self.proj_l.weight, self.proj_l.bias, **self.attention_options(),
@@ -100,3 +155,28 @@ class SparseLinearAttention(nn.Module):
         """Share of key blocks the sparse branch computes for `kv_length` keys."""
         n_kv = spec.num_blocks(kv_length, self.BLKK)
         return spec.num_critical(self.topk, n_kv) / n_kv
+
+
+class SageSparseLinearAttention(SparseLinearAttention):
+    """The call signature of SageSLA (thu-ml/SLA `SageSLA`, and TurboDiffusion's with
+    preset="turbodiffusion-sagesla"): no block arguments; its Hopper blocks, 64x128, and its
+    linear branch over all blocks. The sparse branch runs sla-tl's bf16/fp16 kernels, not
+    SageSLA's int8/fp8 ones, so the numbers are those of exact attention on the same blocks.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        topk: float,
+        feature_map: str = spec.DEFAULT_FEATURE_MAP,
+        use_bf16: bool = True,
+        tie_feature_map_qk: bool = True,
+        *,
+        preset: str = "sagesla",
+        k_low: float | None = None,
+        linear: str | None = None,
+        layout: str | None = None,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(head_dim, topk, feature_map, None, None, use_bf16, tie_feature_map_qk,
+                         preset=preset, k_low=k_low, linear=linear, layout=layout, scale=scale)

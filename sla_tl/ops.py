@@ -100,6 +100,27 @@ def _empty_like_input(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def forward_outputs_like(q: torch.Tensor, s: Settings) -> ForwardOutputs:
+    """Empty tensors shaped as `sla::attention_fwd` returns them for q (fake kernels)."""
+    b, h, lq, d = to_bhsd(q, s.layout).shape
+    n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
+    return ForwardOutputs(_empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32),
+                          _empty_like_input(q), q.new_empty((b, h, n_rows, d, d)),
+                          q.new_empty((b, h, n_rows, d), dtype=torch.float32))
+
+
+def gradients_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+                   proj_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped as `sla::attention_bwd` returns them (fake kernels)."""
+    return (
+        _empty_like_input(q),
+        _empty_like_input(k),
+        _empty_like_input(v),
+        torch.empty_like(proj_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(proj_bias, memory_format=torch.contiguous_format),
+    )
+
+
 # ---------------------------------------------------------------- device kernels
 
 
@@ -178,23 +199,13 @@ def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight
     _check_call(q, k, v, proj_weight, proj_bias, s)
     check_routing(Routing(lut, lut_count, neg_lut, neg_count), q, k, s.block_q, s.block_kv,
                   s.layout)
-    b, h, lq, d = to_bhsd(q, s.layout).shape
-    n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
-    return (_empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32),
-            _empty_like_input(q), q.new_empty((b, h, n_rows, d, d)),
-            q.new_empty((b, h, n_rows, d), dtype=torch.float32))
+    return tuple(forward_outputs_like(q, s))
 
 
 @torch.library.register_fake("sla::attention_bwd", lib=_lib)
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut_count,
                         neg_lut, neg_count, proj_weight, proj_bias, *settings):
-    return (
-        _empty_like_input(q),
-        _empty_like_input(k),
-        _empty_like_input(v),
-        torch.empty_like(proj_weight, memory_format=torch.contiguous_format),
-        torch.empty_like(proj_bias, memory_format=torch.contiguous_format),
-    )
+    return gradients_like(q, k, v, proj_weight, proj_bias)
 
 
 @torch.library.register_fake("sla::attention_lut", lib=_lib)

@@ -16,7 +16,7 @@ from . import kernels
 from .schedules import sm90
 from .schedules.compile import FAST_ARITHMETIC
 from .settings import Settings
-from .warm import KernelSpec, kernels_for_call, map_in_parallel
+from .warm import KernelSpec, kernel_name, kernels_for_call, map_in_parallel
 
 
 class KernelFacts(NamedTuple):
@@ -44,10 +44,8 @@ def shipped_kernels(arch: str = "sm_90a") -> list[KernelSpec]:
     return list(dict.fromkeys(specs))
 
 
-def spec_name(spec: KernelSpec) -> str:
-    """A stable, readable key for a kernel spec (the record's key)."""
-    args = [a for a in spec.args if not isinstance(a, float)]  # the softmax scale follows D
-    return spec.getter.removesuffix("_kernel") + ":" + ",".join(str(a) for a in args)
+spec_name = kernel_name
+"""The record's key for a kernel spec (see `sla_tl.warm.kernel_name`)."""
 
 
 def _ptxas_report(source: str, arch: str) -> str:
@@ -105,9 +103,11 @@ def kernel_facts(spec: KernelSpec) -> KernelFacts:
     )
 
 
-def collect(specs: list[KernelSpec], workers: int | None = None) -> list[KernelFacts]:
-    """Compile every distinct spec and read its facts, in parallel processes, in order."""
-    return map_in_parallel(kernel_facts, specs, workers)
+def collect(specs: list[KernelSpec], workers: int | None = None,
+            progress: bool = False) -> list[KernelFacts]:
+    """Compile every distinct spec and read its facts, in parallel processes, in order
+    (with `progress`, a line per kernel on stderr)."""
+    return map_in_parallel(kernel_facts, specs, workers, progress)
 
 
 RECORD_PATH = os.path.join(os.path.dirname(sm90.__file__), "resources.json")

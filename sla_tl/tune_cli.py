@@ -71,7 +71,7 @@ def warm(args: argparse.Namespace) -> int:
             if k.gpu == gpu and k.arch == arch:
                 s = Settings(k.block_q, k.block_kv, k.feature_map, k.linear, None, k.layout)
                 specs += kernels_for_call(k.dim, k.dtype, s, arch, schedule=entry.schedule)
-        compile_in_parallel(specs, args.workers)
+        compile_in_parallel(specs, args.workers, progress=True)
         print(f"{gpu}: {len(set(specs))} kernels in {kernel_cache.directory_for(gpu)}")
     return 0
 

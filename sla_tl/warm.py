@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import sys
+import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
@@ -55,40 +57,74 @@ def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str, backward: boo
     return specs
 
 
+def kernel_name(spec: KernelSpec) -> str:
+    """A stable, readable name for a kernel spec, e.g. "forward:128,128,64,bfloat16,softmax,
+    bhsd,sm_90a" (the static check's record key; the softmax scale, which follows D, is left
+    out)."""
+    args = [a for a in spec.args if not isinstance(a, float)]
+    return spec.getter.removesuffix("_kernel") + ":" + ",".join(str(a) for a in args)
+
+
 def _compile(spec: KernelSpec) -> None:
     getattr(kernels, spec.getter)(*spec.args)
 
 
-def _guarded(task: tuple[Callable[[KernelSpec], T], KernelSpec]) -> tuple[T | None, str | None]:
-    """Run one task; its error as text (TileLang's errors do not pickle)."""
+class _Outcome(NamedTuple):
+    value: object
+    error: str | None
+    seconds: float
+
+
+def _guarded(task: tuple[Callable[[KernelSpec], T], KernelSpec]) -> _Outcome:
+    """Run one task, timed; its error as text (TileLang's errors do not pickle)."""
     fn, spec = task
+    start = time.perf_counter()
     try:
-        return fn(spec), None
+        return _Outcome(fn(spec), None, time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001  (reported to the parent, which raises)
-        return None, f"{spec}: {type(error).__name__}: {error}"
+        return _Outcome(None, f"{spec}: {type(error).__name__}: {error}",
+                        time.perf_counter() - start)
+
+
+def _report(done: int, total: int, spec: KernelSpec, outcome: _Outcome) -> None:
+    status = "failed" if outcome.error else f"{outcome.seconds:.1f} s"
+    print(f"[{done}/{total}] {kernel_name(spec)}  {status}", file=sys.stderr, flush=True)
 
 
 def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
-                    workers: int | None = None) -> list[T]:
-    """`fn` over the distinct specs, `workers` processes at a time (default: all cores).
+                    workers: int | None = None, progress: bool = False) -> list[T]:
+    """`fn` over the distinct specs, `workers` processes at a time (default: all cores), the
+    results in the specs' order; with `progress`, one line on stderr per kernel as it
+    finishes ("[n/N] name  seconds", the time a cached kernel takes to load included).
 
     `fn` must be a module-level function. Raises RuntimeError listing every failure.
     """
     unique = list(dict.fromkeys(specs))
     workers = min(workers or os.cpu_count() or 1, len(unique))
     tasks = [(fn, spec) for spec in unique]
+    outcomes: dict[int, _Outcome] = {}
     if workers <= 1:
-        results = [_guarded(task) for task in tasks]
+        for index, task in enumerate(tasks):
+            outcomes[index] = _guarded(task)
+            if progress:
+                _report(len(outcomes), len(tasks), task[1], outcomes[index])
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = list(pool.map(_guarded, tasks))
-    failed = [error for _, error in results if error]
+            futures = {pool.submit(_guarded, task): index for index, task in enumerate(tasks)}
+            for future in concurrent.futures.as_completed(futures):
+                index = futures[future]
+                outcomes[index] = future.result()
+                if progress:
+                    _report(len(outcomes), len(tasks), unique[index], outcomes[index])
+    results = [outcomes[index] for index in range(len(tasks))]
+    failed = [r.error for r in results if r.error]
     if failed:
         raise RuntimeError("kernels failed:\n" + "\n".join(failed))
-    return [value for value, _ in results]
+    return [r.value for r in results]
 
 
-def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None) -> None:
+def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None,
+                        progress: bool = False) -> None:
     """Compile each distinct spec once, in parallel processes (see `map_in_parallel`)."""
-    map_in_parallel(_compile, specs, workers)
+    map_in_parallel(_compile, specs, workers, progress)

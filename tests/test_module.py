@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
+import pytest
 import torch
 
 import sla_tl
@@ -66,3 +68,54 @@ def test_module_bshd_layout(generator):
     out = module(*(t.transpose(1, 2) for t in (q, k, v)))
     assert out.shape == (1, 48, 2, 64)
     assert relative_error(out.transpose(1, 2), bhsd(q, k, v)) < 1e-6
+
+
+def test_presets_fill_the_settings_left_unset():
+    default = sla_tl.SparseLinearAttention(64, 0.1)
+    assert (default.linear, default.k_low, default.BLKQ, default.BLKK, default.layout) == (
+        "global", 0.0, 64, 64, "bhsd")
+    turbo = sla_tl.SparseLinearAttention(128, 0.1, preset="turbodiffusion")
+    assert (turbo.linear, turbo.BLKQ, turbo.BLKK, turbo.layout) == ("global", 128, 64, "bshd")
+    paper = sla_tl.SparseLinearAttention(128, 0.05, preset="paper", BLKQ=128)
+    assert (paper.linear, paper.k_low, paper.BLKQ, paper.BLKK) == ("marginal", 0.10, 128, 64)
+    with pytest.raises(ValueError, match="preset"):
+        sla_tl.SparseLinearAttention(64, 0.1, preset="SLA-2")
+
+
+def test_sage_module_has_sagesla_call_signature():
+    names = list(inspect.signature(sla_tl.SageSparseLinearAttention.__init__).parameters)[1:6]
+    assert names == ["head_dim", "topk", "feature_map", "use_bf16", "tie_feature_map_qk"]
+    sage = sla_tl.SageSparseLinearAttention(128, 0.2, "elu", False)
+    assert (sage.BLKQ, sage.BLKK, sage.linear, sage.dtype) == (64, 128, "global", torch.float16)
+    turbo = sla_tl.SageSparseLinearAttention(128, 0.2, preset="turbodiffusion-sagesla")
+    assert turbo.layout == "bshd"
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+def test_feature_map_attributes_compute_the_named_map(generator, feature_map):
+    module = sla_tl.SparseLinearAttention(64, 0.1, feature_map, tie_feature_map_qk=False)
+    x = torch.randn(2, 64, generator=generator)
+    torch.testing.assert_close(module.feature_map_q(x), reference.feature_map(x, feature_map))
+    torch.testing.assert_close(module.feature_map_k(x), reference.feature_map(x, feature_map))
+    assert set(sla_tl.module.FEATURE_MAP_FUNCTIONS) == set(sla_tl.spec.FEATURE_MAPS)
+
+
+def test_replaced_feature_map_is_refused_and_copies_keep_theirs(generator):
+    q, k, v = random_qkv(1, 2, 64, 64, 64, torch.float32, generator)
+    module = sla_tl.SparseLinearAttention(64, 0.5, BLKQ=16, BLKK=16)
+    copy.deepcopy(module)(q, k, v)  # an EMA-style copy still has the built-in maps
+    module.feature_map_q = torch.nn.ReLU()
+    with pytest.raises(ValueError, match="feature_map_q"):
+        module(q, k, v)
+
+
+def test_evident_layout_swap_is_an_error_naming_layout(generator):
+    # A (B, L, H, D) tensor handed to a (B, H, L, D) module, as TurboDiffusion code does.
+    q = torch.randn(1, 1024, 4, 64, generator=generator).bfloat16()
+    with pytest.raises(ValueError, match="layout='bshd'"):
+        sla_tl.SparseLinearAttention(64, 0.1)(q, q, q)
+    with pytest.raises(ValueError, match="layout='bhsd'"):
+        sla_tl.SparseLinearAttention(64, 0.1, preset="turbodiffusion")(
+            q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))
+    out = sla_tl.SparseLinearAttention(64, 0.1, preset="turbodiffusion", BLKQ=64)(q, q, q)
+    assert out.shape == q.shape
