@@ -3,7 +3,7 @@
 Importing the package registers the `torch.ops.sla` operators.
 """
 
-from .api import attention, attention_with_routing, route
+from .api import attention, attention_with_routing, check_routing, route
 from .module import SparseLinearAttention
 from .routing import Routing
 
@@ -16,6 +16,6 @@ def tune(arch: str = "sm90", **options):
     return run_tune(arch, **options)
 
 
-__all__ = ["Routing", "SparseLinearAttention", "attention", "attention_with_routing", "route",
-           "tune"]
+__all__ = ["Routing", "SparseLinearAttention", "attention", "attention_with_routing",
+           "check_routing", "route", "tune"]
 __version__ = "0.1.0"
