@@ -1,13 +1,31 @@
-"""The `sla-tl` command line."""
+"""The `sla-tl` command line.
+
+Exit status, for every subcommand: 0 on success, 1 when the work failed (a gate, a kernel
+that does not compile), 2 on bad input (a value, a file, a store); an error is one line
+on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sla-tl` command."""
-    parser = argparse.ArgumentParser(prog="sla-tl", description="Sparse-Linear Attention tools")
+    parser = OneLineParser(prog="sla-tl", description="Sparse-Linear Attention tools")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="reference quality on a small problem; timing on a GPU")
@@ -54,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     warm.add_argument("--workers", type=int, default=None)
 
     args, rest = parser.parse_known_args(argv)
+    try:
+        return _run(parser, args, rest)
+    except KeyboardInterrupt:
+        print(f"sla-tl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, NotImplementedError, OSError) as error:
+        print(f"sla-tl {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"sla-tl {args.command}: failed: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the chosen subcommand; its exit status."""
     if args.command == "demo":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -76,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
-    from . import static_check
+    from . import kernels, static_check
+    from .validation import check_positive_int
 
+    arch = kernels.normalise_arch(arch)
+    if workers is not None:
+        check_positive_int("--workers", workers)
     facts = static_check.collect(static_check.shipped_kernels(arch), workers)
     for f in facts:
         print(f"{f.name:<64} regs {f.registers:>3}  spill {f.spill_bytes:>4} B  "

@@ -21,8 +21,13 @@ _USER_DIRECTORY = os.environ.get("TILELANG_CACHE_DIR")
 
 
 def model_slug(gpu: str) -> str:
-    """A GPU model's name as a file name: "NVIDIA H200" -> "NVIDIA-H200"."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-")
+    """A GPU model's name as one safe path component: "NVIDIA H200" -> "NVIDIA-H200".
+    Runs of other characters become "-"; leading and trailing dots and dashes go, so that
+    no name can be "." or ".." (or climb out of a directory)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-.")
+    if not slug:
+        raise ValueError(f"gpu must name a GPU model (letters or digits); got {gpu!r}")
+    return slug
 
 
 def directory_for(gpu: str) -> Path:

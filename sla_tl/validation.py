@@ -25,6 +25,7 @@ from .spec import (
 )
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
 # The CPU implementation is the reference; it also takes wide floats so gradients can be
 # checked in float64.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float32, torch.float64)
@@ -46,6 +47,14 @@ def check_ratio(name: str, value: object) -> None:
 
 # The operators' schemas take int64.
 _INT64_LIMIT = 2**63
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """`value` must be an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1; got {value}")
 
 
 def check_block(name: str, value: object) -> None:

@@ -69,15 +69,19 @@ def _guarded(task: tuple[Callable[[KernelSpec], T], KernelSpec]) -> tuple[T | No
 
 
 def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
-                    workers: int | None = None) -> list[T]:
+                    workers: int | None = None, fresh: bool = False) -> list[T]:
     """`fn` over the distinct specs, `workers` processes at a time (default: all cores).
 
-    `fn` must be a module-level function. Raises RuntimeError listing every failure.
+    With one worker it runs in this process, unless `fresh`: then always in new processes,
+    which see only the disk cache of the current `TILELANG_CACHE_DIR` (this process's
+    in-memory caches would serve a kernel compiled for another directory without writing
+    it to this one). `fn` must be a module-level function. Raises RuntimeError listing
+    every failure.
     """
     unique = list(dict.fromkeys(specs))
-    workers = min(workers or os.cpu_count() or 1, len(unique))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(unique)))
     tasks = [(fn, spec) for spec in unique]
-    if workers <= 1:
+    if workers == 1 and not fresh:
         results = [_guarded(task) for task in tasks]
     else:
         context = multiprocessing.get_context("spawn")
@@ -89,6 +93,7 @@ def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
     return [value for value, _ in results]
 
 
-def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None) -> None:
+def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None,
+                        fresh: bool = False) -> None:
     """Compile each distinct spec once, in parallel processes (see `map_in_parallel`)."""
-    map_in_parallel(_compile, specs, workers)
+    map_in_parallel(_compile, specs, workers, fresh)
