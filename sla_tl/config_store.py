@@ -214,7 +214,7 @@ class ConfigStore:
         StoreError if the file is of a newer format or cannot be written."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            with _file_lock(self.path.with_suffix(".lock")):
                 contents = _read(self.path)
                 if contents.newer_format is not None:
                     raise StoreError(
@@ -278,15 +278,14 @@ def _move_aside(path: Path) -> Path:
 
 def _read(path: Path) -> _Contents:
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         return _Contents([], [], False, None)
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not text"
-        return _Contents([], [f"cannot be read ({reason})"], False, None)
+    except OSError as error:
+        return _Contents([], [f"cannot be read ({error.strerror or error})"], False, None)
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
         return _Contents([], [f"is not JSON ({error})" if isinstance(error, ValueError)
                               else "is not JSON (nested too deeply)"], True, None)
     shape = _document_problem(data)
