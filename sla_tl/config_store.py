@@ -230,8 +230,9 @@ class ConfigStore:
                 kept = [e for e in contents.entries if e.key != entry.key]
                 _write(self.path, [*kept, entry])
         except OSError as error:
+            where = f" ({error.filename})" if error.filename else ""
             raise StoreError(f"cannot write the tuned-config store {self.path}: "
-                             f"{error.strerror or error}") from None
+                             f"{error.strerror or error}{where}") from None
         self.reload()
 
     def reload(self) -> None:

@@ -212,6 +212,7 @@ def backward_into(
     live at once, which keeps the backward's peak memory down."""
     kernels.check_block_sizes(s.block_q, s.block_kv)
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    saved = ForwardOutputs(*(t.contiguous() for t in saved))  # the kernels take dense tensors
     _, arch = kernel_cache.prepare(q.device)
     if schedule is None:
         schedule = schedule_for_call(q, k, routing, s)

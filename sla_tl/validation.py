@@ -9,6 +9,7 @@ never synchronise with the GPU and are safe inside CUDA-graph capture and tracin
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -39,7 +40,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def check_ratio(name: str, value: object) -> None:
     """`value` must be a real number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1]; got {type(value).__name__}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1]; got {value}")
@@ -51,7 +52,7 @@ _INT64_LIMIT = 2**63
 
 def check_positive_int(name: str, value: object) -> None:
     """`value` must be an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1; got {value}")
@@ -59,7 +60,7 @@ def check_positive_int(name: str, value: object) -> None:
 
 def check_block(name: str, value: object) -> None:
     """`value` must be a positive multiple of 16 (that the operators' int64 can hold)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value <= 0 or value % BLOCK_MULTIPLE:
         raise ValueError(f"{name} must be a positive multiple of {BLOCK_MULTIPLE}; got {value}")
@@ -71,7 +72,7 @@ def check_scale(scale: object) -> None:
     """`scale` must be None or a positive finite number."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite; got {scale}")

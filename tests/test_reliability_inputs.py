@@ -184,3 +184,13 @@ def test_routing_must_be_a_routing_not_a_tuple(good):
         sla_tl.attention_with_routing(*_tensors(good)[:3], tuple(routing), *_tensors(good)[3:])
     with pytest.raises(TypeError, match=r"routing must be a sla_tl.Routing .* got list"):
         sla_tl.check_routing(good["q"], good["k"], list(routing))
+
+
+def test_numpy_scalars_are_taken_like_the_operators_take_them(good):
+    np = pytest.importorskip("numpy")
+    out = sla_tl.attention(*_tensors(good), topk=np.float32(0.25), block_q=np.int64(16),
+                           block_kv=np.int64(16))
+    expected = torch.ops.sla.attention(*_tensors(good), 0.25, 0.0, 16, 16)
+    assert relative_error(out, expected) < 1e-12
+    with pytest.raises(TypeError, match=r"topk must be a float in \[0, 1\]; got bool"):
+        sla_tl.attention(*_tensors(good), topk=np.bool_(True))

@@ -13,7 +13,7 @@ import warnings
 import pytest
 from sqlalchemy.engine import make_url
 
-from sla_tl import config_store, kernel_cache
+from sla_tl import config_store, kernel_cache, static_check
 from sla_tl.autotune.storage import default_url, open_storage
 from sla_tl.config_store import ConfigStore, Entry, StoreError, TunedConfigWarning, TuneKey
 
@@ -219,3 +219,11 @@ def test_a_damaged_optuna_database_is_named(tmp_path):
         open_storage(f"sqlite:///{path}")
     with pytest.raises(ValueError, match=r"storage must be an SQLAlchemy database URL"):
         open_storage("not a url")
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"forward:x": {"registers": 1}}'])
+def test_a_damaged_kernel_record_is_named(tmp_path, content):
+    path = tmp_path / "resources.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{path}"):
+        static_check.load_record(str(path))
