@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import NoReturn
 
 
@@ -21,6 +22,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def _warning_line(command: str):
+    """Show a warning as one line, `sla-tl COMMAND: warning: ...` (not Python's two)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"sla-tl {command}: warning: {_one_line(message)}", file=file or sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     try:
-        return _run(parser, args, rest)
+        with warnings.catch_warnings():  # restores the default display on the way out
+            warnings.showwarning = _warning_line(args.command)
+            return _run(parser, args, rest)
     except KeyboardInterrupt:
         print(f"sla-tl {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -187,3 +187,17 @@ def test_warm_with_one_worker_fills_every_models_kernel_cache(tmp_path, monkeypa
         compiled = [p for p in directory.rglob("*.so")]
         assert compiled, f"nothing compiled into {directory}"
     assert json.loads((tmp_path / config_store.STORE_FILE).read_text())["entries"]
+
+
+def test_a_warning_is_one_line_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SLA_TL_CACHE_DIR", str(tmp_path))
+    (tmp_path / config_store.STORE_FILE).write_text("garbage")
+    config_store.active_store().reload()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert cli.main(["warm"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"sla-tl warm: warning: {tmp_path / config_store.STORE_FILE}: is "
+                               "not JSON")
+    assert lines[1] == ("sla-tl warm: error: no GPU in hand and no tuned schedule in the store: "
+                        "pass --gpu MODEL")

@@ -227,3 +227,17 @@ def test_a_damaged_kernel_record_is_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=rf"{path}"):
         static_check.load_record(str(path))
+
+
+def test_a_kernel_cache_that_cannot_be_made_never_stops_the_operators(tmp_path, monkeypatch):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("SLA_TL_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(kernel_cache, "_USER_DIRECTORY", None)
+    monkeypatch.setenv("TILELANG_CACHE_DIR", "")
+    monkeypatch.setenv("TILELANG_DISABLE_CACHE", "0")
+    with pytest.raises(ValueError, match=rf"cannot use the kernel cache directory {blocker}"):
+        kernel_cache.use_gpu_model("NVIDIA H200")  # what warm and tune get
+    with pytest.warns(kernel_cache.KernelCacheWarning, match=r"compiling without a disk cache"):
+        kernel_cache.use_gpu_model_or_no_cache("NVIDIA H200")  # what the operators get
+    assert os.environ["TILELANG_DISABLE_CACHE"] == "1"
