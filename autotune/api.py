@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -17,6 +16,7 @@ from sla_tl.validation import (
     check_positive_int,
     check_qkv,
     check_ratio,
+    is_finite_positive,
 )
 
 from .candidates import Candidate, build_candidates
@@ -100,8 +100,7 @@ def _check_arguments(shapes: list[tuple[int, ...]], trials: object, storage: obj
     if storage is not None and not isinstance(storage, str):
         raise TypeError(f"storage must be an SQLAlchemy URL string or None; got "
                         f"{type(storage).__name__}")
-    if error_budget is not None and (isinstance(error_budget, bool) or not isinstance(
-            error_budget, (int, float)) or not math.isfinite(error_budget) or error_budget <= 0):
+    if error_budget is not None and not is_finite_positive(error_budget):
         raise ValueError(f"error_budget must be a positive finite relative error; got "
                          f"{error_budget!r}")
     check_choice("dtype", options["dtype"], KERNEL_DTYPE_NAMES)

@@ -12,8 +12,9 @@ short call depends on the machine's CPU, which a ratio against cuDNN does not ca
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from sla_tl.validation import is_finite_positive
 
 from .result_file import describe_row, row_key
 from .suite import Case, Shape
@@ -111,8 +112,7 @@ def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
 
 def _usable(speedup: object) -> bool:
     """A speedup the gate can compare: a finite positive number (NaN passes every `>`)."""
-    return (not isinstance(speedup, bool) and isinstance(speedup, (int, float))
-            and math.isfinite(speedup) and speedup > 0)
+    return is_finite_positive(speedup)
 
 
 def format_verdicts(verdicts: list[Verdict], tolerance: float) -> str:

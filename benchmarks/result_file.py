@@ -14,11 +14,11 @@ validation, merging and naming.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from sla_tl.kernel_cache import model_slug
+from sla_tl.validation import is_finite
 
 from .suite import MODE_NAMES, MODES, Shape
 from .timing import TIMINGS
@@ -106,7 +106,7 @@ def _figure_problems(where: str, row: dict, names: list[str]) -> list[str]:
         value = row.get(name)
         if isinstance(value, bool) or not isinstance(value, _NUMBER):
             continue  # reported as a type problem
-        if not math.isfinite(value):
+        if not is_finite(value):
             problems.append(f"{where}: {name} {value} is not finite")
         elif not value > 0:
             problems.append(f"{where}: {name} {value} is not positive")

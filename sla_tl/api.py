@@ -27,11 +27,10 @@ def _check_scalars(topk: object = spec.DEFAULT_TOPK, k_low: object = spec.DEFAUL
     check_choice("layout", layout, spec.LAYOUTS)
 
 
-def _check_routing_type(routing: object) -> Routing:
+def _check_routing_type(routing: object) -> None:
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a sla_tl.Routing (lut, lut_count, neg_lut, neg_count), "
                         f"as sla_tl.route returns; got {type(routing).__name__}")
-    return routing
 
 
 def route(

@@ -11,6 +11,13 @@ Lookup order, for a call on a given GPU model, arch and TileLang version:
    layout whose size (B*H*Lq, Lk) and density are closest on a log scale;
 3. "default": no entry; every kernel takes its per-arch default knobs.
 Entries made on another GPU model, arch or TileLang version are never used.
+
+The operators never fail because of this file. One that cannot be read or parsed, an
+entry with a missing, extra or out-of-range field, or a knob value outside the schedule's
+search space is reported in one warning (`TunedConfigWarning`) naming the file, and
+skipped: the call gets the entries that can be used, else the defaults. Writing moves a
+damaged file aside first and says where; a file of a newer format is read as far as this
+version understands it and never rewritten.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import NamedTuple
 
 from . import spec
 from .kernels import TUNABLE, Schedule, check_kernel_sizes, search_space
-from .validation import KERNEL_DTYPE_NAMES, check_choice, check_ratio
+from .validation import KERNEL_DTYPE_NAMES, check_choice, check_ratio, is_finite_positive
 
 STORE_FILE = "tuned_configs.json"
 FORMAT_VERSION = 1
@@ -163,6 +170,7 @@ class _Contents(NamedTuple):
     damaged: bool
     """The file holds something this version cannot use and would lose by rewriting it."""
     newer_format: int | None
+    """The file's format number when it is newer than this version's."""
 
 
 class ConfigStore:
@@ -184,7 +192,7 @@ class ConfigStore:
         if self._entries is None:
             contents = _read(self.path)
             if contents.problems:
-                # Raised once per read (the file is read once per process), not per call.
+                # Once per read (the file is read once per process), not once per call.
                 warnings.warn(f"{self.path}: " + "; ".join(contents.problems[:5])
                               + _using(contents), TunedConfigWarning, stacklevel=2)
             self._entries = contents.entries
@@ -404,15 +412,10 @@ def _schedule_problem(schedule: object, key: dict) -> str | None:
     return None
 
 
-def _positive_number(value: object) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value) and value > 0)
-
-
 def _figures_problem(raw: dict) -> str | None:
-    if not _positive_number(raw["latency_ms"]):
+    if not is_finite_positive(raw["latency_ms"]):
         return f"latency_ms is {raw['latency_ms']!r}, not a positive number"
-    if raw["default_latency_ms"] is not None and not _positive_number(raw["default_latency_ms"]):
+    if raw["default_latency_ms"] is not None and not is_finite_positive(raw["default_latency_ms"]):
         return f"default_latency_ms is {raw['default_latency_ms']!r}, not a positive number"
     trials = raw["trials"]
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:

@@ -38,11 +38,27 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def is_finite(value: object) -> bool:
+    """A real number (not a bool) that a float64 holds finitely (an int too large for one,
+    as the operators' float arguments are, is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def is_finite_positive(value: object) -> bool:
+    """`is_finite` and > 0."""
+    return is_finite(value) and value > 0
+
+
 def check_ratio(name: str, value: object) -> None:
     """`value` must be a real number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1]; got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
+    if not 0.0 <= value <= 1.0:  # compared as is: float() of a huge int overflows
         raise ValueError(f"{name} must be in [0, 1]; got {value}")
 
 
@@ -74,7 +90,7 @@ def check_scale(scale: object) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    if not is_finite_positive(scale):
         raise ValueError(f"scale must be positive and finite; got {scale}")
 
 

@@ -112,6 +112,8 @@ def test_module_constructor_checks(kwargs, error, pattern):
         (dict(block_q=64.0), TypeError, r"block_q must be an int; got float"),
         (dict(block_kv="64"), TypeError, r"block_kv must be an int; got str"),
         (dict(block_q=2**70), ValueError, r"block_q must be below 2\*\*63"),
+        (dict(topk=10**400), ValueError, r"topk must be in \[0, 1\]"),
+        (dict(scale=10**400), ValueError, r"scale must be positive and finite"),
         (dict(layout=None), ValueError, r"layout must be one of bhsd, bshd; got None"),
         (dict(feature_map=None), ValueError, r"feature_map must be one of"),
         (dict(linear=3), ValueError, r"linear must be one of"),
