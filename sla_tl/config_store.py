@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import secrets
 import stat
 import threading
 import time
@@ -427,7 +428,7 @@ def _write(path: Path, entries: list[Entry]) -> None:
     """Replace `path` atomically, keeping its permission bits (new files get the umask's)."""
     data = {"format": FORMAT_VERSION,
             "entries": [dict(e._asdict(), key=e.key._asdict()) for e in entries]}
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                          0o666)
     try:
