@@ -10,13 +10,20 @@ import torch
 
 from sla_tl import config_store, kernel_cache, kernels, spec
 from sla_tl.config_store import Entry, TuneKey
+from sla_tl.validation import (
+    KERNEL_DTYPE_NAMES,
+    check_choice,
+    check_positive_int,
+    check_qkv,
+    check_ratio,
+    is_finite_positive,
+)
 
 from .candidates import Candidate, build_candidates
-from .measure import calibration_inputs, error_against_full, schedule_timer, settings_of
+from .measure import MODES, calibration_inputs, error_against_full, schedule_timer, settings_of
 from .storage import open_storage
 from .study import AlgorithmResult, ScheduleResult, tune_algorithm, tune_schedule
 
-ARCH_NAMES = {"sm90": "sm_90a", "sm_90": "sm_90a", "sm_90a": "sm_90a"}
 ALGORITHM_KNOBS = ("topk", "k_low", "block_q", "block_kv", "feature_map")
 WAN_1_3B = (1, 12, 32760, 128)
 
@@ -29,13 +36,6 @@ class TuneReport(NamedTuple):
     schedule: ScheduleResult | None
     """None with compile_only, or when no algorithm setting met the error budget."""
     algorithm: AlgorithmResult | None
-
-
-def normalise_arch(arch: str) -> str:
-    """TileLang's arch for a user's arch name ("sm90" -> "sm_90a")."""
-    if arch not in ARCH_NAMES:
-        raise ValueError(f"arch must be one of {sorted(ARCH_NAMES)} (Hopper); got {arch!r}")
-    return ARCH_NAMES[arch]
 
 
 def _gpu_for_timing(arch: str, user_arch: str) -> str:
@@ -54,14 +54,88 @@ def _gpu_for_timing(arch: str, user_arch: str) -> str:
     return name
 
 
-def _shape(shape: Sequence[int]) -> tuple[int, int, int, int, int]:
-    """(B, H, Lq, Lk, D) from (B, H, L, D) or (B, H, Lq, Lk, D)."""
+def _shape(shape: object) -> tuple[int, int, int, int, int]:
+    """(B, H, Lq, Lk, D) from (B, H, L, D) or (B, H, Lq, Lk, D), each a positive int."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) not in (
+            4, 5) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError("shapes must hold (B, H, L, D) or (B, H, Lq, Lk, D) of positive ints; "
+                         f"got {shape!r}")
     if len(shape) == 4:
         b, h, length, d = shape
         return b, h, length, length, d
-    if len(shape) == 5:
-        return tuple(shape)
-    raise ValueError(f"a shape is (B, H, L, D) or (B, H, Lq, Lk, D); got {tuple(shape)}")
+    return tuple(shape)
+
+
+def _listed(name: str, values: object) -> Sequence:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name} must be a non-empty list; got {values!r}")
+    return values
+
+
+def _check_calibration(calibration: object, layout: str) -> None:
+    if not isinstance(calibration, Sequence) or len(calibration) != 3:
+        raise TypeError("calibration must be a (q, k, v) tuple of tensors; got "
+                        f"{type(calibration).__name__}")
+    check_qkv(*calibration, layout)
+
+
+def _check_algorithm_value(name: str, value: object, dim: int, block_q: int,
+                           block_kv: int) -> None:
+    """One value of an algorithm knob, checked as the operators would (with the other knobs
+    at their pinned values)."""
+    if name in ("topk", "k_low"):
+        check_ratio(name, value)
+    elif name == "feature_map":
+        check_choice("feature_map", value, spec.FEATURE_MAPS)
+    else:
+        sizes = {"block_q": block_q, "block_kv": block_kv, name: value}
+        kernels.check_kernel_sizes(dim, sizes["block_q"], sizes["block_kv"])
+
+
+def _check_arguments(shapes: list[tuple[int, ...]], trials: object, storage: object,
+                     error_budget: object, options: dict) -> None:
+    """Everything `tune` takes, checked before anything compiles, with the operators'
+    messages."""
+    check_positive_int("trials", trials)
+    if storage is not None and not isinstance(storage, str):
+        raise TypeError(f"storage must be an SQLAlchemy URL string or None; got "
+                        f"{type(storage).__name__}")
+    if error_budget is not None and not is_finite_positive(error_budget):
+        raise ValueError(f"error_budget must be a positive finite relative error; got "
+                         f"{error_budget!r}")
+    check_choice("dtype", options["dtype"], KERNEL_DTYPE_NAMES)
+    check_ratio("topk", options["topk"])
+    check_ratio("k_low", options["k_low"])
+    check_choice("feature_map", options["feature_map"], spec.FEATURE_MAPS)
+    check_choice("linear", options["linear"], spec.LINEAR_MODES)
+    check_choice("layout", options["layout"], spec.LAYOUTS)
+    check_choice("mode", options["mode"], MODES)
+    if options["workers"] is not None:
+        check_positive_int("workers", options["workers"])
+    if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
+        raise TypeError(f"seed must be an int; got {type(options['seed']).__name__}")
+    if options["gpu"] is not None:
+        if not isinstance(options["gpu"], str):
+            raise TypeError(f"gpu must be a GPU model name; got {type(options['gpu']).__name__}")
+        kernel_cache.model_slug(options["gpu"])  # a name that cannot be a directory is refused
+    for *_, d in shapes:
+        kernels.check_kernel_sizes(d, options["block_q"], options["block_kv"])
+    space = options["search_algorithm"]
+    if space is None:
+        return
+    if not isinstance(space, Mapping):
+        raise TypeError(f"search_algorithm must map knob names to lists of values; got "
+                        f"{type(space).__name__}")
+    unknown = set(space) - set(ALGORITHM_KNOBS)
+    if unknown:
+        raise ValueError(f"search_algorithm knobs must be among {ALGORITHM_KNOBS}; "
+                         f"got {sorted(unknown, key=str)}")
+    if error_budget is None:
+        raise ValueError("search_algorithm needs an error_budget (relative error)")
+    for name, values in space.items():
+        for value in _listed(f"search_algorithm[{name!r}]", values):
+            for *_, d in shapes:
+                _check_algorithm_value(name, value, d, options["block_q"], options["block_kv"])
 
 
 def tune(
@@ -105,16 +179,15 @@ def tune(
     directory): a study interrupted and run again resumes, and several processes may work
     on one study. Shapes default to Wan2.1-1.3B's attention, (1, 12, 32760, 128).
     """
-    arch_name = normalise_arch(arch)
-    if search_algorithm is not None:
-        unknown = set(search_algorithm) - set(ALGORITHM_KNOBS)
-        if unknown:
-            raise ValueError(f"search_algorithm knobs must be among {ALGORITHM_KNOBS}; "
-                             f"got {sorted(unknown)}")
-        if error_budget is None:
-            raise ValueError("search_algorithm needs an error_budget (relative error)")
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1; got {trials}")
+    arch_name = kernels.normalise_arch(arch)
+    given = [WAN_1_3B] if shapes is None else _listed("shapes", shapes)
+    problems = [_shape(shape) for shape in given]
+    _check_arguments(problems, trials, storage, error_budget, dict(
+        dtype=dtype, topk=topk, k_low=k_low, block_q=block_q, block_kv=block_kv,
+        feature_map=feature_map, linear=linear, layout=layout, mode=mode, workers=workers,
+        seed=seed, gpu=gpu, search_algorithm=search_algorithm))
+    if calibration is not None:
+        _check_calibration(calibration, layout)
     if compile_only:
         if gpu:
             kernel_cache.use_gpu_model(gpu)
@@ -124,10 +197,7 @@ def tune(
     study_storage = None if compile_only else open_storage(storage)
 
     reports = []
-    for shape in shapes or [WAN_1_3B]:
-        b, h, lq, lk, d = _shape(shape)
-        if d not in spec.HEAD_DIMS:
-            raise ValueError(f"head dim must be one of {spec.HEAD_DIMS}; got {d}")
+    for b, h, lq, lk, d in problems:
         key = TuneKey(gpu_name, arch_name, tilelang.__version__, b, h, lq, lk, d, dtype,
                       block_q, block_kv, topk, k_low, feature_map, linear, layout)
         algorithm = None
@@ -146,8 +216,13 @@ def tune(
             continue
         result = tune_schedule(key, candidates, schedule_timer(key, mode, seed=seed), trials,
                                study_storage, seed, progress)
-        config_store.active_store().record(
-            Entry(key, result.best, result.best_ms, result.default_ms, result.complete))
+        try:
+            config_store.active_store().record(
+                Entry(key, result.best, result.best_ms, result.default_ms, result.complete))
+        except config_store.StoreError as error:
+            raise config_store.StoreError(f"{error}. The trials are kept in the study storage: "
+                                          "tune again once it is fixed to store the result"
+                                          ) from None
         reports.append(TuneReport(key, candidates, result, algorithm))
     return reports
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -58,6 +59,16 @@ def create_study(name: str, storage: optuna.storages.BaseStorage, seed: int | No
                                directions=list(directions), load_if_exists=True)
 
 
+_DEFAULT_SCHEDULED = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING,
+                      *STATES_DONE)
+
+
+def _default_scheduled(study: optuna.Study) -> bool:
+    """Whether the all-defaults trial is done, queued or running (by a live worker)."""
+    return any(t.user_attrs.get("default")
+               for t in study.get_trials(deepcopy=False, states=_DEFAULT_SCHEDULED))
+
+
 def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=STATES_DONE))
 
@@ -67,13 +78,20 @@ def tune_schedule(key: TuneKey, candidates: Sequence[Candidate], timer: Timer, t
                   progress: bool = False) -> ScheduleResult:
     """Search schedule knobs for `key` until the study holds `trials` finished trials.
 
-    The first trial of a new study is the all-defaults schedule. A trial that picks a
-    pruned candidate is pruned before anything is timed; a trial whose timing raises is
-    recorded as failed and the study goes on.
+    The first trial of a new study is the all-defaults schedule; a resumed study whose
+    default trial was killed times it again. A trial that picks a pruned candidate is
+    pruned before anything is timed; a trial whose timing raises is recorded as failed and
+    the study goes on.
     """
     by_kernel = _choices(candidates)
     study = create_study(key.study_name(), storage, seed)
-    if not study.trials:
+    # Trials of a killed worker stop sending heartbeats: fail them now (the storage's
+    # callback queues each again), so that none stays RUNNING and a killed default is
+    # timed again.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if not _default_scheduled(study):
         study.enqueue_trial({kernel: cs[0].label for kernel, cs in by_kernel.items()},
                             user_attrs={"default": True})
 

@@ -13,12 +13,14 @@ Exit status: 0 when everything ran (and the gate passed), 1 when the gate failed
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
-from sla_tl.cli import HelpFormatter
+from sla_tl import spec
+from sla_tl.cli import HelpFormatter, OneLineParser
 
-from .gate import check, format_verdicts, gated_cases, refuse_other_gpu
+from .gate import check, check_tolerance, format_verdicts, gated_cases, refuse_other_gpu
 from .report import format_table
 from .result_file import baseline_path, load, make_result, merge, save
 from .suite import DEFAULT_SPARSITY, MODES, SECTIONS, Case, Shape, cases_of
@@ -37,7 +39,7 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sla-tl bench", description=__doc__.splitlines()[0],
         formatter_class=_Formatter,
         epilog="\n".join(__doc__.splitlines()[1:]))
@@ -90,10 +92,33 @@ def _requested_cases(args: argparse.Namespace) -> list[Case]:
             batch, heads, length, dim = (int(x) for x in text.split(","))
         except ValueError:
             raise UsageError(f"--shape wants B,H,L,D, got {text!r}") from None
+        if min(batch, heads, length) < 1 or dim not in spec.HEAD_DIMS:
+            raise UsageError(f"--shape wants positive B, H, L and D in {spec.HEAD_DIMS}, "
+                             f"got {text!r}")
         shape = Shape(f"B{batch}-H{heads}-L{length}-D{dim}", batch, heads, length, dim,
                       args.dtype)
-        cases += [Case(shape, float(s)) for s in _csv(args.sparsity)]
+        cases += [Case(shape, s) for s in _sparsities(args.sparsity)]
     return cases
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in _csv(text)]
+    except ValueError:
+        raise UsageError(f"--sparsity wants comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if not values or bad:
+        raise UsageError(f"--sparsity values must be in [0, 1), got {text!r}")
+    return values
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The options that are numbers, before anything is measured."""
+    check_tolerance(args.tolerance)
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise UsageError(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
+    if args.most_repeats < 1:
+        raise UsageError(f"--most-repeats must be at least 1, got {args.most_repeats}")
 
 
 def _systems(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -225,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check measures the baseline's cases, systems, modes and timing; "
                      f"leave out --{', --'.join(given)}")
     try:
+        _check_numbers(args)
         return run_bench(args)
-    except (UsageError, ValueError, ImportError) as error:  # WrongGPUError is a ValueError
-        print(f"sla-tl bench: error: {error}", file=sys.stderr)
+    except (UsageError, ValueError, ImportError, OSError) as error:  # WrongGPUError: ValueError
+        print(f"sla-tl bench: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

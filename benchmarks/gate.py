@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sla_tl.validation import is_finite_positive
+
 from .result_file import describe_row, row_key
 from .suite import Case, Shape
 from .systems import GATED_SYSTEM
@@ -36,6 +38,12 @@ class Verdict:
     def drop(self) -> float | None:
         """Relative fall of the speedup (negative when it rose)."""
         return None if self.current is None else 1.0 - self.current / self.baseline
+
+
+def check_tolerance(tolerance: float) -> None:
+    """ValueError unless `tolerance` (the largest allowed relative fall) is in [0, 1)."""
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
 
 
 def refuse_other_gpu(baseline: dict, gpu: str) -> None:
@@ -64,8 +72,7 @@ def gated_cases(baseline: dict) -> tuple[list[Case], list[str]]:
 def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
     """A verdict per gated baseline row. Raises WrongGPUError for another GPU model's baseline,
     ValueError for a tolerance outside [0, 1) or a baseline with nothing to gate."""
-    if not 0.0 <= tolerance < 1.0:
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    check_tolerance(tolerance)
     refuse_other_gpu(baseline, result["environment"]["gpu"])
     want, have = baseline["settings"]["timing"], result["settings"]["timing"]
     if want != have:
@@ -74,6 +81,11 @@ def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
     rows = gated_rows(baseline)
     if not rows:
         raise ValueError(f"the baseline has no {GATED_SYSTEM} speedup over cuDNN to check")
+    unusable = [describe_row(r) for r in rows if not _usable(r["speedup_vs_cudnn"])]
+    if unusable:
+        raise ValueError(f"the baseline's speedup is not a finite positive number for "
+                         f"{unusable[0]}" + (f" and {len(unusable) - 1} more"
+                                             if len(unusable) > 1 else ""))
     current = {row_key(r): r for r in result["rows"]}
     verdicts = []
     for base in rows:
@@ -85,6 +97,9 @@ def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
             verdicts.append(Verdict(name, was, None, f"missing: failed with {now['error']}"))
         elif "speedup_vs_cudnn" not in now:
             verdicts.append(Verdict(name, was, None, "missing: cuDNN did not run alongside"))
+        elif not _usable(now["speedup_vs_cudnn"]):
+            verdicts.append(Verdict(name, was, None, f"speedup {now['speedup_vs_cudnn']!r} is "
+                                    "not a finite positive number"))
         else:
             verdict = Verdict(name, was, now["speedup_vs_cudnn"], None)
             if verdict.drop > tolerance:
@@ -93,6 +108,11 @@ def check(baseline: dict, result: dict, tolerance: float) -> list[Verdict]:
                                   f"{tolerance:.1%}): {was:.2f}x -> {verdict.current:.2f}x")
             verdicts.append(verdict)
     return verdicts
+
+
+def _usable(speedup: object) -> bool:
+    """A speedup the gate can compare: a finite positive number (NaN passes every `>`)."""
+    return is_finite_positive(speedup)
 
 
 def format_verdicts(verdicts: list[Verdict], tolerance: float) -> str:

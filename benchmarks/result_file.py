@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from sla_tl.kernel_cache import model_slug
+from sla_tl.validation import is_finite
 
 from .suite import MODE_NAMES, MODES, Shape
 from .timing import TIMINGS
@@ -93,21 +94,39 @@ def validate(doc: object) -> list[str]:
         problems += _type_problems(where, row, FIGURE_FIELDS)
         present = {k: v for k, v in OPTIONAL_FIGURE_FIELDS.items() if k in row}
         problems += _type_problems(where, row, present)
-        if isinstance(row.get("median_ms"), _NUMBER) and not row["median_ms"] > 0:
-            problems.append(f"{where}: median_ms {row['median_ms']} is not positive")
+        problems += _figure_problems(where, row, [*FIGURE_FIELDS, *present])
+    return problems
+
+
+def _figure_problems(where: str, row: dict, names: list[str]) -> list[str]:
+    """Every figure is a finite positive number: a NaN, infinite or zero speedup would pass
+    (or break) the gate's comparisons."""
+    problems = []
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
+            continue  # reported as a type problem
+        if not is_finite(value):
+            problems.append(f"{where}: {name} {value} is not finite")
+        elif not value > 0:
+            problems.append(f"{where}: {name} {value} is not positive")
     return problems
 
 
 def load(path: str | os.PathLike) -> dict:
-    """Read and validate a result document; ValueError naming the file and its problems."""
-    with open(path) as f:
-        try:
+    """Read and validate a result document; a one-line ValueError naming the file and what
+    is wrong with it (unreadable, not JSON, or its first problems)."""
+    try:
+        with open(path) as f:
             doc = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not JSON: {error}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not JSON: {error}") from None
     problems = validate(doc)
     if problems:
-        raise ValueError(f"{path} is not a bench result:\n  " + "\n  ".join(problems[:20]))
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{path} is not a bench result: " + "; ".join(problems[:3]) + more)
     return doc
 
 
@@ -147,6 +166,10 @@ def merge(docs: list[dict]) -> dict:
             if env[field] != first[field]:
                 raise ValueError(f"cannot merge results of different {field}: "
                                  f"{first[field]!r} and {env[field]!r}")
+        timing, first_timing = doc["settings"]["timing"], docs[0]["settings"]["timing"]
+        if timing != first_timing:
+            raise ValueError(f"cannot merge results timed different ways: {first_timing!r} and "
+                             f"{timing!r} (measure every part with the same --timing)")
     rows: dict[tuple, dict] = {}
     for doc in docs:
         for row in doc["rows"]:

@@ -12,6 +12,9 @@ LINEAR_EPS = 1e-5
 
 DTYPES = {"bfloat16": T.bfloat16, "float16": T.float16}
 
+# A float32 quiet NaN (CUDA's CUDART_NAN_F): what a row of an invalid routing is written as.
+NAN = T.float32(float("nan"))
+
 # The named barrier TileLang's warp-specialised code uses among the consumer threads; an
 # explicit `T.sync_threads(CONSUMER_BARRIER, threads)` joins the same rendezvous.
 CONSUMER_BARRIER = 3

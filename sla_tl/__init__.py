@@ -21,6 +21,7 @@ _EXPORTS = {
     "attention": "api",
     "attention_dynamic_topk": "dynamic_topk",
     "attention_with_routing": "api",
+    "check_routing": "api",
     "route": "api",
     "shard_sequence": "ulysses",
     "topk_tensor": "dynamic_topk",

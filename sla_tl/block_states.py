@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from . import routing_check
 from .routing import Routing
+from .routing_check import Listing
 
 
-def block_map(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """int8 (B, H, Mq, Nk): 1 where the counted prefix of a LUT row lists key block j."""
-    b, h, n_q, width = lut.shape
-    valid = torch.arange(width, device=lut.device) < count.unsqueeze(-1)
-    column = torch.where(valid, lut.long(), n_kv)  # invalid entries go to a spare column
-    hits = torch.zeros((b, h, n_q, n_kv + 1), dtype=torch.int8, device=lut.device)
-    return hits.scatter_(-1, column, 1)[..., :n_kv]
-
-
-def marginal_map(routing: Routing, n_kv: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B*H, Mq, Nk) in `dtype`: 1 where key block j is marginal for query block i."""
-    excluded = block_map(routing.lut, routing.lut_count, n_kv)
-    if routing.neg_lut.shape[-1]:
-        excluded = excluded + block_map(routing.neg_lut, routing.neg_count, n_kv)
-    return (1 - excluded).flatten(0, 1).to(dtype)
+def marginal_map(listed: Listing, dtype: torch.dtype) -> torch.Tensor:
+    """(B*H, Mq, Nk) in `dtype`: 1 where key block j is marginal for query block i, i.e.
+    listed in neither LUT (`listed` tallies both, see `routing_check.listing`)."""
+    return (listed.per_block == 0).flatten(0, 1).to(dtype)
 
 
 def _apply(weights: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -39,10 +30,13 @@ def _apply(weights: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> No
 
 def query_states(
     h_block: torch.Tensor, z_block: torch.Tensor, routing: Routing, h_rows: torch.Tensor,
-    z_rows: torch.Tensor,
+    z_rows: torch.Tensor, listed: Listing | None = None,
 ) -> None:
-    """Write H_i (B, H, Mq, D, D) and Z_i (B, H, Mq, D) of every query block ("marginal")."""
-    weights = marginal_map(routing, h_block.shape[2], h_block.dtype)
+    """Write H_i (B, H, Mq, D, D) and Z_i (B, H, Mq, D) of every query block ("marginal").
+    `listed` is the routing's tally of both LUTs, when the caller has it already."""
+    if listed is None:
+        listed = routing_check.listing(routing, h_block.shape[2], negligible=True)
+    weights = marginal_map(listed, h_block.dtype)
     _apply(weights, h_block, h_rows)
     _apply(weights.to(z_block.dtype), z_block, z_rows)
 
@@ -57,7 +51,8 @@ def key_states(
         wide = torch.promote_types(g_rows.dtype, torch.float32)
         g_total = g_rows.sum(dim=2, keepdim=True, dtype=wide).to(g_rows.dtype)
         return g_total, gz_rows.sum(dim=2, keepdim=True)
-    weights = marginal_map(routing, n_kv, g_rows.dtype).transpose(1, 2)
+    listed = routing_check.listing(routing, n_kv, negligible=True)
+    weights = marginal_map(listed, g_rows.dtype).transpose(1, 2)
     b, h, _, d, _ = g_rows.shape
     dh = g_rows.new_empty((b, h, n_kv, d, d))
     dz = gz_rows.new_empty((b, h, n_kv, d))

@@ -2,11 +2,37 @@
 
 Parsing needs neither torch nor TileLang (the package defers them inside this command, see
 `sla_tl/__init__.py`), so `--help` answers at once; a subcommand imports what it uses.
+
+Exit status, for every subcommand: 0 on success, 1 when the work failed (a gate, a kernel
+that does not compile), 2 on bad input (a value, a file, a store); an error is one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _warning_line(command: str):
+    """Show a warning as one line, `sla-tl COMMAND: warning: ...` (not Python's two)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"sla-tl {command}: warning: {_one_line(message)}", file=file or sys.stderr)
+
+    return show
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,8 +62,8 @@ def _add_workers(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the `sla-tl` command and its subcommands."""
-    parser = argparse.ArgumentParser(prog="sla-tl", description="Sparse-Linear Attention tools",
-                                     formatter_class=HelpFormatter)
+    parser = OneLineParser(prog="sla-tl", description="Sparse-Linear Attention tools",
+                           formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = _subcommand(commands, "demo", "reference quality on a small problem, the kernels "
@@ -100,6 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sla-tl` command."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    try:
+        with warnings.catch_warnings():  # restores the default display on the way out
+            warnings.showwarning = _warning_line(args.command)
+            return _run(parser, args, rest)
+    except KeyboardInterrupt:
+        print(f"sla-tl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, NotImplementedError, OSError) as error:
+        print(f"sla-tl {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"sla-tl {args.command}: failed: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the chosen subcommand; its exit status."""
     if args.command == "bench":
         from .benchmarks import bench  # its own parser and help
 
@@ -127,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
-    from . import static_check
+    from . import kernels, static_check
+    from .validation import check_positive_int
 
+    arch = kernels.normalise_arch(arch)
+    if workers is not None:
+        check_positive_int("--workers", workers)
     specs = list(dict.fromkeys(static_check.shipped_kernels(arch)))
     print(f"compiling {len(specs)} kernels for {arch} (a line each as it is done; cached "
           "ones load in a second)", flush=True)

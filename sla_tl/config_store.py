@@ -11,31 +11,44 @@ Lookup order, for a call on a given GPU model, arch and TileLang version:
    layout whose size (B*H*Lq, Lk) and density are closest on a log scale;
 3. "default": no entry; every kernel takes its per-arch default knobs.
 Entries made on another GPU model, arch or TileLang version are never used.
+
+The operators never fail because of this file. One that cannot be read or parsed, an
+entry with a missing, extra or out-of-range field, or a knob value outside the schedule's
+search space is reported in one warning (`TunedConfigWarning`) naming the file, and
+skipped: the call gets the entries that can be used, else the defaults. Writing moves a
+damaged file aside first and says where; a file of a newer format is read as far as this
+version understands it and never rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import itertools
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from . import spec
-from .kernels import Schedule
+from .kernels import TUNABLE, Schedule, check_kernel_sizes, search_space
+from .validation import KERNEL_DTYPE_NAMES, check_choice, check_ratio, is_finite_positive
 
 STORE_FILE = "tuned_configs.json"
 FORMAT_VERSION = 1
 
 
 def cache_dir() -> Path:
-    """`$SLA_TL_CACHE_DIR`, default `~/.cache/sla_tl`."""
-    return Path(os.environ.get("SLA_TL_CACHE_DIR") or Path.home() / ".cache" / "sla_tl")
+    """`$SLA_TL_CACHE_DIR` (a leading `~` expanded), default `~/.cache/sla_tl`."""
+    return Path(os.environ.get("SLA_TL_CACHE_DIR") or "~/.cache/sla_tl").expanduser()
 
 
 class TuneKey(NamedTuple):
@@ -141,8 +154,33 @@ def _exact(entry: TuneKey, call: CallKey) -> bool:
             and entry.block_counts() == (call.n_crit, call.n_neg))
 
 
+class StoreError(ValueError):
+    """The store cannot be written: a newer format, or a path that cannot be written."""
+
+
+class TunedConfigWarning(UserWarning):
+    """A problem with the store that the operators work around (they use the defaults)."""
+
+
+class _Contents(NamedTuple):
+    """What reading the store found."""
+
+    entries: list[Entry]
+    problems: list[str]
+    """Why parts of the file were not used (empty: all of it was)."""
+    damaged: bool
+    """The file holds something this version cannot use and would lose by rewriting it."""
+    newer_format: int | None
+    """The file's format number when it is newer than this version's."""
+
+
 class ConfigStore:
-    """The tuned-schedule file of one cache directory, held in memory."""
+    """The tuned-schedule file of one cache directory, held in memory.
+
+    Reading never fails: a file that cannot be read, is damaged or holds malformed entries
+    gives a warning naming the file and what is wrong, and every entry that can be used.
+    Writing moves a damaged file aside first (and says where), so nothing is lost.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -151,9 +189,14 @@ class ConfigStore:
         self._lock = threading.Lock()
 
     def entries(self) -> list[Entry]:
-        """Every stored entry (read from disk on first use)."""
+        """Every usable stored entry (read from disk on first use)."""
         if self._entries is None:
-            self._entries = _read(self.path)
+            contents = _read(self.path)
+            if contents.problems:
+                # Once per read (the file is read once per process), not once per call.
+                warnings.warn(f"{self.path}: " + "; ".join(contents.problems[:5])
+                              + _using(contents), TunedConfigWarning, stacklevel=2)
+            self._entries = contents.entries
         return self._entries
 
     def lookup(self, call: CallKey) -> Lookup:
@@ -176,11 +219,29 @@ class ConfigStore:
         return Lookup({}, "default", None)
 
     def record(self, entry: Entry) -> None:
-        """Add or replace the entry for `entry.key`; safe against concurrent writers."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.path.with_suffix(".lock")):
-            kept = [e for e in _read(self.path) if e.key != entry.key]
-            _write(self.path, [*kept, entry])
+        """Add or replace the entry for `entry.key`; safe against concurrent writers.
+        StoreError if the file is of a newer format or cannot be written."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(self.path.with_suffix(".lock")):
+                contents = _read(self.path)
+                if contents.newer_format is not None:
+                    raise StoreError(
+                        f"{self.path} was written by a newer sla-tl (format "
+                        f"{contents.newer_format}; this one writes {FORMAT_VERSION}) and "
+                        "rewriting it would drop what this version does not know: tune with "
+                        "the newer version, or move the file aside")
+                if contents.damaged:
+                    aside = _move_aside(self.path)
+                    warnings.warn(f"{self.path}: " + "; ".join(contents.problems[:5])
+                                  + f"; moved it to {aside} and wrote a new store",
+                                  TunedConfigWarning, stacklevel=2)
+                kept = [e for e in contents.entries if e.key != entry.key]
+                _write(self.path, [*kept, entry])
+        except OSError as error:
+            where = f" ({error.filename})" if error.filename else ""
+            raise StoreError(f"cannot write the tuned-config store {self.path}: "
+                             f"{error.strerror or error}{where}") from None
         self.reload()
 
     def reload(self) -> None:
@@ -190,34 +251,196 @@ class ConfigStore:
             self._resolved = {}
 
 
+def _using(contents: _Contents) -> str:
+    if not contents.entries:
+        return "; the operators use the default schedules"
+    return (f"; the operators use its {len(contents.entries)} good entries and the defaults "
+            "elsewhere")
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """An exclusive lock on `path`, never following a symlink there or truncating anything."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StoreError(f"{path} is a symbolic link; refusing to use it as a lock file "
+                             "(remove it)") from None
+        raise
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged store to a free name of its own, e.g.
+    tuned_configs.json.damaged-20261201T120000."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for n in itertools.count():
+        aside = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+
+
+def _read(path: Path) -> _Contents:
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return _Contents([], [], False, None)
+    except OSError as error:
+        return _Contents([], [f"cannot be read ({error.strerror or error})"], False, None)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        return _Contents([], [f"is not JSON ({error})" if isinstance(error, ValueError)
+                              else "is not JSON (nested too deeply)"], True, None)
+    shape = _document_problem(data)
+    if shape:
+        return _Contents([], [shape], True, None)
+    newer = data["format"] if data["format"] > FORMAT_VERSION else None
+    entries, problems = [], []
+    if newer is not None:
+        problems.append(f"written by a newer sla-tl (format {newer}; this one reads "
+                        f"{FORMAT_VERSION}): only the entries this version understands are used")
+    for index, raw in enumerate(data["entries"]):
+        entry, problem = _parse_entry(raw, strict=newer is None)
+        if problem:
+            problems.append(f"entry {index} skipped: {problem}")
+        else:
+            entries.append(entry)
+    return _Contents(entries, problems, bool(problems) and newer is None, newer)
+
+
+def _document_problem(data: object) -> str | None:
+    if not isinstance(data, dict):
+        return f"is not a tuned-config store (a JSON {type(data).__name__}, not an object)"
+    version = data.get("format")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return f"has no valid format number (format {version!r})"
+    if not isinstance(data.get("entries"), list):
+        return "has no list of entries"
+    return None
+
+
+def _parse_entry(raw: object, strict: bool) -> tuple[Entry | None, str | None]:
+    """An entry from its JSON form, or why it cannot be used. `strict`: the format this
+    version writes, where an unknown field is an error (a newer format may add fields)."""
+    if not isinstance(raw, dict):
+        return None, f"a JSON {type(raw).__name__}, not an object"
+    problem = (_fields_problem("", raw, Entry._fields, strict)
+               or _fields_problem("key: ", raw["key"] if isinstance(raw.get("key"), dict)
+                                  else None, TuneKey._fields, strict))
+    if problem:
+        return None, problem
+    key = {name: raw["key"][name] for name in TuneKey._fields}
+    problem = (_key_problem(key) or _schedule_problem(raw["schedule"], key)
+               or _figures_problem(raw))
+    if problem:
+        return None, problem
+    return Entry(TuneKey(**key), raw["schedule"], raw["latency_ms"], raw["default_latency_ms"],
+                 raw["trials"]), None
+
+
+def _fields_problem(where: str, record: dict | None, fields: tuple[str, ...],
+                    strict: bool) -> str | None:
+    if record is None:
+        return f"{where}not an object"
+    missing = [name for name in fields if name not in record]
+    extra = sorted(set(record) - set(fields)) if strict else []
+    if missing or extra:
+        return f"{where}" + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else [])
+            + ([f"unknown {', '.join(extra)}"] if extra else []))
+    return None
+
+
+_KEY_TEXT = ("gpu", "arch", "tilelang")
+_KEY_SIZES = ("batch", "heads", "lq", "lk")
+
+
+def _key_problem(key: dict) -> str | None:
+    from .kernel_cache import model_slug  # (it reads cache_dir from this module)
+
+    for name in _KEY_TEXT:
+        if not isinstance(key[name], str) or not key[name]:
+            return f"key: {name} is {key[name]!r}, not a name"
+    try:
+        model_slug(key["gpu"])
+    except ValueError as error:
+        return f"key: {error}"
+    for name in _KEY_SIZES:
+        value = key[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"key: {name} is {value!r}, not a positive int"
+    checks = (
+        lambda: check_choice("dtype", key["dtype"], KERNEL_DTYPE_NAMES),
+        lambda: check_choice("feature_map", key["feature_map"], spec.FEATURE_MAPS),
+        lambda: check_choice("linear", key["linear"], spec.LINEAR_MODES),
+        lambda: check_choice("layout", key["layout"], spec.LAYOUTS),
+        lambda: check_ratio("topk", key["topk"]),
+        lambda: check_ratio("k_low", key["k_low"]),
+        lambda: check_kernel_sizes(key["dim"], key["block_q"], key["block_kv"]),
+    )
+    for check in checks:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            check()
+        except (TypeError, ValueError) as error:
+            return f"key: {error}"
+    return None
 
 
-def _read(path: Path) -> list[Entry]:
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown tuned-config format {data.get('format')!r}; "
-                         f"expected {FORMAT_VERSION}. Delete the file and tune again.")
-    return [Entry(TuneKey(**e["key"]), e["schedule"], e["latency_ms"], e["default_latency_ms"],
-                  e["trials"]) for e in data["entries"]]
+def _schedule_problem(schedule: object, key: dict) -> str | None:
+    """Every knob must be one the autotuner searches, with one of its values: a value from
+    anywhere else may not compile, or give wrong results."""
+    if not isinstance(schedule, dict):
+        return "schedule is not an object"
+    for kernel, knobs in schedule.items():
+        if kernel not in TUNABLE:
+            return f"schedule: unknown kernel {kernel!r}"
+        if not isinstance(knobs, dict):
+            return f"schedule: {kernel} is not an object"
+        space = search_space(kernel, key["dim"], key["block_q"], key["block_kv"])
+        for name, value in knobs.items():
+            if name not in space:
+                return f"schedule: {kernel} has no searched knob {name!r}"
+            if not any(type(value) is type(c) and value == c for c in space[name]):
+                return (f"schedule: {kernel} {name}={value!r} is not one of "
+                        f"{list(space[name])}")
+    return None
+
+
+def _figures_problem(raw: dict) -> str | None:
+    if not is_finite_positive(raw["latency_ms"]):
+        return f"latency_ms is {raw['latency_ms']!r}, not a positive number"
+    if raw["default_latency_ms"] is not None and not is_finite_positive(raw["default_latency_ms"]):
+        return f"default_latency_ms is {raw['default_latency_ms']!r}, not a positive number"
+    trials = raw["trials"]
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        return f"trials is {trials!r}, not a positive int"
+    return None
 
 
 def _write(path: Path, entries: list[Entry]) -> None:
+    """Replace `path` atomically, keeping its permission bits (new files get the umask's)."""
     data = {"format": FORMAT_VERSION,
             "entries": [dict(e._asdict(), key=e.key._asdict()) for e in entries]}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(data, out, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o666)
+    try:
+        with os.fdopen(descriptor, "w") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 _stores: dict[Path, ConfigStore] = {}

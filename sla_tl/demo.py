@@ -16,6 +16,7 @@ import torch
 from . import reference, spec, static_check
 from .settings import Settings
 from .synthetic import video_like_qkv
+from .validation import check_positive_int
 from .warm import kernels_for_call
 
 
@@ -99,8 +100,26 @@ def _gpu_section(topk: float) -> None:
     bench.main(["--shape", "1,12,32760,128", "--sparsity", str(1.0 - topk)])
 
 
+# The reference keeps dense (L, L) scores per head: 16K tokens is ~2 GB of them.
+MAX_LENGTH = 16384
+
+
+def check_arguments(length: int, heads: int, dim: int, seed: int) -> None:
+    """The demo's problem: ValueError/TypeError naming the option at fault."""
+    check_positive_int("--length", length)
+    check_positive_int("--heads", heads)
+    if length > MAX_LENGTH:
+        raise ValueError(f"--length must be at most {MAX_LENGTH} (the reference computes dense "
+                         f"L x L scores); got {length}")
+    if dim not in spec.HEAD_DIMS:
+        raise ValueError(f"--dim must be one of {spec.HEAD_DIMS}; got {dim}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be a non-negative int; got {seed!r}")
+
+
 def main(length: int = 4096, heads: int = 2, dim: int = 64, seed: int = 0) -> int:
     """Run the demo; returns a process exit code."""
+    check_arguments(length, heads, dim, seed)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     rows = quality_rows(length, heads, dim, (0.05, 0.10, 0.20), 0.0, seed)
     _print_quality(rows, length, heads, dim)

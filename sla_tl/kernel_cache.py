@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,8 +22,13 @@ _USER_DIRECTORY = os.environ.get("TILELANG_CACHE_DIR")
 
 
 def model_slug(gpu: str) -> str:
-    """A GPU model's name as a file name: "NVIDIA H200" -> "NVIDIA-H200"."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-")
+    """A GPU model's name as one safe path component: "NVIDIA H200" -> "NVIDIA-H200".
+    Runs of other characters become "-"; leading and trailing dots and dashes go, so that
+    no name can be "." or ".." (or climb out of a directory)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu).strip("-.")
+    if not slug:
+        raise ValueError(f"gpu must name a GPU model (letters or digits); got {gpu!r}")
+    return slug
 
 
 def directory_for(gpu: str) -> Path:
@@ -32,9 +38,32 @@ def directory_for(gpu: str) -> Path:
     return cache_dir() / "kernels" / model_slug(gpu)
 
 
+class KernelCacheWarning(UserWarning):
+    """The kernel cache cannot be used; kernels are compiled without it."""
+
+
 def use_gpu_model(gpu: str) -> None:
-    """Compile into, and load from, `gpu`'s directory from now on in this process."""
-    os.environ["TILELANG_CACHE_DIR"] = str(directory_for(gpu))
+    """Compile into, and load from, `gpu`'s directory from now on in this process.
+    ValueError naming the directory if it cannot be made."""
+    directory = directory_for(gpu)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot use the kernel cache directory {directory}: "
+                         f"{error.strerror or error}") from None
+    os.environ["TILELANG_CACHE_DIR"] = str(directory)
+
+
+def use_gpu_model_or_no_cache(gpu: str) -> None:
+    """`use_gpu_model`, or, where its directory cannot be made, a warning naming it and no
+    disk cache for this process: the operators must not fail because of the cache."""
+    try:
+        use_gpu_model(gpu)
+    except ValueError as error:
+        warnings.warn(f"{error}; compiling without a disk cache (point SLA_TL_CACHE_DIR or "
+                      "TILELANG_CACHE_DIR at a writable directory)", KernelCacheWarning,
+                      stacklevel=2)
+        os.environ["TILELANG_DISABLE_CACHE"] = "1"
 
 
 @functools.cache
@@ -42,7 +71,7 @@ def _prepared(index: int) -> tuple[str, str]:
     device = torch.device("cuda", index)
     arch = kernels.arch_of(device)
     gpu = torch.cuda.get_device_name(device)
-    use_gpu_model(gpu)
+    use_gpu_model_or_no_cache(gpu)
     return gpu, arch
 
 

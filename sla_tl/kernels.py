@@ -23,6 +23,8 @@ from .schedules.sm90 import forward_ws
 from .schedules.sm90 import key_pass as key_pass_schedule
 from .schedules.sm90.backward_query import backward_query
 from .schedules.sm90.pool import mean_pool
+from .spec import HEAD_DIMS
+from .validation import check_block
 
 # TileLang logs every compile at INFO ("TileLang begins to compile kernel `main`"); sla-tl
 # reports its own progress, so TileLang's lines show only when asked, through this variable
@@ -53,6 +55,8 @@ KERNEL_BLOCK_KV = (64, 128)
 
 # Compute capability -> the arch the schedules are compiled for.
 SUPPORTED_ARCHS = {(9, 0): "sm_90a"}
+# The spellings of an arch every command and entry point takes -> TileLang's arch.
+ARCH_NAMES = {"sm90": "sm_90a", "sm_90": "sm_90a", "sm_90a": "sm_90a"}
 
 Knobs = tuple[tuple[str, int | bool | str], ...]
 """Schedule knobs of one kernel, hashable: sorted (name, value) pairs."""
@@ -103,6 +107,14 @@ def _merged(kernel: str, sizes: tuple[int, ...], knobs: Knobs) -> dict:
     return merged
 
 
+def normalise_arch(arch: object) -> str:
+    """TileLang's arch for a user's arch name ("sm90", "sm_90" or "sm_90a" -> "sm_90a")."""
+    if not isinstance(arch, str) or arch not in ARCH_NAMES:
+        raise ValueError(f"arch must be one of {', '.join(ARCH_NAMES)} (Hopper, the only "
+                         f"target with kernels); got {arch!r}")
+    return ARCH_NAMES[arch]
+
+
 def arch_of(device: torch.device) -> str:
     """The TileLang arch for `device`, or a clear error where no schedule serves it."""
     capability = torch.cuda.get_device_capability(device)
@@ -113,6 +125,15 @@ def arch_of(device: torch.device) -> str:
             f"{capability[1]}. Run on a Hopper GPU, or use the CPU reference."
         )
     return SUPPORTED_ARCHS[capability]
+
+
+def check_kernel_sizes(dim: object, block_q: object, block_kv: object) -> None:
+    """A head dim and block sizes the CUDA kernels are built for."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}; got {dim!r}")
+    check_block("block_q", block_q)
+    check_block("block_kv", block_kv)
+    check_block_sizes(block_q, block_kv)
 
 
 def check_block_sizes(block_q: int, block_kv: int) -> None:

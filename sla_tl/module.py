@@ -9,7 +9,7 @@ from torch import nn
 from . import presets, reference, spec
 from .api import attention
 from .layout import to_bhsd
-from .validation import check_block, check_choice, check_ratio
+from .validation import check_block, check_choice, check_ratio, check_scale, check_tensors
 
 
 # The linear branch's feature maps as upstream modules expose them (`feature_map_q`,
@@ -82,6 +82,8 @@ class SparseLinearAttention(nn.Module):
         scale: float | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise TypeError(f"head_dim must be an int; got {type(head_dim).__name__}")
         chosen = presets.preset(preset)
         BLKQ = chosen.block_q if BLKQ is None else BLKQ  # noqa: N806
         BLKK = chosen.block_kv if BLKK is None else BLKK  # noqa: N806
@@ -97,6 +99,8 @@ class SparseLinearAttention(nn.Module):
         check_block("BLKK", BLKK)
         check_choice("linear", linear, spec.LINEAR_MODES)
         check_choice("layout", layout, spec.LAYOUTS)
+        check_scale(scale)
+        self.head_dim = head_dim
         self.dtype = torch.bfloat16 if use_bf16 else torch.float16
         self.topk = topk
         self.k_low = k_low
@@ -137,6 +141,7 @@ class SparseLinearAttention(nn.Module):
         """Attention output in q's dtype and layout; with `return_sparsity`, also the share of
         key blocks the sparse branch computes (what thu-ml/SLA returns under that name)."""
         self.check_feature_maps()
+        self._check_inputs(q, k, v)
         out = attention(
             q.to(self.dtype), k.to(self.dtype), v.to(self.dtype),
             self.proj_l.weight, self.proj_l.bias, **self.attention_options(),
@@ -144,6 +149,17 @@ class SparseLinearAttention(nn.Module):
         if not return_sparsity:
             return out
         return out, self.density(to_bhsd(k, self.layout).shape[2])
+
+    def _check_inputs(self, q: object, k: object, v: object) -> None:
+        """What the cast to the compute dtype would hide: a non-float input (the output would
+        come back in an integer dtype) and a head dim other than the module's."""
+        check_tensors(q=q, k=k, v=v)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
+            if x.dim() == 4 and x.shape[-1] != self.head_dim:
+                raise ValueError(f"{name} has head dim {x.shape[-1]}, but this module was built "
+                                 f"with head_dim={self.head_dim}")
 
     def attention_options(self) -> dict[str, object]:
         """The keyword arguments of `sla_tl.attention` this module calls it with."""

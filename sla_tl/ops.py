@@ -9,7 +9,9 @@ Building blocks (what the autograd formula and `torch.compile` graphs are made o
   sla::attention_bwd  gradients for q, k, v and the projection
 
 Device kernels come from `sla_tl.dispatch`. None of them synchronises with the host,
-so the operators can be captured in a CUDA graph.
+so the operators can be captured in a CUDA graph. A precomputed routing is checked by its
+backend: fully on the CPU (a ValueError), on the device on CUDA (rows at fault give NaN;
+see `sla_tl.routing_check`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from .validation import (
     check_qkv,
     check_ratio,
     check_routing,
+    check_saved,
     check_settings,
+    check_tensors,
 )
 
 # The dispatcher leaves out trailing arguments equal to their schema defaults when it calls
@@ -87,6 +91,13 @@ def _check_call(q, k, v, proj_weight, proj_bias, s: Settings) -> None:
     check_projection(proj_weight, proj_bias, q)
 
 
+def _check_backward(grad_out, q, k, v, saved: ForwardOutputs, routing: Routing, proj_weight,
+                    proj_bias, s: Settings) -> None:
+    _check_call(q, k, v, proj_weight, proj_bias, s)
+    check_routing(routing, q, k, s.block_q, s.block_kv, s.layout)
+    check_saved(grad_out, saved, q, s)
+
+
 def _check_route(q, k, topk, k_low, block_q, block_kv, layout) -> None:
     check_choice("layout", layout, spec.LAYOUTS)
     check_qkv(q, k, k, layout)
@@ -103,7 +114,7 @@ def _empty_like_input(x: torch.Tensor) -> torch.Tensor:
 def forward_outputs_like(q: torch.Tensor, s: Settings) -> ForwardOutputs:
     """Empty tensors shaped as `sla::attention_fwd` returns them for q (fake kernels)."""
     b, h, lq, d = to_bhsd(q, s.layout).shape
-    n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
+    n_rows = spec.linear_state_rows(lq, s.block_q, s.linear)
     return ForwardOutputs(_empty_like_input(q), q.new_empty((b, h, lq), dtype=torch.float32),
                           _empty_like_input(q), q.new_empty((b, h, n_rows, d, d)),
                           q.new_empty((b, h, n_rows, d), dtype=torch.float32))
@@ -142,6 +153,7 @@ def _attention_bwd(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut
     s = _settings(settings)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     saved = ForwardOutputs(out, lse, linear, h_rows, z_rows)
+    _check_backward(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s)
     return BACKENDS[q.device.type].backward(
         grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s
     )
@@ -205,6 +217,9 @@ def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight
 @torch.library.register_fake("sla::attention_bwd", lib=_lib)
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut_count,
                         neg_lut, neg_count, proj_weight, proj_bias, *settings):
+    _check_backward(grad_out, q, k, v, ForwardOutputs(out, lse, linear, h_rows, z_rows),
+                    Routing(lut, lut_count, neg_lut, neg_count), proj_weight, proj_bias,
+                    _settings(settings))
     return gradients_like(q, k, v, proj_weight, proj_bias)
 
 
@@ -255,6 +270,9 @@ def _wants_grad(*tensors: torch.Tensor) -> bool:
 
 def _attention_lut_autograd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
                             *settings):
+    # The dispatcher lets None through a Tensor argument; say which one before using it.
+    check_tensors(q=q, k=k, v=v, lut=lut, lut_count=lut_count, neg_lut=neg_lut,
+                  neg_count=neg_count, proj_weight=proj_weight, proj_bias=proj_bias)
     settings = tuple(_settings(settings))
     if not _wants_grad(q, k, v, proj_weight, proj_bias):
         with torch._C._AutoDispatchBelowAutograd():
@@ -268,6 +286,7 @@ def _attention_lut_autograd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_we
 
 def _attention_autograd(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK,
                         k_low=spec.DEFAULT_K_LOW, *settings):
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
     settings = tuple(_settings(settings))
     with torch._C._AutoDispatchBelowAutograd():
         if not _wants_grad(q, k, v, proj_weight, proj_bias):

@@ -25,14 +25,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------- routing
 
 
+def _rows_per_block(length: int, block: int) -> int:
+    """Rows a block spans in memory: a block longer than the sequence spans the sequence (so
+    a huge block size never allocates past the input)."""
+    return min(block, length)
+
+
 def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean of each block of `block` rows along L; a partial last block averages the rows it has."""
     batch, heads, length, dim = x.shape
     n = num_blocks(length, block)
+    span = _rows_per_block(length, block)
     xf = x.to(compute_dtype(x))
-    xf = F.pad(xf, (0, 0, 0, n * block - length))
-    sums = xf.reshape(batch, heads, n, block, dim).sum(dim=3)
-    rows = torch.full((n, 1), float(block), dtype=xf.dtype, device=x.device)
+    xf = F.pad(xf, (0, 0, 0, n * span - length))
+    sums = xf.reshape(batch, heads, n, span, dim).sum(dim=3)
+    rows = torch.full((n, 1), float(span), dtype=xf.dtype, device=x.device)
     rows[-1] = length - (n - 1) * block
     return sums / rows
 
@@ -131,11 +138,12 @@ def linear_states(
     total per head is returned, shapes (B, H, 1, D, D) and (B, H, 1, D)."""
     batch, heads, lk, dim = k.shape
     n_kv = num_blocks(lk, block_kv)
-    pad = n_kv * block_kv - lk
+    span = _rows_per_block(lk, block_kv)
+    pad = n_kv * span - lk
     phi_k = F.pad(feature_map(k.to(compute_dtype(k)), feature), (0, 0, 0, pad))
     values = F.pad(v.to(compute_dtype(v)), (0, 0, 0, pad))
-    phi_k = phi_k.reshape(batch, heads, n_kv, block_kv, dim)
-    values = values.reshape(batch, heads, n_kv, block_kv, dim)
+    phi_k = phi_k.reshape(batch, heads, n_kv, span, dim)
+    values = values.reshape(batch, heads, n_kv, span, dim)
     h = torch.einsum("bhjta,bhjtc->bhjac", phi_k, values)
     z = phi_k.sum(dim=3)
     if linear == "global":

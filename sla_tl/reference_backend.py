@@ -1,13 +1,14 @@
 """The reference as a backend: the plain-torch oracle behind the op's device interface.
 
 A backend takes and returns tensors in the user's layout; outputs are contiguous in it.
+A routing is checked in full before use: a ValueError names the field and row at fault.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, routing_check, spec
 from .layout import from_bhsd, to_bhsd
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
@@ -21,10 +22,16 @@ def route(
     return reference.route(to_bhsd(q, layout), to_bhsd(k, layout), topk, k_low, block_q, block_kv)
 
 
+def _check_routing(routing: Routing, k: torch.Tensor, s: Settings) -> None:
+    n_kv = spec.num_blocks(to_bhsd(k, s.layout).shape[2], s.block_kv)
+    routing_check.check_values(routing, n_kv, s.linear)
+
+
 def _run(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
 ) -> reference.ForwardResult:
+    _check_routing(routing, k, s)
     return reference.attention_with_routing(
         to_bhsd(q, s.layout), to_bhsd(k, s.layout), to_bhsd(v, s.layout), routing,
         proj_weight, proj_bias, s.block_q, s.block_kv, s.feature_map, s.linear, s.scale,
@@ -59,6 +66,7 @@ def backward(
     The reference recomputes what it needs; `saved` (the forward's outputs) is for kernels.
     """
     del saved
+    _check_routing(routing, k, s)
     dq, dk, dv, d_weight, d_bias = reference.attention_backward(
         to_bhsd(grad_out, s.layout), to_bhsd(q, s.layout), to_bhsd(k, s.layout),
         to_bhsd(v, s.layout), routing, proj_weight, proj_bias,

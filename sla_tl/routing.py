@@ -13,14 +13,15 @@ class Routing(NamedTuple):
     Every field is int32 on the device of q. Rows are (batch, head, query block).
     Entries of a row past its count are ignored and may hold anything.
     Key blocks in neither list are marginal (they feed the linear branch).
+    What makes one valid: `sla_tl.routing_check` (and `attention_with_routing`).
     """
 
     lut: torch.Tensor
-    """(B, H, Mq, Kc): critical key-block indices, ascending within the counted prefix."""
+    """(B, H, Mq, Kc): critical key-block indices (`route` gives them ascending)."""
     lut_count: torch.Tensor
     """(B, H, Mq): number of valid entries of each `lut` row (0..Kc)."""
     neg_lut: torch.Tensor
-    """(B, H, Mq, Kn): negligible key-block indices, ascending (Kn may be 0)."""
+    """(B, H, Mq, Kn): negligible key-block indices (Kn may be 0)."""
     neg_count: torch.Tensor
     """(B, H, Mq): number of valid entries of each `neg_lut` row (0..Kn)."""
 

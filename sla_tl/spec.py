@@ -29,6 +29,12 @@ def num_blocks(length: int, block: int) -> int:
     return (length + block - 1) // block
 
 
+def linear_state_rows(lq: int, block_q: int, linear: str) -> int:
+    """How many (H_i, Z_i) linear states the forward keeps per head: one per query block
+    ("marginal"), one shared by all ("global")."""
+    return num_blocks(lq, block_q) if linear == "marginal" else 1
+
+
 def num_critical(topk: float, n_kv_blocks: int) -> int:
     """Critical key blocks per query-block row: `clamp(int(topk * Nk), 1, Nk)`."""
     return max(1, min(n_kv_blocks, int(topk * n_kv_blocks)))

@@ -116,9 +116,19 @@ REGISTER_MARGIN = 8
 
 
 def load_record(path: str = RECORD_PATH) -> dict[str, dict]:
-    """The committed static facts, by kernel name."""
-    with open(path) as f:
-        return json.load(f)
+    """The committed static facts, by kernel name; ValueError naming the file if it cannot
+    be read (rewrite it with `sla-tl kernels --write-record`)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the kernel record {path}: {error}") from None
+    fields = set(KernelFacts._fields[1:])
+    if not isinstance(record, dict) or not all(
+            isinstance(v, dict) and fields <= set(v) for v in record.values()):
+        raise ValueError(f"{path} is not a kernel record (kernel name -> "
+                         f"{', '.join(KernelFacts._fields[1:])})")
+    return record
 
 
 def write_record(facts: list[KernelFacts], path: str = RECORD_PATH) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import tilelang
 import torch
 
-from . import block_states, config_store, kernel_cache, kernels, spec
+from . import block_states, config_store, kernel_cache, kernels, routing_check, spec
 from .kernels import Schedule
 from .layout import to_bhsd
 from .routing import Routing
@@ -105,7 +105,7 @@ def forward(
     overrides the stored one (the autotuner times candidates this way)."""
     q = q.contiguous()
     b, h, lq, d = _dims(q, s.layout)
-    n_rows = spec.num_blocks(lq, s.block_q) if s.linear == "marginal" else 1
+    n_rows = spec.linear_state_rows(lq, s.block_q, s.linear)
     outputs = ForwardOutputs(
         torch.empty_like(q),
         torch.empty((b, h, lq), dtype=torch.float32, device=q.device),
@@ -131,8 +131,15 @@ def forward_into(
     d = _dims(q, s.layout)[3]
     scale = d**-0.5 if s.scale is None else s.scale
     h_block, z_block, h_group = _key_states(k, v, s, arch, schedule)
-    if s.linear == "marginal":
-        block_states.query_states(h_block, z_block, routing, outputs.h_rows, outputs.z_rows)
+    n_kv = z_block.shape[2]
+    marginal = s.linear == "marginal"
+    # The routing is checked on the device (no host synchronisation): rows at fault come out
+    # NaN, and the kernels bound every LUT read, so nothing is read out of range.
+    listed = routing_check.listing(routing, n_kv, negligible=marginal)
+    faults = routing_check.row_faults(routing, listed, negligible=marginal)
+    if marginal:
+        block_states.query_states(h_block, z_block, routing, outputs.h_rows, outputs.z_rows,
+                                  listed)
     else:
         torch.sum(h_group, dim=2, keepdim=True, out=outputs.h_rows)
         torch.sum(z_block, dim=2, keepdim=True, out=outputs.z_rows)
@@ -141,24 +148,29 @@ def forward_into(
                                     kernels.knobs_of(schedule, "forward"))
     kernel(
         q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
-        outputs.h_rows, outputs.z_rows, _active(routing, z_block.shape[2], s.linear),
+        outputs.h_rows, outputs.z_rows, _active(routing, n_kv, s.linear, faults),
         proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
         outputs.out, outputs.linear, outputs.lse,
     )
 
 
-def _active(routing: Routing, n_kv: int, linear: str) -> torch.Tensor:
+def _active(routing: Routing, n_kv: int, linear: str,
+            faults: torch.Tensor | None = None) -> torch.Tensor:
     """int32 (B, H, Mq): 1 where a query block's linear branch is on: it has at least one
-    marginal key block ("marginal"), always ("global")."""
+    marginal key block ("marginal"), always ("global"); -1 where `faults` marks the row's
+    routing invalid (the forward writes NaN there)."""
     if linear == "global":
-        return torch.ones_like(routing.lut_count)
-    return (routing.lut_count + routing.neg_count < n_kv).to(torch.int32)
+        active = torch.ones_like(routing.lut_count)
+    else:
+        active = (routing.lut_count + routing.neg_count < n_kv).to(torch.int32)
+    return active if faults is None else active.masked_fill(faults, -1)
 
 
 def reverse_lut(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, ...]:
     """Key-major view of a LUT: for each key block, the query blocks listing it (ascending),
-    as (B, H, Nk, Mq) int32 with counts (B, H, Nk). Torch ops only, no host synchronisation."""
-    by_key = block_states.block_map(lut, count, n_kv).transpose(-1, -2)
+    as (B, H, Nk, Mq) int32 with counts (B, H, Nk). Torch ops only, no host synchronisation;
+    entries outside [0, Nk) or past a row's count are left out, a repeated one counts once."""
+    by_key = routing_check.tally([(lut, count)], n_kv).per_block.clamp(max=1).transpose(-1, -2)
     n_q = by_key.shape[-1]
     # Each listing query block goes to its rank among the listing ones; the others to a
     # spare column past the end.
@@ -200,6 +212,7 @@ def backward_into(
     live at once, which keeps the backward's peak memory down."""
     kernels.check_block_sizes(s.block_q, s.block_kv)
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
+    saved = ForwardOutputs(*(t.contiguous() for t in saved))  # the kernels take dense tensors
     _, arch = kernel_cache.prepare(q.device)
     if schedule is None:
         schedule = schedule_for_call(q, k, routing, s)

@@ -6,15 +6,23 @@ import argparse
 
 import torch
 
-from . import config_store, kernel_cache
+from . import config_store, kernel_cache, kernels
 from .settings import Settings
+from .validation import check_positive_int
 from .warm import compile_in_parallel, kernels_for_call
 
 
 def _shapes(given: list[str] | None) -> list[tuple[int, ...]] | None:
     if not given:
         return None
-    return [tuple(int(n) for n in text.split(",")) for text in given]
+    shapes = []
+    for text in given:
+        try:
+            shapes.append(tuple(int(n) for n in text.split(",")))
+        except ValueError:
+            raise ValueError(f"--shape wants B,H,L,D or B,H,Lq,Lk,D (integers); got {text!r}"
+                             ) from None
+    return shapes
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -49,20 +57,21 @@ def tune(args: argparse.Namespace) -> int:
 
 def warm(args: argparse.Namespace) -> int:
     """Compile the shipped default kernels and every tuned schedule of the GPU models."""
-    from .autotune.api import normalise_arch
     from .static_check import shipped_kernels
 
-    arch = normalise_arch(args.arch)
+    arch = kernels.normalise_arch(args.arch)
+    if args.workers is not None:
+        check_positive_int("--workers", args.workers)
     store = config_store.active_store()
-    if args.gpu:
+    if args.gpu is not None:
+        kernel_cache.model_slug(args.gpu)  # a name that cannot be a directory is refused
         models = [args.gpu]
     elif torch.cuda.is_available():
         models = [torch.cuda.get_device_name()]
     else:
         models = sorted({e.key.gpu for e in store.entries() if e.key.arch == arch and e.key.gpu})
     if not models:
-        print("no GPU in hand and no tuned schedule in the store: pass --gpu MODEL")
-        return 2
+        raise ValueError("no GPU in hand and no tuned schedule in the store: pass --gpu MODEL")
     for gpu in models:
         kernel_cache.use_gpu_model(gpu)
         specs = shipped_kernels(arch)
@@ -71,7 +80,9 @@ def warm(args: argparse.Namespace) -> int:
             if k.gpu == gpu and k.arch == arch:
                 s = Settings(k.block_q, k.block_kv, k.feature_map, k.linear, None, k.layout)
                 specs += kernels_for_call(k.dim, k.dtype, s, arch, schedule=entry.schedule)
-        compile_in_parallel(specs, args.workers, progress=True)
+        # Fresh processes: this one's caches would serve the previous model's kernels
+        # without writing them into this model's directory.
+        compile_in_parallel(specs, args.workers, progress=True, fresh=True)
         print(f"{gpu}: {len(set(specs))} kernels in {kernel_cache.directory_for(gpu)}")
     return 0
 

@@ -1,19 +1,32 @@
 """Argument checks for the public entries: every error names the argument at fault.
 
 Checks read metadata only (shapes, dtypes, devices), never tensor values, so they
-never synchronise with the GPU and are safe inside CUDA-graph capture and tracing.
+never synchronise with the GPU and are safe inside CUDA-graph capture and tracing
+(a routing's values are checked by `routing_check`). A new tensor argument needs one
+`check_like` call with its expected shape and dtype.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .routing import Routing
-from .spec import BLOCK_MULTIPLE, FEATURE_MAPS, HEAD_DIMS, LAYOUTS, LINEAR_MODES, num_blocks
+from .settings import ForwardOutputs, Settings
+from .spec import (
+    BLOCK_MULTIPLE,
+    FEATURE_MAPS,
+    HEAD_DIMS,
+    LAYOUTS,
+    LINEAR_MODES,
+    linear_state_rows,
+    num_blocks,
+)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
 # The CPU implementation is the reference; it also takes wide floats so gradients can be
 # checked in float64.
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float32, torch.float64)
@@ -25,29 +38,59 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def is_finite(value: object) -> bool:
+    """A real number (not a bool) that a float64 holds finitely (an int too large for one,
+    as the operators' float arguments are, is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def is_finite_positive(value: object) -> bool:
+    """`is_finite` and > 0."""
+    return is_finite(value) and value > 0
+
+
 def check_ratio(name: str, value: object) -> None:
     """`value` must be a real number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1]; got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
+    if not 0.0 <= value <= 1.0:  # compared as is: float() of a huge int overflows
         raise ValueError(f"{name} must be in [0, 1]; got {value}")
 
 
+# The operators' schemas take int64.
+_INT64_LIMIT = 2**63
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """`value` must be an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1; got {value}")
+
+
 def check_block(name: str, value: object) -> None:
-    """`value` must be a positive multiple of 16."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """`value` must be a positive multiple of 16 (that the operators' int64 can hold)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value <= 0 or value % BLOCK_MULTIPLE:
         raise ValueError(f"{name} must be a positive multiple of {BLOCK_MULTIPLE}; got {value}")
+    if value >= _INT64_LIMIT:
+        raise ValueError(f"{name} must be below 2**63; got {value}")
 
 
 def check_scale(scale: object) -> None:
     """`scale` must be None or a positive finite number."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    if not is_finite_positive(scale):
         raise ValueError(f"scale must be positive and finite; got {scale}")
 
 
@@ -61,6 +104,20 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     return x
+
+
+def check_like(name: str, x: object, shape: tuple[int, ...], device: torch.device,
+               dtype: torch.dtype | None = None) -> None:
+    """`x` must be a tensor of `shape` on `device`, of `dtype` (None: any floating dtype)."""
+    x = _check_tensor(name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(x.shape)}")
+    if dtype is None and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}; got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}; got {x.device}")
 
 
 def check_qkv(q: object, k: object, v: object, layout: str) -> None:
@@ -97,6 +154,9 @@ def check_qkv(q: object, k: object, v: object, layout: str) -> None:
             )
     if vb.shape[2] != kb.shape[2]:
         raise ValueError(f"v must have k's length {kb.shape[2]}; got {vb.shape[2]}")
+    if qb.shape[0] == 0 or qb.shape[1] == 0:
+        raise ValueError(f"q must have at least one batch entry and one head {axes}; "
+                         f"got shape {tuple(q.shape)}")
     if qb.shape[2] == 0 or kb.shape[2] == 0:
         raise ValueError("q and k must have at least one row along L")
 
@@ -104,15 +164,26 @@ def check_qkv(q: object, k: object, v: object, layout: str) -> None:
 def check_projection(proj_weight: object, proj_bias: object, q: torch.Tensor) -> None:
     """proj_weight (D, D) and proj_bias (D,): floating, on q's device."""
     dim = q.shape[-1]
-    expected = (("proj_weight", proj_weight, (dim, dim)), ("proj_bias", proj_bias, (dim,)))
-    for name, x, shape in expected:
-        x = _check_tensor(name, x)
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}; got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {x.device}")
+    check_like("proj_weight", proj_weight, (dim, dim), q.device)
+    check_like("proj_bias", proj_bias, (dim,), q.device)
+
+
+def check_saved(grad_out: object, saved: ForwardOutputs, q: torch.Tensor, s: Settings) -> None:
+    """What `sla::attention_bwd` takes besides q, k, v: the output's gradient (q's shape and
+    dtype) and the forward's outputs, shaped as `sla::attention_fwd` returns them."""
+    batch, heads, lq, dim = q.shape if s.layout == "bhsd" else (
+        q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    rows = linear_state_rows(lq, s.block_q, s.linear)
+    expected = (
+        ("grad_out", grad_out, tuple(q.shape), q.dtype),
+        ("out", saved.out, tuple(q.shape), q.dtype),
+        ("lse", saved.lse, (batch, heads, lq), torch.float32),
+        ("o_lin", saved.linear, tuple(q.shape), q.dtype),
+        ("h_rows", saved.h_rows, (batch, heads, rows, dim, dim), q.dtype),
+        ("z_rows", saved.z_rows, (batch, heads, rows, dim), torch.float32),
+    )
+    for name, x, shape, dtype in expected:
+        check_like(name, x, shape, q.device, dtype)
 
 
 def check_settings(
@@ -129,7 +200,8 @@ def check_settings(
 def check_routing(
     routing: Routing, q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, layout: str
 ) -> None:
-    """A precomputed routing: int32, on q's device, shaped for these q, k and block sizes."""
+    """A precomputed routing: int32, on q's device, shaped for these q, k and block sizes
+    (its values: `routing_check`)."""
     batch, heads, lq = (q.shape[0], q.shape[1], q.shape[2]) if layout == "bhsd" else (
         q.shape[0], q.shape[2], q.shape[1])
     lk = k.shape[2] if layout == "bhsd" else k.shape[1]

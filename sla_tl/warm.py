@@ -92,18 +92,23 @@ def _report(done: int, total: int, spec: KernelSpec, outcome: _Outcome) -> None:
 
 
 def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
-                    workers: int | None = None, progress: bool = False) -> list[T]:
+                    workers: int | None = None, progress: bool = False,
+                    fresh: bool = False) -> list[T]:
     """`fn` over the distinct specs, `workers` processes at a time (default: all cores), the
     results in the specs' order; with `progress`, one line on stderr per kernel as it
     finishes ("[n/N] name  seconds", the time a cached kernel takes to load included).
 
-    `fn` must be a module-level function. Raises RuntimeError listing every failure.
+    With one worker it runs in this process, unless `fresh`: then always in new processes,
+    which see only the disk cache of the current `TILELANG_CACHE_DIR` (this process's
+    in-memory caches would serve a kernel compiled for another directory without writing
+    it to this one). `fn` must be a module-level function. Raises RuntimeError listing
+    every failure.
     """
     unique = list(dict.fromkeys(specs))
-    workers = min(workers or os.cpu_count() or 1, len(unique))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(unique)))
     tasks = [(fn, spec) for spec in unique]
     outcomes: dict[int, _Outcome] = {}
-    if workers <= 1:
+    if workers == 1 and not fresh:
         for index, task in enumerate(tasks):
             outcomes[index] = _guarded(task)
             if progress:
@@ -125,6 +130,6 @@ def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
 
 
 def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None,
-                        progress: bool = False) -> None:
+                        progress: bool = False, fresh: bool = False) -> None:
     """Compile each distinct spec once, in parallel processes (see `map_in_parallel`)."""
-    map_in_parallel(_compile, specs, workers, progress)
+    map_in_parallel(_compile, specs, workers, progress, fresh)

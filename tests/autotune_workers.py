@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from sla_tl.autotune.candidates import Candidate
@@ -45,3 +46,16 @@ def run_worker(url: str, trials: int) -> int:
     """One worker on the shared study; returns how many trials the study then holds."""
     result = tune_schedule(KEY, CANDIDATES, slow_latency, trials, open_storage(url), seed=None)
     return result.complete + result.pruned + result.failed
+
+
+# Heartbeats of the killed-worker test: a trial silent for GRACE_S seconds is stale.
+HEARTBEAT_S, GRACE_S = 1, 2
+
+
+def die_in_first_trial(url: str) -> None:
+    """A worker killed (no cleanup, as by SIGKILL) while timing its first trial."""
+    def killed(schedule: dict) -> float:
+        time.sleep(1.5 * HEARTBEAT_S)  # the trial's heartbeat is recorded meanwhile
+        os._exit(3)
+
+    tune_schedule(KEY, CANDIDATES, killed, 4, open_storage(url, HEARTBEAT_S, GRACE_S))

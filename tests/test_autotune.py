@@ -10,10 +10,11 @@ import optuna
 import pytest
 
 from sla_tl.autotune import candidates as candidates_module
-from sla_tl.autotune.api import normalise_arch, tune
+from sla_tl.autotune.api import tune
 from sla_tl.autotune.candidates import build_candidates, enumerate_candidates, prune_reason
 from sla_tl.autotune.storage import open_storage
 from sla_tl.autotune.study import tune_algorithm, tune_schedule
+from sla_tl.kernels import normalise_arch
 from sla_tl.settings import Settings
 
 from . import autotune_workers as workers

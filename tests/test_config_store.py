@@ -66,10 +66,10 @@ def test_lookup_reads_the_file_once(store):
     assert store.lookup(_call(WAN, lq=1000, lk=1000, n_crit=1)).source == "nearest"
 
 
-def test_unknown_format_is_a_clear_error(store):
+def test_a_newer_format_is_named_in_a_warning(store):
     store.path.write_text(json.dumps({"format": 99, "entries": []}))
-    with pytest.raises(ValueError, match="unknown tuned-config format"):
-        store.entries()
+    with pytest.warns(config_store.TunedConfigWarning, match=r"newer sla-tl \(format 99"):
+        assert store.entries() == []
 
 
 def test_active_store_follows_the_cache_directory(tmp_path, monkeypatch):

@@ -19,6 +19,9 @@ marginal:
 With `linear_first` they are formed before the loop, while the producer fills the
 pipeline; otherwise after it. Code before the loop runs on every warp, producer included,
 so `linear_first` needs a tile that the CTA's warps can split (one consumer warpgroup).
+
+Whatever the reverse LUT holds, no read leaves its tensor: a key block's count is clamped
+to [0, width] and each entry to an existing query block.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
@@ -134,8 +137,11 @@ def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: st
             if linear_first:
                 linear_part(K, V, DH_ROWS, DZ_ROWS, DK, v_s, dv, dk_s, bx, by, bz)
             T.clear(dk)
-            for t in T.Pipelined(RCOUNT[bz, by, bx] * slices, num_stages=num_stages):
-                first = RLUT[bz, by, bx, t // slices] * block_q + (t % slices) * q_slice
+            count = T.max(T.min(RCOUNT[bz, by, bx], width), 0)
+            last_block = T.ceildiv(lq, block_q) - 1
+            for t in T.Pipelined(count * slices, num_stages=num_stages):
+                query_block = T.max(T.min(RLUT[bz, by, bx, t // slices], last_block), 0)
+                first = query_block * block_q + (t % slices) * q_slice
                 T.copy(rows(Q, bz, by, first, q_slice, layout), q_s)
                 T.copy(LSE[bz, by, first:first + q_slice], lse_s)
                 T.gemm(k_s, q_s, probs, transpose_B=True, clear_accum=True, policy=policy)

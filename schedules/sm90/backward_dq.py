@@ -3,6 +3,8 @@
 One CTA per (query block, head, batch). The pipelined loop visits the critical key blocks
 only: P = exp(scale * Q K_j^T - LSE), dS = P * (dO V_j^T - delta), dQ += dS K_j. The
 epilogue adds scale * dQ to the linear branch's dQ that the query pass left in DQ.
+Whatever the LUT holds, no read leaves its tensor: a row's count is clamped to [0, width]
+and each entry to an existing key block.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
@@ -62,8 +64,10 @@ def backward_dq(dim: int, block_q: int, block_kv: int, dtype: str, layout: str, 
                 lse[i] = LSE[bz, by, bx * block_q + i] * LOG2E
                 delta[i] = DELTA[bz, by, bx * block_q + i]
             T.clear(dq)
-            for t in T.Pipelined(COUNT[bz, by, bx], num_stages=num_stages):
-                j = LUT[bz, by, bx, t]
+            count = T.max(T.min(COUNT[bz, by, bx], width), 0)
+            last_block = T.ceildiv(lk, block_kv) - 1
+            for t in T.Pipelined(count, num_stages=num_stages):
+                j = T.max(T.min(LUT[bz, by, bx, t], last_block), 0)
                 T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
                 T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullRow)

@@ -11,13 +11,17 @@ block's marginal key blocks), and the projection:
     O   = O_s + O_l W^T + b
 
 It writes O, O_l (for the backward) and the natural-log LSE of the sparse branch.
+
+Whatever the LUT holds, no read leaves its tensor: a row's count is clamped to [0, width]
+and each entry to an existing key block. ACTIVE < 0 marks a row whose routing the caller
+found invalid; its O, O_l and LSE are written as NaN.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import DTYPES, LINEAR_EPS, LOG2E, rows, seq_shape
+from ..common import DTYPES, LINEAR_EPS, LOG2E, NAN, rows, seq_shape
 from ..feature_maps import feature_map_macro
 from . import forward_ws
 
@@ -118,14 +122,15 @@ def sla_forward(
             row_sum = T.alloc_fragment([block_q], acc)
             denom = T.alloc_fragment([block_q], acc)
 
-            count = COUNT[bz, by, bx]
+            count = T.max(T.min(COUNT[bz, by, bx], width), 0)
+            last_block = T.ceildiv(lk, block_kv) - 1
             T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s)
             T.fill(acc_o, 0)
             T.fill(denom, 0)
             T.fill(row_max, -T.infinity(acc))
 
             for t in T.Pipelined(count, num_stages=num_stages):
-                j = LUT[bz, by, bx, t]
+                j = T.max(T.min(LUT[bz, by, bx, t], last_block), 0)
                 T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
                 T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullRow)
@@ -151,18 +156,20 @@ def sla_forward(
                 T.gemm(probs, v_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             # Sparse branch: normalise, and the natural-log LSE (-inf for an empty row).
+            active = ACTIVE[bz, by, bx]
             lse = T.alloc_fragment([block_q], acc)
             for i in T.Parallel(block_q):
                 lse[i] = T.if_then_else(
-                    denom[i] > 0, (T.log2(denom[i]) + row_max[i] * scale_log2) / LOG2E,
-                    -T.infinity(acc))
+                    active < 0, NAN,
+                    T.if_then_else(denom[i] > 0,
+                                   (T.log2(denom[i]) + row_max[i] * scale_log2) / LOG2E,
+                                   -T.infinity(acc)))
             for i, d in T.Parallel(block_q, dim):
                 acc_o[i, d] = T.if_then_else(denom[i] > 0, acc_o[i, d] / denom[i], 0)
             T.copy(lse, LSE[bz, by, bx * block_q:(bx + 1) * block_q])
 
             # Linear branch from this query block's H_i and Z_i.
             state = T.if_then_else(n_states == 1, 0, bx)
-            active = ACTIVE[bz, by, bx]
             h_i_s = T.alloc_shared([dim, dim], dt)
             # z_i lives in shared memory: as a fragment its layout would force one thread
             # per column onto every fragment it is combined with.
@@ -186,7 +193,8 @@ def sla_forward(
             T.reduce_sum(lin, lin_den, dim=1)
             T.gemm(phi_q_s, h_i_s, lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
             for i, d in T.Parallel(block_q, dim):
-                lin[i, d] = T.if_then_else(active > 0, lin[i, d] / (lin_den[i] + LINEAR_EPS), 0)
+                lin[i, d] = T.if_then_else(active > 0, lin[i, d] / (lin_den[i] + LINEAR_EPS),
+                                           T.if_then_else(active < 0, NAN, 0))
             lin_s = T.alloc_shared([block_q, dim], dt)
             T.copy(lin, lin_s)
             T.copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
@@ -196,7 +204,7 @@ def sla_forward(
             T.copy(W, w_s)
             T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
             for i, d in T.Parallel(block_q, dim):
-                acc_o[i, d] += BIAS[d]
+                acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + BIAS[d])
             o_s = T.alloc_shared([block_q, dim], dt)
             T.copy(acc_o, o_s)
             T.copy(o_s, rows(O, bz, by, bx * block_q, block_q, layout))

@@ -13,6 +13,10 @@ Same computation, arguments and outputs as `forward.sla_forward`; a different sc
 - with `pingpong`, the two consumers take turns issuing their GEMMs (two named barriers),
   so one's softmax overlaps the other's GEMMs instead of both colliding on the tensor cores.
 
+Whatever the routing tensors hold, no load leaves its tensor (the count is clamped to the
+row, each entry to an existing key block); ACTIVE < 0 marks a row whose routing the caller
+found invalid, written as NaN.
+
 Arithmetic: exp2 with the softmax scale and log2(e) folded into one multiplier, per-row
 reciprocals instead of per-element division (compiled with flush-to-zero, see
 `schedules.compile`).
@@ -27,7 +31,7 @@ exponentials (an opaque shared-memory read and branch before that wait, `_ORDER_
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import DTYPES, LINEAR_EPS, LN2, LOG2E, rows, seq_shape
+from ..common import DTYPES, LINEAR_EPS, LN2, LOG2E, NAN, rows, seq_shape
 from ..feature_maps import feature_map_macro
 
 BLOCK_Q = 128
@@ -247,11 +251,14 @@ def sla_forward_ws(
                     T.barrier_arrive(v_empty[last])
 
                 # Sparse branch: normalise, and the natural-log LSE (-inf for an empty row).
+                # ACTIVE < 0: the caller found this row's routing invalid; it comes out NaN.
+                active = ACTIVE[bz, by, bx]
                 for i in T.Parallel(block_q):
                     rescale[i] = T.if_then_else(denom[i] > 0, 1.0 / denom[i], 0.0)
                     scaled_max[i] = T.if_then_else(
-                        denom[i] > 0, (T.log2(denom[i]) + row_max[i] * scale_log2) * LN2,
-                        neg_inf)
+                        active < 0, NAN, T.if_then_else(
+                            denom[i] > 0, (T.log2(denom[i]) + row_max[i] * scale_log2) * LN2,
+                            neg_inf))
                 for i, d in T.Parallel(block_q, dim):
                     acc_o[i, d] *= rescale[i]
                 for i in T.Parallel(block_q):
@@ -267,9 +274,10 @@ def sla_forward_ws(
                 for i, d in T.Parallel(block_q, dim):
                     lin[i, d] = lin[i, d] * z_s[d]
                 T.reduce_sum(lin, row_sum, dim=1)
-                active = ACTIVE[bz, by, bx]
                 for i in T.Parallel(block_q):
-                    row_sum[i] = T.if_then_else(active > 0, 1.0 / (row_sum[i] + LINEAR_EPS), 0.0)
+                    row_sum[i] = T.if_then_else(
+                        active > 0, 1.0 / (row_sum[i] + LINEAR_EPS),
+                        T.if_then_else(active < 0, NAN, 0.0))
                 T.gemm(q_s, h_s, lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 for i, d in T.Parallel(block_q, dim):
                     lin[i, d] *= row_sum[i]
@@ -279,7 +287,7 @@ def sla_forward_ws(
                 # Projection: O = O_s + O_l W^T + b.
                 T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 for i, d in T.Parallel(block_q, dim):
-                    acc_o[i, d] += bias_s[d]
+                    acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + bias_s[d])
                 T.copy(acc_o, q_s)
                 T.copy(q_s, rows(O, bz, by, bx * block_q, block_q, layout))
 
