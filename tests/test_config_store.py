@@ -11,7 +11,7 @@ from sla_tl.config_store import CallKey, ConfigStore, Entry, TuneKey
 
 WAN = TuneKey("NVIDIA H200", "sm_90a", "0.1.15", 1, 12, 32760, 32760, 128, "bfloat16", 128, 64,
               0.05, 0.0, "softmax", "marginal", "bhsd")
-SCHEDULE = {"forward": {"num_stages": 1}, "backward_dkdv": {"q_slice": 32}}
+SCHEDULE = {"forward": {"num_stages": 2}, "backward_dkdv": {"q_slice": 32}}
 
 
 def _call(key: TuneKey, **changes) -> CallKey:
@@ -35,7 +35,7 @@ def test_round_trip_and_exact_lookup(store, tmp_path):
 def test_nearest_tuned_shape_then_default(store):
     store.record(Entry(WAN, SCHEDULE, 6.1, 6.8, 30))
     big = WAN._replace(heads=40, lq=75600, lk=75600)
-    store.record(Entry(big, {"forward": {"num_stages": 2}}, 30.0, 31.0, 30))
+    store.record(Entry(big, {"forward": {"num_stages": 3}}, 30.0, 31.0, 30))
 
     near_wan = store.lookup(_call(WAN, lq=30000, lk=30000, n_crit=23))
     assert (near_wan.source, near_wan.entry.key) == ("nearest", WAN)

@@ -53,19 +53,22 @@ __device__ __forceinline__ void sla_order_guard(const void* smem) {
 """
 
 
-def shared_bytes(dim: int, block_kv: int, num_stages: int) -> int:
+def shared_bytes(dim: int, block_kv: int, num_stages: int, entries_per_step: int = 1) -> int:
     """Shared memory of one CTA (the tile buffers; barriers and scratch take ~1 KiB more)."""
     tile = 2  # bytes of a bf16/fp16 element
     q_and_out = BLOCK_Q * dim * tile
-    keys = 2 * num_stages * block_kv * dim * tile
-    epilogue = 2 * dim * dim * tile + 2 * dim * 4 + BLOCK_Q * dim * tile
-    return q_and_out + keys + epilogue
+    keys = 2 * num_stages * entries_per_step * block_kv * dim * tile
+    epilogue = 2 * dim * dim * tile + 2 * dim * 4
+    # With one LUT entry a step, O_l has a tile of its own; with two, it reuses Q's.
+    lin = BLOCK_Q * dim * tile if entries_per_step == 1 else 0
+    return q_and_out + keys + epilogue + lin
 
 
-def fits(dim: int, block_q: int, block_kv: int, num_stages: int) -> bool:
+def fits(dim: int, block_q: int, block_kv: int, num_stages: int,
+         entries_per_step: int = 1) -> bool:
     """Whether this schedule serves these sizes: 128-row query blocks, within shared memory."""
-    return block_q == BLOCK_Q and shared_bytes(dim, block_kv, num_stages) + 2048 <= \
-        SHARED_MEMORY_BYTES
+    return block_q == BLOCK_Q and shared_bytes(dim, block_kv, num_stages, entries_per_step) + \
+        2048 <= SHARED_MEMORY_BYTES
 
 
 def sla_forward_ws(
@@ -77,40 +80,79 @@ def sla_forward_ws(
     scale: float,
     num_stages: int,
     pingpong: bool,
+    entries_per_step: int = 1,
 ):
     """The warp-specialised forward's TileLang program (see the module docstring).
 
-    Schedule knobs (speed only): pipeline `num_stages` and `pingpong`.
+    Schedule knobs (speed only): pipeline `num_stages` and `pingpong`. `entries_per_step`
+    (1 or 2) is how many LUT entries (key blocks) a loop step takes: with 2, the step's
+    fixed costs (rescaling O, the row reductions' shuffles, barriers) are paid once per two
+    key blocks, and the online softmax's running maximum moves per pair, which rounds
+    differently from taking the blocks one by one.
     """
-    if not fits(dim, BLOCK_Q, block_kv, num_stages):
+    if entries_per_step not in (1, 2):
+        raise ValueError(f"entries_per_step must be 1 or 2; got {entries_per_step}")
+    if not fits(dim, BLOCK_Q, block_kv, num_stages, entries_per_step):
         raise ValueError(f"the warp-specialised forward does not fit D={dim}, "
-                         f"block_kv={block_kv}, num_stages={num_stages} in shared memory")
+                         f"block_kv={block_kv}, num_stages={num_stages}, "
+                         f"entries_per_step={entries_per_step} in shared memory")
     dt = DTYPES[dtype]
     acc = T.float32
     block_q = BLOCK_Q
+    pair = entries_per_step == 2
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
     n_q, width = T.dynamic("Mq"), T.dynamic("Kc")
     n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
     phi = feature_map_macro(feature)
     neg_inf = -T.infinity(acc)
+    row_policy = T.GemmWarpPolicy.FullRow
 
     @T.macro
-    def online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum, denom, j):
+    def mask_tail(scores, j):
         # Only the last key block can reach past Lk.
         if (j + 1) * block_kv > lk:
             for i, c in T.Parallel(block_q, block_kv):
                 scores[i, c] = T.if_then_else(j * block_kv + c >= lk, neg_inf, scores[i, c])
-        T.copy(row_max, prev_max)
-        T.reduce_max(scores, row_max, dim=1, clear=False)
-        for i in T.Parallel(block_q):
-            rescale[i] = T.exp2((prev_max[i] - row_max[i]) * scale_log2)
-            scaled_max[i] = row_max[i] * scale_log2
+
+    @T.macro
+    def exponentiate(scores, scaled_max, row_sum):
         for i, c in T.Parallel(block_q, block_kv):
             scores[i, c] = T.exp2(scores[i, c] * scale_log2 - scaled_max[i])
         T.reduce_sum(scores, row_sum, dim=1)
+
+    @T.macro
+    def new_maximum(row_max, prev_max, rescale, scaled_max):
+        for i in T.Parallel(block_q):
+            rescale[i] = T.exp2((prev_max[i] - row_max[i]) * scale_log2)
+            scaled_max[i] = row_max[i] * scale_log2
+
+    @T.macro
+    def online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum, denom, j):
+        mask_tail(scores, j)
+        T.copy(row_max, prev_max)
+        T.reduce_max(scores, row_max, dim=1, clear=False)
+        new_maximum(row_max, prev_max, rescale, scaled_max)
+        exponentiate(scores, scaled_max, row_sum)
         for i in T.Parallel(block_q):
             denom[i] = denom[i] * rescale[i] + row_sum[i]
+
+    @T.macro
+    def online_softmax_pair(scores, scores_b, row_max, prev_max, rescale, scaled_max, row_sum,
+                            row_sum_b, denom, j, j_b, valid_b):
+        mask_tail(scores, j)
+        if valid_b:
+            mask_tail(scores_b, j_b)
+        else:  # an odd count: the step's second entry is a copy of its first
+            T.fill(scores_b, neg_inf)
+        T.copy(row_max, prev_max)
+        T.reduce_max(scores, row_max, dim=1, clear=False)
+        T.reduce_max(scores_b, row_max, dim=1, clear=False)
+        new_maximum(row_max, prev_max, rescale, scaled_max)
+        exponentiate(scores, scaled_max, row_sum)
+        exponentiate(scores_b, scaled_max, row_sum_b)
+        for i in T.Parallel(block_q):
+            denom[i] = denom[i] * rescale[i] + row_sum[i] + row_sum_b[i]
 
     @T.macro
     def load_epilogue(h_rows, w, z_rows, bias, b, h, state, h_s, w_s, z_s, bias_s, barrier):
@@ -139,13 +181,15 @@ def sla_forward_ws(
         with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=THREADS,
                       prelude=_ORDER_GUARD) as (bx, by, bz):
             q_s = T.alloc_shared([block_q, dim], dt)  # Q, then phi(Q), then the output tile
-            k_s = T.alloc_shared([num_stages, block_kv, dim], dt)
-            v_s = T.alloc_shared([num_stages, block_kv, dim], dt)
+            # Stage s's key blocks (one, or the step's pair) are rows [entries * s + e].
+            k_s = T.alloc_shared([num_stages * entries_per_step, block_kv, dim], dt)
+            v_s = T.alloc_shared([num_stages * entries_per_step, block_kv, dim], dt)
             h_s = T.alloc_shared([dim, dim], dt)
             w_s = T.alloc_shared([dim, dim], dt)
             z_s = T.alloc_shared([dim], acc)
             bias_s = T.alloc_shared([dim], acc)
-            lin_s = T.alloc_shared([block_q, dim], dt)
+            # With pairs the stages take O_l's tile: O_l goes through Q's once phi(Q) is used.
+            lin_s = q_s if pair else T.alloc_shared([block_q, dim], dt)
 
             q_full = T.alloc_barrier(arrive_count=128)
             epilogue_full = T.alloc_barrier(arrive_count=128)
@@ -158,6 +202,7 @@ def sla_forward_ws(
             n_kv = T.ceildiv(lk, block_kv)
             # Whatever the routing tensors hold, no load leaves the row or the key blocks.
             count = T.max(T.min(COUNT[bz, by, bx], width), 0)
+            steps = T.ceildiv(count, entries_per_step)
             state = T.if_then_else(n_states == 1, 0, bx)
 
             if tx >= 256:
@@ -165,31 +210,47 @@ def sla_forward_ws(
                 T.set_max_nreg(24, 0)
                 T.tma_copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s, barrier=q_full)
                 T.barrier_arrive(q_full)
-                for t in T.serial(count):
+                for t in T.serial(steps):
                     s = t % num_stages
                     phase = (t // num_stages) & 1
-                    j = T.max(T.min(LUT[bz, by, bx, t], n_kv - 1), 0)
+                    first = t * entries_per_step
+                    j = T.max(T.min(LUT[bz, by, bx, first], n_kv - 1), 0)
+                    if pair:
+                        # An odd count's last step loads its one block twice (masked).
+                        j_b = T.if_then_else(
+                            first + 1 < count,
+                            T.max(T.min(LUT[bz, by, bx, first + 1], n_kv - 1), 0), j)
                     T.barrier_wait(k_empty[s], phase ^ 1)
-                    T.tma_copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s[s, :, :],
-                               barrier=k_full[s])
+                    T.tma_copy(rows(K, bz, by, j * block_kv, block_kv, layout),
+                               k_s[entries_per_step * s, :, :], barrier=k_full[s])
+                    if pair:
+                        T.tma_copy(rows(K, bz, by, j_b * block_kv, block_kv, layout),
+                                   k_s[2 * s + 1, :, :], barrier=k_full[s])
                     T.barrier_arrive(k_full[s])
                     T.barrier_wait(v_empty[s], phase ^ 1)
-                    T.tma_copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s[s, :, :],
-                               barrier=v_full[s])
+                    T.tma_copy(rows(V, bz, by, j * block_kv, block_kv, layout),
+                               v_s[entries_per_step * s, :, :], barrier=v_full[s])
+                    if pair:
+                        T.tma_copy(rows(V, bz, by, j_b * block_kv, block_kv, layout),
+                                   v_s[2 * s + 1, :, :], barrier=v_full[s])
                     T.barrier_arrive(v_full[s])
                     if t == 0:
-                        # The epilogue's operands, behind the first key block.
+                        # The epilogue's operands, behind the first key blocks.
                         load_epilogue(H_ROWS, W, Z_ROWS, BIAS, bz, by, state, h_s, w_s, z_s,
                                       bias_s, epilogue_full)
                 if count == 0:
                     load_epilogue(H_ROWS, W, Z_ROWS, BIAS, bz, by, state, h_s, w_s, z_s,
-                                      bias_s, epilogue_full)
+                                  bias_s, epilogue_full)
             else:
                 T.set_max_nreg(240, 1)
                 wg = tx // 128
                 q_r = T.alloc_fragment([block_q, dim], dt)
                 scores = T.alloc_fragment([block_q, block_kv], acc)
                 probs = T.alloc_fragment([block_q, block_kv], dt)
+                if pair:
+                    scores_b = T.alloc_fragment([block_q, block_kv], acc)
+                    probs_b = T.alloc_fragment([block_q, block_kv], dt)
+                    row_sum_b = T.alloc_fragment([block_q], acc)
                 acc_o = T.alloc_fragment([block_q, dim], acc)
                 row_max = T.alloc_fragment([block_q], acc)
                 prev_max = T.alloc_fragment([block_q], acc)
@@ -203,50 +264,83 @@ def sla_forward_ws(
                 T.barrier_wait(q_full, 0)
                 T.copy(q_s, q_r)
 
-                if count > 0:
+                if steps > 0:
                     if pingpong:
-                        if count > 1:
+                        if steps > 1:
                             if wg == 0:  # consumer 0 takes the first turn
                                 T.named_barrier_arrive(_PINGPONG_BARRIER, 256)
                     T.barrier_wait(k_full[0], 0)
                     T.wgmma_gemm(q_r, k_s[0, :, :], scores, transpose_B=True, clear_accum=True,
-                                 policy=T.GemmWarpPolicy.FullRow)
+                                 policy=row_policy)
+                    if pair:
+                        T.wgmma_gemm(q_r, k_s[1, :, :], scores_b, transpose_B=True,
+                                     clear_accum=True, policy=row_policy)
                     T.wait_wgmma(0)
                     T.barrier_arrive(k_empty[0])
-                    online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum,
-                                   denom, T.max(T.min(LUT[bz, by, bx, 0], n_kv - 1), 0))
+                    j = T.max(T.min(LUT[bz, by, bx, 0], n_kv - 1), 0)
+                    if pair:
+                        online_softmax_pair(
+                            scores, scores_b, row_max, prev_max, rescale, scaled_max, row_sum,
+                            row_sum_b, denom, j, T.max(T.min(LUT[bz, by, bx, 1], n_kv - 1), 0),
+                            1 < count)
+                        T.copy(scores_b, probs_b)
+                    else:
+                        online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum,
+                                       denom, j)
                     T.copy(scores, probs)
-                    for t in T.serial(1, count):
+                    for t in T.serial(1, steps):
                         s = t % num_stages
                         sp = (t - 1) % num_stages
                         T.barrier_wait(k_full[s], (t // num_stages) & 1)
                         if pingpong:
                             T.sync_threads(_PINGPONG_BARRIER + wg, 256)
-                        T.wgmma_gemm(q_r, k_s[s, :, :], scores, transpose_B=True,
-                                     clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                        T.wgmma_gemm(q_r, k_s[entries_per_step * s, :, :], scores,
+                                     transpose_B=True, clear_accum=True, policy=row_policy)
+                        if pair:
+                            T.wgmma_gemm(q_r, k_s[2 * s + 1, :, :], scores_b, transpose_B=True,
+                                         clear_accum=True, policy=row_policy)
                         # O is rescaled for step t-1's max before P(t-1) V is added.
                         for i, d in T.Parallel(block_q, dim):
                             acc_o[i, d] *= rescale[i]
                         T.barrier_wait(v_full[sp], ((t - 1) // num_stages) & 1)
-                        T.wgmma_gemm(probs, v_s[sp, :, :], acc_o, policy=T.GemmWarpPolicy.FullRow)
+                        T.wgmma_gemm(probs, v_s[entries_per_step * sp, :, :], acc_o,
+                                     policy=row_policy)
+                        if pair:
+                            T.wgmma_gemm(probs_b, v_s[2 * sp + 1, :, :], acc_o,
+                                         policy=row_policy)
                         if pingpong:
                             # Hand the tensor cores over; consumer 1 leaves no arrival
                             # behind after its last step.
-                            if wg == 0 or t + 1 < count:
+                            if wg == 0 or t + 1 < steps:
                                 T.named_barrier_arrive(_PINGPONG_BARRIER + 1 - wg, 256)
-                        T.wait_wgmma(1)  # S(t) is ready; P(t-1) V is still running
+                        # S(t) is ready; P(t-1) V is still running.
+                        T.wait_wgmma(entries_per_step)
                         T.barrier_arrive(k_empty[s])
-                        online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum,
-                                       denom, T.max(T.min(LUT[bz, by, bx, t], n_kv - 1), 0))
+                        first = t * entries_per_step
+                        j = T.max(T.min(LUT[bz, by, bx, first], n_kv - 1), 0)
+                        if pair:
+                            online_softmax_pair(
+                                scores, scores_b, row_max, prev_max, rescale, scaled_max,
+                                row_sum, row_sum_b, denom, j,
+                                T.max(T.min(LUT[bz, by, bx, first + 1], n_kv - 1), 0),
+                                first + 1 < count)
+                        else:
+                            online_softmax(scores, row_max, prev_max, rescale, scaled_max,
+                                           row_sum, denom, j)
                         T.call_extern("handle", "sla_order_guard", T.address_of(z_s[0]))
                         T.wait_wgmma(0)
                         T.barrier_arrive(v_empty[sp])
                         T.copy(scores, probs)
+                        if pair:
+                            T.copy(scores_b, probs_b)
                     for i, d in T.Parallel(block_q, dim):
                         acc_o[i, d] *= rescale[i]
-                    last = (count - 1) % num_stages
-                    T.barrier_wait(v_full[last], ((count - 1) // num_stages) & 1)
-                    T.wgmma_gemm(probs, v_s[last, :, :], acc_o, policy=T.GemmWarpPolicy.FullRow)
+                    last = (steps - 1) % num_stages
+                    T.barrier_wait(v_full[last], ((steps - 1) // num_stages) & 1)
+                    T.wgmma_gemm(probs, v_s[entries_per_step * last, :, :], acc_o,
+                                 policy=row_policy)
+                    if pair:
+                        T.wgmma_gemm(probs_b, v_s[2 * last + 1, :, :], acc_o, policy=row_policy)
                     T.wait_wgmma(0)
                     T.barrier_arrive(v_empty[last])
 
@@ -278,16 +372,19 @@ def sla_forward_ws(
                     row_sum[i] = T.if_then_else(
                         active > 0, 1.0 / (row_sum[i] + LINEAR_EPS),
                         T.if_then_else(active < 0, NAN, 0.0))
-                T.gemm(q_s, h_s, lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(q_s, h_s, lin, clear_accum=True, policy=row_policy)
                 for i, d in T.Parallel(block_q, dim):
                     lin[i, d] *= row_sum[i]
                 T.copy(lin, lin_s)
                 T.tma_copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
 
                 # Projection: O = O_s + O_l W^T + b.
-                T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=row_policy)
                 for i, d in T.Parallel(block_q, dim):
                     acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + bias_s[d])
+                if pair:
+                    # O_l's store must have read the tile before O overwrites it.
+                    T.tma_store_wait()
                 T.copy(acc_o, q_s)
                 T.copy(q_s, rows(O, bz, by, bx * block_q, block_q, layout))
 
