@@ -176,10 +176,14 @@ def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: s
     """The fused SLA forward."""
     merged = _merged("forward", (dim, block_q, block_kv), knobs)
     variant = merged.pop("warp_specialization")
+    entries = merged.pop("entries_per_step")
     if variant not in forward_schedule.WARP_SPECIALIZATION:
         raise ValueError(f"warp_specialization must be one of "
                          f"{forward_schedule.WARP_SPECIALIZATION}; got {variant!r}")
     if variant == "auto":
+        if entries != 1:
+            raise ValueError("entries_per_step applies to the hand-written forward only "
+                             f"(warp_specialization 'manual' or 'pingpong'); got {entries}")
         program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, layout,
                                                scale, **merged)
     elif block_q != forward_ws.BLOCK_Q:
@@ -187,7 +191,8 @@ def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: s
                          f"got {block_q}")
     else:
         program = forward_ws.sla_forward_ws(dim, block_kv, dtype, feature, layout, scale,
-                                            merged["num_stages"], variant == "pingpong")
+                                            merged["num_stages"], variant == "pingpong",
+                                            entries)
     return compile_program(program, arch)
 
 

@@ -31,12 +31,15 @@ WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
 """How the forward's warpgroups share the work: "auto" is TileLang's automatic
 producer/consumer split (this module's kernel, any block_q); "manual" and "pingpong" are the
 hand-written schedule of `forward_ws` (128-row query blocks), "pingpong" with the two
-consumers taking turns on the tensor cores."""
+consumers taking turns on the tensor cores. `entries_per_step` (1 or 2 LUT entries a loop
+step) applies to the hand-written schedule only."""
 
 
-def _hand_written_stages(dim: int, block_q: int, block_kv: int) -> tuple[int, ...]:
+def _hand_written_stages(dim: int, block_q: int, block_kv: int,
+                         entries_per_step: int = 1) -> tuple[int, ...]:
     """Pipeline depths of at least two at which the hand-written schedule fits these sizes."""
-    return tuple(n for n in (2, 3) if forward_ws.fits(dim, block_q, block_kv, n))
+    return tuple(n for n in (2, 3)
+                 if forward_ws.fits(dim, block_q, block_kv, n, entries_per_step))
 
 
 def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
@@ -49,12 +52,14 @@ def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
     """
     stages = _hand_written_stages(dim, block_q, block_kv)
     if stages:
-        return dict(threads=384, num_stages=max(stages), warp_specialization="manual")
+        return dict(threads=384, num_stages=max(stages), warp_specialization="manual",
+                    entries_per_step=1)
     per_stage = 2 * block_kv * dim * 2
     fixed = block_q * dim * 2 + 2048
     stages = 2 if fixed + 2 * per_stage <= SHARED_MEMORY_BYTES else 1
     # A warpgroup per 64 query rows.
-    return dict(threads=2 * block_q, num_stages=stages, warp_specialization="auto")
+    return dict(threads=2 * block_q, num_stages=stages, warp_specialization="auto",
+                entries_per_step=1)
 
 
 def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
@@ -66,6 +71,22 @@ def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
     # One warpgroup for 128 query rows is left out: it spills, and nvcc takes over ten
     # minutes to say so.
     return dict(num_stages=(1, 2, 3), warp_specialization=("auto",))
+
+
+def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
+    """Schedules that compute the same function as the default but round differently:
+    candidates for the default (timed by `benchmarks/forward_variants.py`, checked against
+    float64 by the GPU tests), never tuned. TileLang's automatic split where the default is
+    hand-written, and the hand-written kernel taking two LUT entries a step."""
+    default = default_schedule(dim, block_q, block_kv)
+    found = []
+    if default["warp_specialization"] != "auto":
+        found.append(dict(num_stages=2, warp_specialization="auto", entries_per_step=1))
+    if block_kv == 64:
+        found += [dict(num_stages=n, warp_specialization=variant, entries_per_step=2)
+                  for n in _hand_written_stages(dim, block_q, block_kv, 2)
+                  for variant in ("manual", "pingpong")]
+    return found
 
 
 def sla_forward(

@@ -1,0 +1,87 @@
+"""The forward's schedule choices, on CPU: what is default, what is tuned, what only timed.
+
+Building a TileLang program (no compilation) is cheap, so every schedule the tuner or the
+benchmark may ask for is built here; the GPU tests run them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from sla_tl import kernels
+from sla_tl.schedules.sm90 import forward as forward_schedule
+from sla_tl.schedules.sm90 import forward_ws
+
+SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
+
+
+def _combos(space: dict[str, tuple]) -> list[dict]:
+    names = sorted(space)
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(space[n] for n in names))]
+
+
+@pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
+def test_the_default_is_in_the_search_space_and_alternatives_are_not(dim, block_q, block_kv):
+    default = kernels.default_knobs("forward", dim, block_q, block_kv)
+    space = kernels.search_space("forward", dim, block_q, block_kv)
+    assert all(default[name] in choices for name, choices in space.items())
+    # Every searched combination keeps the default's rounding class.
+    for knobs in _combos(space):
+        assert (knobs["warp_specialization"] == "auto") == (
+            default["warp_specialization"] == "auto")
+    for alternative in forward_schedule.alternatives(dim, block_q, block_kv):
+        rounding = (alternative["warp_specialization"] == "auto",
+                    alternative["entries_per_step"])
+        assert rounding != (default["warp_specialization"] == "auto",
+                            default["entries_per_step"]), alternative
+
+
+@pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
+def test_hand_written_default_exactly_where_two_stages_fit(dim, block_q, block_kv):
+    default = kernels.default_knobs("forward", dim, block_q, block_kv)
+    fits = forward_ws.fits(dim, block_q, block_kv, 2)
+    assert (default["warp_specialization"] == "manual") == fits
+    if fits:
+        assert forward_ws.fits(dim, block_q, block_kv, default["num_stages"])
+
+
+def test_shared_memory_of_the_wan_default_and_its_pair_alternative():
+    # 128x64 blocks at D=128: three stages of one entry, or two stages of two, use all of it.
+    assert forward_ws.shared_bytes(128, 64, 3) == 230400
+    assert forward_ws.shared_bytes(128, 64, 2, entries_per_step=2) == 230400
+    assert not forward_ws.fits(128, 128, 64, 3, entries_per_step=2)
+    assert not forward_ws.fits(128, 64, 64, 2)
+
+
+@pytest.mark.parametrize("dim,block_q,block_kv", [(128, 128, 64), (64, 128, 64),
+                                                  (64, 128, 128)])
+def test_every_tuned_and_alternative_schedule_builds(dim, block_q, block_kv):
+    space = kernels.search_space("forward", dim, block_q, block_kv)
+    schedules = _combos(space) + forward_schedule.alternatives(dim, block_q, block_kv)
+    for knobs in schedules:
+        merged = {**kernels.default_knobs("forward", dim, block_q, block_kv), **knobs}
+        if merged["warp_specialization"] == "auto":
+            program = forward_schedule.sla_forward(
+                dim, block_q, block_kv, "bfloat16", "softmax", "bhsd", dim**-0.5,
+                merged["threads"], merged["num_stages"])
+        else:
+            program = forward_ws.sla_forward_ws(
+                dim, block_kv, "bfloat16", "softmax", "bhsd", dim**-0.5, merged["num_stages"],
+                merged["warp_specialization"] == "pingpong", merged["entries_per_step"])
+        assert program is not None, knobs
+
+
+def test_a_schedule_that_does_not_fit_is_refused_by_name():
+    with pytest.raises(ValueError, match="does not fit"):
+        forward_ws.sla_forward_ws(128, 128, "bfloat16", "softmax", "bhsd", 0.1, 2, True)
+    with pytest.raises(ValueError, match="entries_per_step"):
+        forward_ws.sla_forward_ws(128, 64, "bfloat16", "softmax", "bhsd", 0.1, 2, True, 3)
+    with pytest.raises(ValueError, match="needs block_q=128"):
+        kernels.forward_kernel(128, 64, 64, "bfloat16", "softmax", "bhsd", 0.1, "sm_90a",
+                               kernels.freeze({"warp_specialization": "manual"}))
+    with pytest.raises(ValueError, match="hand-written forward only"):
+        kernels.forward_kernel(128, 64, 64, "bfloat16", "softmax", "bhsd", 0.1, "sm_90a",
+                               kernels.freeze({"entries_per_step": 2}))
