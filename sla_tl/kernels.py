@@ -17,6 +17,7 @@ import torch
 
 from .schedules.compile import compile_program
 from .schedules.sm90 import backward_dkdv as dkdv_schedule
+from .schedules.sm90 import backward_dkdv_ws as dkdv_ws
 from .schedules.sm90 import backward_dq as dq_schedule
 from .schedules.sm90 import forward as forward_schedule
 from .schedules.sm90 import forward_ws
@@ -218,6 +219,20 @@ def backward_dkdv_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feat
                          layout: str, scale: float, arch: str, knobs: Knobs = ()):
     """dK and dV over the reverse LUT, with the linear branch's key-side gradients."""
     merged = _merged("backward_dkdv", (dim, block_q, block_kv), knobs)
-    program = dkdv_schedule.backward_dkdv(dim, block_q, block_kv, dtype, feature, layout, scale,
-                                          **merged)
+    variant = merged.pop("warp_specialization")
+    if variant not in dkdv_schedule.WARP_SPECIALIZATION:
+        raise ValueError(f"warp_specialization must be one of "
+                         f"{dkdv_schedule.WARP_SPECIALIZATION}; got {variant!r}")
+    if variant == "auto":
+        program = dkdv_schedule.backward_dkdv(dim, block_q, block_kv, dtype, feature, layout,
+                                              scale, **merged)
+    elif block_kv != dkdv_ws.BLOCK_KV or merged["q_slice"] != dkdv_ws.SLICE \
+            or merged["linear_first"]:
+        raise ValueError(f"warp_specialization='manual' needs block_kv={dkdv_ws.BLOCK_KV}, "
+                         f"q_slice={dkdv_ws.SLICE} and linear_first=False; got block_kv="
+                         f"{block_kv}, q_slice={merged['q_slice']}, linear_first="
+                         f"{merged['linear_first']}")
+    else:
+        program = dkdv_ws.backward_dkdv_ws(dim, block_q, dtype, feature, layout, scale,
+                                           2 * merged["num_stages"])
     return compile_program(program, arch)

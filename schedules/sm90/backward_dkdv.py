@@ -30,17 +30,34 @@ import tilelang.language as T
 
 from ..common import DTYPES, LOG2E, rows, seq_shape
 from ..feature_maps import feature_map_macro, feature_map_vjp_macro
+from . import backward_dkdv_ws
+
+WARP_SPECIALIZATION = ("auto", "manual")
+"""How dK/dV's warpgroups share the work: "auto" is TileLang's automatic producer/consumer
+split (this module's kernel); "manual" the hand-written schedule of `backward_dkdv_ws`
+(64-key blocks, two consumer warpgroups a key block, a ring of 2 * num_stages query slices;
+its `q_slice` is 64 and it has no `linear_first`)."""
 
 
 def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
     """Schedule knobs that compile without spills and fit shared memory for these sizes."""
-    return dict(num_stages=2, q_slice=64, linear_first=block_kv == 64)
+    return dict(num_stages=2, q_slice=64, linear_first=block_kv == 64,
+                warp_specialization="auto")
 
 
 def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
     """Choices of each schedule knob for the autotuner (some fail to compile and are pruned)."""
     return dict(num_stages=(1, 2), q_slice=tuple(q for q in (32, 64, 128) if q <= block_q),
                 linear_first=(False, True))
+
+
+def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
+    """Schedules that compute dK and dV with another rounding (the hand-written kernel sums
+    two warpgroups' halves): candidates for the default, checked against float64 by the GPU
+    tests and timed by `benchmarks/backward_variants.py`, never tuned."""
+    return [dict(num_stages=n, q_slice=backward_dkdv_ws.SLICE, linear_first=False,
+                 warp_specialization="manual")
+            for n in (2, 3) if backward_dkdv_ws.fits(dim, block_q, block_kv, 2 * n)]
 
 
 def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,

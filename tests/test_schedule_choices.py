@@ -1,4 +1,4 @@
-"""The forward's schedule choices, on CPU: what is default, what is tuned, what only timed.
+"""Schedule choices on CPU (forward, dK/dV): what is default, what is tuned, what only timed.
 
 Building a TileLang program (no compilation) is cheap, so every schedule the tuner or the
 benchmark may ask for is built here; the GPU tests run them.
@@ -11,6 +11,8 @@ import itertools
 import pytest
 
 from sla_tl import kernels
+from sla_tl.schedules.sm90 import backward_dkdv as dkdv_schedule
+from sla_tl.schedules.sm90 import backward_dkdv_ws as dkdv_ws
 from sla_tl.schedules.sm90 import forward as forward_schedule
 from sla_tl.schedules.sm90 import forward_ws
 
@@ -85,3 +87,37 @@ def test_a_schedule_that_does_not_fit_is_refused_by_name():
     with pytest.raises(ValueError, match="hand-written forward only"):
         kernels.forward_kernel(128, 64, 64, "bfloat16", "softmax", "bhsd", 0.1, "sm_90a",
                                kernels.freeze({"entries_per_step": 2}))
+
+
+@pytest.mark.parametrize("dim,block_q", [(64, 64), (64, 128), (128, 64), (128, 128)])
+def test_every_dkdv_alternative_builds_and_is_outside_the_search_space(dim, block_q):
+    space = kernels.search_space("backward_dkdv", dim, block_q, 64)
+    assert "warp_specialization" not in space  # the tuner keeps TileLang's kernel
+    found = dkdv_schedule.alternatives(dim, block_q, 64)
+    assert found, "64-key blocks have a hand-written dK/dV"
+    for knobs in found:
+        program = dkdv_ws.backward_dkdv_ws(dim, block_q, "bfloat16", "softmax", "bhsd",
+                                           dim**-0.5, 2 * knobs["num_stages"])
+        assert program is not None, knobs
+    assert dkdv_schedule.alternatives(dim, block_q, 128) == []
+
+
+def test_dkdv_shared_memory_and_refusals():
+    # D=128: a ring of four slices fills shared memory to the byte; six do not fit.
+    assert dkdv_ws.shared_bytes(128, 4) + 1024 == 227 * 1024
+    assert not dkdv_ws.fits(128, 128, 64, 6)
+    assert not dkdv_ws.fits(64, 128, 64, 2)  # the epilogue borrows three ring buffers
+    with pytest.raises(ValueError, match="does not fit"):
+        dkdv_ws.backward_dkdv_ws(128, 128, "bfloat16", "softmax", "bhsd", 0.1, 6)
+    with pytest.raises(ValueError, match="needs block_kv=64"):
+        kernels.backward_dkdv_kernel(128, 128, 128, "bfloat16", "softmax", "bhsd", 0.1,
+                                     "sm_90a",
+                                     kernels.freeze({"warp_specialization": "manual"}))
+    with pytest.raises(ValueError, match="linear_first=False"):
+        kernels.backward_dkdv_kernel(128, 128, 64, "bfloat16", "softmax", "bhsd", 0.1,
+                                     "sm_90a",
+                                     kernels.freeze({"warp_specialization": "manual",
+                                                     "linear_first": True}))
+    with pytest.raises(ValueError, match="warp_specialization must be one of"):
+        kernels.backward_dkdv_kernel(128, 128, 64, "bfloat16", "softmax", "bhsd", 0.1,
+                                     "sm_90a", kernels.freeze({"warp_specialization": "x"}))

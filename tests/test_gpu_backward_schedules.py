@@ -1,0 +1,89 @@
+"""dK/dV under every schedule the tuner may pick and every alternative, on the GPU, against
+the float64 reference; outputs poisoned with NaN first. (Whether the tuner's choices are bit
+for bit the default's is the tuner's own check, on its measurement inputs.)"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sla_tl import kernels, reference, tilelang_backend
+from sla_tl.routing import Routing
+from sla_tl.schedules.sm90 import backward_dkdv as dkdv_schedule
+from sla_tl.warm import KernelSpec, compile_in_parallel, kernels_for_call
+
+from .helpers import random_projection, random_qkv, relative_error
+from .test_gpu_kernels import Case
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = 1e-2
+
+CASES = [
+    Case(128, "bfloat16", "bhsd", "softmax", "marginal", 128, 64, 1000, 1000, 0.1, 0.1),
+    Case(64, "float16", "bshd", "elu", "global", 64, 64, 1000, 777, 0.2, 0.0),
+    Case(128, "bfloat16", "bshd", "relu", "marginal", 128, 64, 300, 200, 1.0, 0.0),
+    Case(128, "float16", "bhsd", "softmax", "marginal", 128, 64, 129, 64, 0.05, 0.0),
+    Case(64, "bfloat16", "bhsd", "softmax", "global", 128, 64, 2000, 999, 0.3, 0.2),
+    Case(128, "bfloat16", "bhsd", "softmax", "marginal", 128, 64, 32760, 32760, 0.05, 0.0,
+         batch=1, heads=2),
+]
+
+
+def dkdv_schedules(case: Case) -> list[dict]:
+    """The tuner's choices for dK/dV (its search space), then the alternatives."""
+    space = kernels.search_space("backward_dkdv", case.dim, case.block_q, case.block_kv)
+    names = sorted(space)
+    combos = [dict(zip(names, values, strict=True))
+              for values in itertools.product(*(space[n] for n in names))]
+    return combos + dkdv_schedule.alternatives(case.dim, case.block_q, case.block_kv)
+
+
+def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
+    x = x if layout == "bhsd" else x.transpose(1, 2)
+    return x.to(device=device, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_dkdv_schedule_matches_reference(case, generator):
+    dtype = getattr(torch, case.dtype)
+    q, k, v = random_qkv(case.batch, case.heads, case.lq, case.lk, case.dim, dtype, generator,
+                         device="cuda")
+    if case.layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
+    s = case.settings
+    schedules = dkdv_schedules(case)
+    compile_in_parallel([
+        spec for knobs in schedules
+        for spec in kernels_for_call(case.dim, case.dtype, s, "sm_90a",
+                                     schedule={"backward_dkdv": knobs})
+    ] + [KernelSpec(x.getter, x.args) for x in kernels_for_call(case.dim, case.dtype, s,
+                                                                "sm_90a")])
+    routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
+                                     case.layout)
+    saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
+    grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
+    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    expected = reference.attention_backward(
+        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        Routing(*(t.to(device) for t in routing)), weight.double().to(device),
+        bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
+    )
+    first_of_class: dict[str, tuple] = {}
+    for knobs in schedules:
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s, dq,
+                                       lambda dk=dk, dv=dv: (dk, dv), {"backward_dkdv": knobs})
+        torch.cuda.synchronize()
+        for name, got, ref in (("dk", dk, expected[1]), ("dv", dv, expected[2])):
+            assert not got.isnan().any(), f"{knobs}: {name} has NaN (unwritten elements)"
+            assert relative_error(_bhsd64(got, case.layout, "cpu"), ref) < TOLERANCE, (
+                knobs, name)
+        if knobs.get("warp_specialization") == "manual":
+            # The hand-written kernel's ring depth orders the work only.
+            first_knobs, first = first_of_class.setdefault("manual", (knobs, (dk, dv)))
+            assert torch.equal(dk, first[0]) and torch.equal(dv, first[1]), (
+                f"{knobs} and {first_knobs} differ")
