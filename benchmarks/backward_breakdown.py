@@ -3,7 +3,9 @@
     python -m sla_tl.benchmarks.backward_breakdown [--topk 0.05] [--out result.json]
 
 Timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16), on fresh
-random inputs, with the forward's outputs computed once per input set.
+random inputs, with the forward's outputs computed once per input set. Each dK/dV
+alternative schedule (candidates for the default, see `backward_dkdv.alternatives`) is timed
+on the same inputs, with its largest difference from the default's dK.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla_tl import block_states, kernels, spec, tilelang_backend
+from sla_tl.schedules.sm90 import backward_dkdv as dkdv_schedule
 from sla_tl.settings import Settings
 
 from .environment import describe_environment
@@ -101,15 +104,33 @@ def main(argv: list[str] | None = None) -> int:
                                      args.repeats),
             "whole_backward": median_ms(whole, sets, args.repeats),
         })
+        # Each dK/dV alternative (another rounding: candidates for the default), timed on
+        # the same staged inputs, with its largest difference from the default's output.
+        alternatives = {}
+        reference_dk = staged[0]["dkdv"][-2]
+        dkdv(*staged[0]["dkdv"])
+        reference_dk = reference_dk.clone()
+        for knobs in dkdv_schedule.alternatives(d, bq, bkv):
+            name = "dkdv_kernel[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
+            variant = kernels.backward_dkdv_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd",
+                                                   scale, arch, kernels.freeze(knobs))
+            timings[name] = median_ms(lambda x, variant=variant: variant(*x["dkdv"]),
+                                      [(x,) for x in staged], args.repeats)
+            variant(*staged[0]["dkdv"])
+            diff = (staged[0]["dkdv"][-2].float() - reference_dk.float()).abs().max().item()
+            alternatives[name] = dict(knobs=knobs, max_abs_diff_dk_to_default=diff)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
           f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
     for name, ms in timings.items():
-        print(f"  {name:<20} {ms:8.3f} ms")
+        note = alternatives.get(name)
+        extra = f"  (max |dK - default| {note['max_abs_diff_dk_to_default']:.2e})" if note else ""
+        print(f"  {name:<20} {ms:8.3f} ms{extra}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args),
-                           density=density, timings_ms=timings), f, indent=2)
+                           density=density, timings_ms=timings, alternatives=alternatives),
+                      f, indent=2)
     return 0
 
 
