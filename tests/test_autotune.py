@@ -188,15 +188,14 @@ def test_pruning_marks_failures_before_anything_is_timed():
     found = build_candidates(128, "bfloat16", s, "sm_90a", backward=True,
                              compiler=_fake_compiler, workers=1)
     reasons = {(c.kernel, c.label): c.pruned for c in found}
-    forward = {c.label: c.pruned for c in found if c.kernel == "forward"}
-    assert {"num_stages=3" in name for name in forward} == {True, False}
-    for name, reason in forward.items():
-        assert reason == ("spills registers" if "num_stages=3" in name else None), name
+    assert reasons[("forward", "num_stages=2,warp_specialization=pingpong")] is None
+    assert reasons[("forward", "num_stages=3,warp_specialization=pingpong")] == "spills registers"
     assert reasons[("backward_dkdv", "linear_first=True,num_stages=2,q_slice=128")].startswith(
         "overflows shared memory")
     assert reasons[("key_pass", "group=16")].startswith("fails to compile")
     # The first candidate of each kernel is its default schedule.
     firsts = {c.kernel: c.knobs for c in reversed(found)}
+    assert firsts["forward"] == {"num_stages": 3, "warp_specialization": "manual"}
     assert firsts["backward_dkdv"] == {"linear_first": True, "num_stages": 2, "q_slice": 64}
 
 
