@@ -20,7 +20,13 @@ from sla_tl.validation import (
 )
 
 from .candidates import Candidate, build_candidates
-from .measure import MODES, calibration_inputs, error_against_full, schedule_timer, settings_of
+from .measure import (
+    MODES,
+    calibration_inputs,
+    error_against_full,
+    schedule_measurement,
+    settings_of,
+)
 from .storage import open_storage
 from .study import AlgorithmResult, ScheduleResult, tune_algorithm, tune_schedule
 
@@ -173,7 +179,10 @@ def tune(
 
     Every candidate schedule is compiled first and pruned if it fails, spills or overflows
     shared memory. `compile_only=True` stops there: no GPU is needed, and the kernels land
-    in the kernel cache of `gpu` (a GPU model name) when given.
+    in the kernel cache of `gpu` (a GPU model name) when given. Before a candidate is
+    timed, its outputs on the measurement inputs are compared bit for bit with the default
+    schedule's (at the algorithm knobs chosen); one that differs is refused, and the report
+    lists it (`ScheduleResult.refused`).
 
     Studies live in `storage` (an SQLAlchemy URL; default SQLite under the cache
     directory): a study interrupted and run again resumes, and several processes may work
@@ -214,7 +223,8 @@ def tune(
         if compile_only:
             reports.append(TuneReport(key, candidates, None, algorithm))
             continue
-        result = tune_schedule(key, candidates, schedule_timer(key, mode, seed=seed), trials,
+        measurement = schedule_measurement(key, mode, seed=seed)
+        result = tune_schedule(key, candidates, measurement.timer, measurement.outputs, trials,
                                study_storage, seed, progress)
         try:
             config_store.active_store().record(
@@ -235,7 +245,9 @@ def _search_algorithm(key: TuneKey, space: Mapping[str, Sequence], mode: str,
     name = "algorithm|" + key._replace(**searched).study_name()
 
     def timer(knobs: dict) -> float:
-        return schedule_timer(key._replace(**knobs), mode, seed=seed)({})
+        # Algorithm knobs change the numbers: timed (and held to the error budget), never
+        # compared with the pinned setting's outputs.
+        return schedule_measurement(key._replace(**knobs), mode, seed=seed).timer({})
 
     def error(knobs: dict) -> float:
         return error_against_full(q, k, v, key, knobs)

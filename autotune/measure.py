@@ -1,21 +1,26 @@
-"""Real measurements for the studies (GPU): latency of a schedule, and the error of an
-algorithm setting against full attention.
+"""Real measurements for the studies (GPU): latency and outputs of a schedule, and the error
+of an algorithm setting against full attention.
 
 Latency: CUDA events around each call, median of many calls, rotating through several
 sets of fresh random inputs, each with its own LUT from real routing of those inputs.
+Outputs: every tensor a call produces on those same inputs, for the bit-identity check.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from sla_tl import tilelang_backend
 from sla_tl.benchmarks.timing import median_ms
 from sla_tl.config_store import TuneKey
-from sla_tl.settings import Settings
+from sla_tl.settings import ForwardOutputs, Settings
 from sla_tl.synthetic import video_like_qkv
+
+from .bit_identity import Outputs
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -31,9 +36,20 @@ def _shape(key: TuneKey, length: int) -> tuple[int, ...]:
     return (key.batch, length, key.heads, key.dim)
 
 
-def schedule_timer(key: TuneKey, mode: str = "fwd+bwd", input_sets: int = 3,
-                   repeats: int = 30, seed: int = 0) -> Callable[[dict], float]:
-    """A `Timer` for `key` on the current CUDA device."""
+class ScheduleMeasurement(NamedTuple):
+    """How a study measures schedules of one problem, on one set of measurement inputs."""
+
+    timer: Callable[[dict], float]
+    """Median milliseconds of a call run with a schedule ({kernel: knobs})."""
+    outputs: Outputs
+    """Every output of a call run with a schedule, per input set (for the bit-identity
+    check against the default schedule)."""
+
+
+def schedule_measurement(key: TuneKey, mode: str = "fwd+bwd", input_sets: int = 3,
+                         repeats: int = 30, seed: int = 0) -> ScheduleMeasurement:
+    """Timer and outputs of schedules for `key` on the current CUDA device, both on the
+    same fresh random inputs (with real routing of each set)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     generator = torch.Generator(device="cuda").manual_seed(seed)
@@ -61,7 +77,35 @@ def schedule_timer(key: TuneKey, mode: str = "fwd+bwd", input_sets: int = 3,
 
         return median_ms(call, sets, repeats)
 
-    return timer
+    def outputs(schedule: dict) -> dict[str, torch.Tensor]:
+        named = {}
+        for number, inputs in enumerate(sets, 1):
+            for name, t in _call_outputs(inputs, s, mode, schedule).items():
+                named[f"{name} (input set {number})"] = t
+        return named
+
+    return ScheduleMeasurement(timer, outputs)
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, math.nan)
+
+
+def _call_outputs(inputs: tuple, s: Settings, mode: str,
+                  schedule: dict) -> dict[str, torch.Tensor]:
+    """The outputs of one call, written into buffers filled with NaN first: an element the
+    kernels leave unwritten then holds the same bits in every run, never stale memory."""
+    q, k, v, grad, routing, weight, bias = inputs
+    saved = ForwardOutputs(*(t.fill_(math.nan) for t in tilelang_backend.forward(
+        q, k, v, routing, weight, bias, s, schedule)))
+    tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, saved, schedule)
+    named = saved._asdict()
+    if mode == "fwd+bwd":
+        dq, dk, dv = _poisoned(q), _poisoned(k), _poisoned(v)
+        _, _, d_weight, d_bias = tilelang_backend.backward_into(
+            grad, q, k, v, saved, routing, weight, bias, s, dq, lambda: (dk, dv), schedule)
+        named.update(dq=dq, dk=dk, dv=dv, d_weight=d_weight, d_bias=d_bias)
+    return named
 
 
 def calibration_inputs(key: TuneKey, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -1,7 +1,7 @@
 """The Optuna studies: schedule knobs by latency, algorithm knobs by latency and error.
 
-Timing and error are injected (`Timer`, `ErrorFn`), so the study logic runs and is tested
-without a GPU; `autotune.measure` provides the real ones.
+Timing, outputs and error are injected (`Timer`, `bit_identity.Outputs`, `ErrorFn`), so the
+study logic runs and is tested without a GPU; `autotune.measure` provides the real ones.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import optuna
 
 from sla_tl.config_store import TuneKey
 
+from .bit_identity import IdentityGate, Outputs, Refusal
 from .candidates import Candidate, label
 
 Timer = Callable[[dict], float]
@@ -39,7 +40,10 @@ class ScheduleResult(NamedTuple):
     """Latency of the all-defaults schedule, timed in the same study (None if it never ran)."""
     complete: int
     pruned: int
+    """Trials pruned, refused ones included."""
     failed: int
+    refused: list[Refusal]
+    """Candidates refused as not bit-identical to the default (by any worker of the study)."""
 
 
 def _choices(candidates: Sequence[Candidate]) -> dict[str, list[Candidate]]:
@@ -73,15 +77,17 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=STATES_DONE))
 
 
-def tune_schedule(key: TuneKey, candidates: Sequence[Candidate], timer: Timer, trials: int,
-                  storage: optuna.storages.BaseStorage, seed: int | None = 0,
-                  progress: bool = False) -> ScheduleResult:
+def tune_schedule(key: TuneKey, candidates: Sequence[Candidate], timer: Timer,
+                  outputs: Outputs, trials: int, storage: optuna.storages.BaseStorage,
+                  seed: int | None = 0, progress: bool = False) -> ScheduleResult:
     """Search schedule knobs for `key` until the study holds `trials` finished trials.
 
     The first trial of a new study is the all-defaults schedule; a resumed study whose
     default trial was killed times it again. A trial that picks a pruned candidate is
-    pruned before anything is timed; a trial whose timing raises is recorded as failed and
-    the study goes on.
+    pruned before anything is timed, and so is one that picks a candidate whose `outputs`
+    are not the default schedule's bit for bit (refused, and remembered as such for the
+    rest of the run); a trial whose timing raises is recorded as failed and the study goes
+    on.
     """
     by_kernel = _choices(candidates)
     study = create_study(key.study_name(), storage, seed)
@@ -94,7 +100,15 @@ def tune_schedule(key: TuneKey, candidates: Sequence[Candidate], timer: Timer, t
     if not _default_scheduled(study):
         study.enqueue_trial({kernel: cs[0].label for kernel, cs in by_kernel.items()},
                             user_attrs={"default": True})
+    if _finished(study) < trials:
+        gate = IdentityGate({kernel: cs[0].knobs for kernel, cs in by_kernel.items()}, outputs)
+        _optimize(study, _schedule_objective(by_kernel, gate, timer), trials, progress)
+    return _schedule_result(key, study, by_kernel)
 
+
+def _schedule_objective(by_kernel: Mapping[str, list[Candidate]], gate: IdentityGate,
+                        timer: Timer) -> Callable[[optuna.Trial], float]:
+    """A trial: pick a candidate per kernel, prune what cannot run or is refused, time."""
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         schedule = {}
@@ -105,13 +119,19 @@ def tune_schedule(key: TuneKey, candidates: Sequence[Candidate], timer: Timer, t
                 trial.set_user_attr("pruned", f"{kernel}: {candidate.pruned}")
                 raise optuna.TrialPruned(f"{kernel} {chosen}: {candidate.pruned}")
             schedule[kernel] = dict(candidate.knobs)
+        # Only once every pick compiled: each check runs kernels on the GPU.
+        for kernel, knobs in schedule.items():
+            reason = gate.refusal(kernel, knobs)
+            if reason is not None:
+                trial.set_user_attr("pruned", f"{kernel}: {reason}")
+                trial.set_user_attr("refused", [kernel, label(knobs), reason])
+                raise optuna.TrialPruned(f"{kernel} {label(knobs)}: {reason}")
         latency = timer(schedule)
         if not math.isfinite(latency) or latency <= 0:
             raise ValueError(f"timer returned {latency!r}")
         return latency
 
-    _optimize(study, objective, trials, progress)
-    return _schedule_result(key, study, by_kernel)
+    return objective
 
 
 def _optimize(study: optuna.Study, objective: Callable, trials: int, progress: bool) -> None:
@@ -147,7 +167,18 @@ def _schedule_result(key: TuneKey, study: optuna.Study,
         complete=len(complete),
         pruned=sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
         failed=sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
+        refused=_refusals(trials),
     )
+
+
+def _refusals(trials: Sequence[optuna.trial.FrozenTrial]) -> list[Refusal]:
+    """Each refused candidate once, with the first reason recorded for it."""
+    found: dict[tuple[str, str], Refusal] = {}
+    for t in trials:
+        if "refused" in t.user_attrs:
+            refusal = Refusal(*t.user_attrs["refused"])
+            found.setdefault(refusal[:2], refusal)
+    return sorted(found.values())
 
 
 class AlgorithmPoint(NamedTuple):

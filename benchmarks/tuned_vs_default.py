@@ -18,7 +18,7 @@ import tilelang
 import torch
 
 from sla_tl import config_store, kernel_cache
-from sla_tl.autotune.measure import schedule_timer
+from sla_tl.autotune.measure import schedule_measurement
 
 from .environment import describe_environment
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no tuned entry for {key.study_name()} (lookup gave {found.source!r}); "
               "run `sla-tl tune` first")
         return 2
-    timer = schedule_timer(key, args.mode)
+    timer = schedule_measurement(key, args.mode).timer
     times: dict[str, list[float]] = {"default": [], "tuned": []}
     for _ in range(args.rounds):
         times["default"].append(timer({}))

@@ -52,6 +52,8 @@ def tune(args: argparse.Namespace) -> int:
               f"{result.pruned} pruned, {result.failed} failed)")
         for kernel, knobs in result.best.items():
             print(f"    {kernel:<14} {', '.join(f'{n}={v}' for n, v in sorted(knobs.items()))}")
+        for refusal in result.refused:
+            print(f"    refused {refusal.kernel} {refusal.candidate}: {refusal.reason}")
     return 0
 
 

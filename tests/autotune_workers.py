@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from sla_tl.autotune.candidates import Candidate
 from sla_tl.autotune.storage import open_storage
 from sla_tl.autotune.study import tune_schedule
@@ -36,6 +38,15 @@ def synthetic_latency(schedule: dict) -> float:
     return COSTS[("forward", stages)] + COSTS[("backward_dkdv", q_slice)]
 
 
+def synthetic_outputs(schedule: dict) -> dict[str, torch.Tensor]:
+    """A fake call's outputs: the same bits for every schedule of CANDIDATES; refuses pruned
+    candidates (they must never run)."""
+    synthetic_latency(schedule)
+    generator = torch.Generator().manual_seed(0)
+    return {"out": torch.randn(4, 8, generator=generator).bfloat16(),
+            "dq": torch.randn(4, 8, generator=generator).bfloat16()}
+
+
 def slow_latency(schedule: dict) -> float:
     """`synthetic_latency`, slow enough that two workers overlap."""
     time.sleep(0.05)
@@ -44,7 +55,8 @@ def slow_latency(schedule: dict) -> float:
 
 def run_worker(url: str, trials: int) -> int:
     """One worker on the shared study; returns how many trials the study then holds."""
-    result = tune_schedule(KEY, CANDIDATES, slow_latency, trials, open_storage(url), seed=None)
+    result = tune_schedule(KEY, CANDIDATES, slow_latency, synthetic_outputs, trials,
+                           open_storage(url), seed=None)
     return result.complete + result.pruned + result.failed
 
 
@@ -58,4 +70,5 @@ def die_in_first_trial(url: str) -> None:
         time.sleep(1.5 * HEARTBEAT_S)  # the trial's heartbeat is recorded meanwhile
         os._exit(3)
 
-    tune_schedule(KEY, CANDIDATES, killed, 4, open_storage(url, HEARTBEAT_S, GRACE_S))
+    tune_schedule(KEY, CANDIDATES, killed, synthetic_outputs, 4,
+                  open_storage(url, HEARTBEAT_S, GRACE_S))

@@ -16,7 +16,7 @@ from sla_tl.autotune.storage import open_storage
 from sla_tl.autotune.study import tune_schedule
 
 from . import autotune_workers as workers
-from .autotune_workers import CANDIDATES, KEY, synthetic_latency
+from .autotune_workers import CANDIDATES, KEY, synthetic_latency, synthetic_outputs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -108,7 +108,7 @@ def test_a_tune_killed_inside_its_first_trial_resumes_and_times_the_defaults(tmp
     assert killed.state == optuna.trial.TrialState.RUNNING and killed.user_attrs["default"]
     time.sleep(workers.GRACE_S + 0.5)  # its heartbeat is now older than the grace period
 
-    result = tune_schedule(KEY, CANDIDATES, synthetic_latency, 6, storage)
+    result = tune_schedule(KEY, CANDIDATES, synthetic_latency, synthetic_outputs, 6, storage)
     assert result.default_ms == pytest.approx(DEFAULT_MS)
     trials = optuna.load_study(study_name=KEY.study_name(), storage=storage).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
@@ -126,7 +126,7 @@ def test_a_failed_default_trial_is_timed_again_on_resume(tmp_path):
             raise RuntimeError("launch failed")
         return synthetic_latency(schedule)
 
-    first = tune_schedule(KEY, CANDIDATES, fails_on_the_defaults, 4, storage)
+    first = tune_schedule(KEY, CANDIDATES, fails_on_the_defaults, synthetic_outputs, 4, storage)
     assert first.default_ms is None and first.failed >= 1
-    resumed = tune_schedule(KEY, CANDIDATES, synthetic_latency, 6, storage)
+    resumed = tune_schedule(KEY, CANDIDATES, synthetic_latency, synthetic_outputs, 6, storage)
     assert resumed.default_ms == pytest.approx(DEFAULT_MS)
