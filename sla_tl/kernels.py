@@ -22,6 +22,7 @@ from .schedules.sm90 import backward_dq as dq_schedule
 from .schedules.sm90 import forward as forward_schedule
 from .schedules.sm90 import forward_ws
 from .schedules.sm90 import key_pass as key_pass_schedule
+from .schedules.sm90 import select as select_schedule
 from .schedules.sm90.backward_query import backward_query
 from .schedules.sm90.pool import mean_pool
 from .spec import HEAD_DIMS
@@ -145,6 +146,12 @@ def check_block_sizes(block_q: int, block_kv: int) -> None:
     if block_kv not in KERNEL_BLOCK_KV:
         raise ValueError(f"block_kv must be one of {KERNEL_BLOCK_KV} on CUDA; got {block_kv} "
                          "(the CPU reference takes any multiple of 16)")
+
+
+@functools.cache
+def select_kernel(arch: str):
+    """Routing's selection of critical and negligible blocks from the block scores."""
+    return compile_program(select_schedule.top_bottom_select(), arch)
 
 
 @functools.cache

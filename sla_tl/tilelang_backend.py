@@ -14,6 +14,7 @@ from . import block_states, config_store, kernel_cache, kernels, routing_check, 
 from .kernels import Schedule
 from .layout import to_bhsd
 from .routing import Routing
+from .schedules.sm90 import select
 from .settings import ForwardOutputs, Settings
 
 
@@ -33,30 +34,52 @@ def _pool(x: torch.Tensor, block: int, layout: str, arch: str) -> torch.Tensor:
     return pooled
 
 
+SELECTIONS = ("sort", "kernel")
+"""How routing picks each row's blocks from the pooled scores: "sort" (torch: a row sort,
+the default) or "kernel" (one TileLang kernel, `schedules/sm90/select.py`, on the unsmoothed
+scores; it replaces ~10 small torch launches and is a candidate for the default)."""
+
+
 def route(
     q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
-    layout: str,
+    layout: str, selection: str = "sort",
 ) -> Routing:
-    """Pooled block scores (pooling kernels), then per-row top/bottom selection (torch)."""
+    """Pooled block scores (pooling kernels), then per-row top/bottom selection."""
     kernels.check_block_sizes(block_q, block_kv)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
     q, k = q.contiguous(), k.contiguous()
     _, arch = kernel_cache.prepare(q.device)
     pooled_q = _pool(q, block_q, layout, arch)
     pooled_k = _pool(k, block_kv, layout, arch)
     lk = _dims(k, layout)[2]
     n_kv = pooled_k.shape[2]
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    rows = pooled_q.shape[:-1]
+    if selection == "kernel":
+        if n_kv > select.MAX_KEY_BLOCKS:
+            raise ValueError(f"selection='kernel' takes at most {select.MAX_KEY_BLOCKS} key "
+                             f"blocks; got {n_kv} (use selection='sort')")
+        # Smoothing K subtracts pooled_q . mean(k) from a whole row: no row's ranking moves.
+        scores = pooled_q @ pooled_k.transpose(-1, -2)
+        routing = Routing(
+            q.new_empty((*rows, n_crit), dtype=torch.int32),
+            q.new_empty(rows, dtype=torch.int32),
+            q.new_empty((*rows, n_neg), dtype=torch.int32),
+            q.new_empty(rows, dtype=torch.int32),
+        )
+        kernels.select_kernel(arch)(scores, *routing)
+        return routing
     rows_per_block = torch.full((n_kv, 1), float(block_kv), device=k.device)
     rows_per_block[-1] = lk - (n_kv - 1) * block_kv
     mean_k = (pooled_k * rows_per_block).sum(dim=2, keepdim=True) / lk
     scores = pooled_q @ (pooled_k - mean_k).transpose(-1, -2)
-    n_crit = spec.num_critical(topk, n_kv)
-    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
     # One sort of each row (512 wide at Wan shapes: a single in-register sort kernel) gives
     # both ends; cheaper than two multi-pass top-k selections.
     order = torch.sort(scores, dim=-1, descending=True).indices
     critical = order[..., :n_crit]
     negligible = order[..., n_kv - n_neg:]
-    rows = scores.shape[:-1]
     return Routing(
         critical.sort(dim=-1).values.to(torch.int32),
         torch.full(rows, n_crit, dtype=torch.int32, device=q.device),

@@ -1,0 +1,131 @@
+"""Routing's selection in one kernel: each query block's critical and negligible key blocks.
+
+One warp per row (batch, head, query block) of the block scores S (float32). The warp finds
+the `Kc`-th largest score by a radix search over the scores' order-preserving 32-bit keys
+(32 rounds of a strided count and a warp sum), then writes every key block above it, and
+as many of those equal to it as are needed, in ascending order (a ballot and a prefix count
+per 32 entries). The negligible blocks are the `Kn` smallest of the rest, found the same
+way on the reversed keys, with the critical blocks (remembered as one bit each in shared
+memory) ruled out. The widths Kc >= 1 and Kn >= 0 of LUT and NEG_LUT are the counts.
+
+Ties at a threshold go to the lower block index; the reference breaks them by its sort.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
+# of a prim_func against the builder's local variables.
+import tilelang.language as T
+
+MAX_KEY_BLOCKS = 4096
+"""Key blocks a row may have (the critical-block bitmap in shared memory is sized for it)."""
+WARPS = 4
+_WORDS = MAX_KEY_BLOCKS // 32
+
+
+def _ordered(score):
+    """The order-preserving unsigned key of a float32 score (larger score, larger key)."""
+    bits = T.reinterpret(score, "uint32")
+    return T.if_then_else(bits >> T.uint32(31) == T.uint32(1), bits ^ T.uint32(0xFFFFFFFF),
+                          bits | T.uint32(0x80000000))
+
+
+def top_bottom_select():
+    """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT."""
+    batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
+    width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
+
+    @T.macro
+    def warp_sum(value):
+        for step in T.unroll(5):
+            value[0] = value[0] + T.shfl_xor(value[0], 16 >> step)
+
+    def key_of(SCORES, b, h, row, j, negligible, critical_bits, warp):
+        """The selection key of key block j: the ordered score, or for the negligible
+        pass the reversed one, 0 for a critical block (never taken)."""
+        ordered = _ordered(SCORES[b, h, row, j])
+        if negligible:
+            return T.if_then_else(
+                (critical_bits[warp, j // 32] >> T.Cast("uint32", j % 32)) & T.uint32(1)
+                == T.uint32(1), T.uint32(0), ordered ^ T.uint32(0xFFFFFFFF))
+        return ordered
+
+    @T.macro
+    def select(SCORES, OUT, COUNT_OUT, b, h, row, k, lane, negligible, critical_bits, warp,
+               threshold, counter, position, equal_seen):
+        """OUT[b, h, row, :k] <- the k key blocks of largest key, ascending."""
+        chunks = T.ceildiv(n_kv, 32)
+        threshold[0] = T.uint32(0)
+        for bit in T.serial(32):
+            candidate = threshold[0] | (T.uint32(1) << T.Cast("uint32", 31 - bit))
+            counter[0] = 0
+            for m in T.serial(chunks):
+                j = m * 32 + lane
+                if j < n_kv:
+                    if key_of(SCORES, b, h, row, j, negligible, critical_bits,
+                              warp) >= candidate:
+                        counter[0] = counter[0] + 1
+            warp_sum(counter)
+            if counter[0] >= k:
+                threshold[0] = candidate
+        counter[0] = 0
+        for m in T.serial(chunks):
+            j = m * 32 + lane
+            if j < n_kv:
+                if key_of(SCORES, b, h, row, j, negligible, critical_bits,
+                          warp) > threshold[0]:
+                    counter[0] = counter[0] + 1
+        warp_sum(counter)
+        needed_equal = k - counter[0]  # the threshold's ties to take, lowest index first
+        below = (T.uint32(1) << T.Cast("uint32", lane)) - T.uint32(1)
+        position[0] = 0
+        equal_seen[0] = 0
+        for m in T.serial(chunks):
+            j = m * 32 + lane
+            key = T.if_then_else(j < n_kv, key_of(SCORES, b, h, row, T.min(j, n_kv - 1),
+                                                  negligible, critical_bits, warp),
+                                 T.uint32(0))
+            inside = j < n_kv
+            equal = T.Cast("uint32", T.ballot(T.And(inside, key == threshold[0])))
+            rank = equal_seen[0] + T.Cast("int32", T.popcount(equal & below))
+            take = T.And(inside, T.Or(key > threshold[0],
+                                      T.And(key == threshold[0], rank < needed_equal)))
+            taken = T.Cast("uint32", T.ballot(take))
+            if take:
+                OUT[b, h, row, position[0] + T.Cast("int32", T.popcount(taken & below))] = j
+            if not negligible:
+                if lane == 0:
+                    critical_bits[warp, m] = taken
+            position[0] = position[0] + T.Cast("int32", T.popcount(taken))
+            equal_seen[0] = equal_seen[0] + T.Cast("int32", T.popcount(equal))
+        if lane == 0:
+            COUNT_OUT[b, h, row] = k
+
+    @T.prim_func
+    def main(
+        SCORES: T.Tensor([batch, heads, n_q, n_kv], T.float32),
+        LUT: T.Tensor([batch, heads, n_q, width], T.int32),
+        COUNT: T.Tensor([batch, heads, n_q], T.int32),
+        NEG_LUT: T.Tensor([batch, heads, n_q, neg_width], T.int32),
+        NEG_COUNT: T.Tensor([batch, heads, n_q], T.int32),
+    ):
+        with T.Kernel(T.ceildiv(n_q, WARPS), heads, batch, threads=32 * WARPS) as (bx, by, bz):
+            critical_bits = T.alloc_shared([WARPS, _WORDS], T.uint32)
+            threshold = T.alloc_local([1], T.uint32)
+            counter = T.alloc_local([1], T.int32)
+            position = T.alloc_local([1], T.int32)
+            equal_seen = T.alloc_local([1], T.int32)
+            tx = T.get_thread_binding()
+            lane = tx % 32
+            warp = tx // 32
+            row = bx * WARPS + warp
+            if row < n_q:
+                select(SCORES, LUT, COUNT, bz, by, row, width, lane, False, critical_bits,
+                       warp, threshold, counter, position, equal_seen)
+                T.sync_warp()
+                if neg_width > 0:
+                    select(SCORES, NEG_LUT, NEG_COUNT, bz, by, row, neg_width, lane, True,
+                           critical_bits, warp, threshold, counter, position, equal_seen)
+                else:
+                    if lane == 0:
+                        NEG_COUNT[bz, by, row] = 0
+
+    return main
