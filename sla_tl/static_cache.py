@@ -57,7 +57,7 @@ def load(entry_key: str, read: Callable[[dict], T], where: Path | None = None) -
     try:
         with open(path) as f:
             entry = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or no directory) yet
         return None
     except (OSError, ValueError) as error:
         _damaged(path, str(error))

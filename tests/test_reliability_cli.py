@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(nothing_compiles, capsys, ar
 def test_kernels_takes_the_arch_spelling_tune_and_warm_take(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(static_check, "shipped_kernels", lambda arch: seen.append(arch) or [])
-    monkeypatch.setattr(static_check, "collect", lambda specs, workers: [])
+    monkeypatch.setattr(static_check, "collect", lambda specs, workers, progress: [])
     for spelling in ("sm90", "sm_90", "sm_90a"):
         assert cli.main(["kernels", "--arch", spelling]) == 0
     assert seen == ["sm_90a"] * 3
@@ -96,7 +96,7 @@ def test_kernels_takes_the_arch_spelling_tune_and_warm_take(monkeypatch, capsys)
 
 
 def test_a_failure_after_the_checks_is_one_line_and_exit_1(monkeypatch, capsys):
-    def failing(specs, workers):
+    def failing(specs, workers, progress):
         raise RuntimeError("kernels failed:\nforward: ptxas error\nbackward_dq: ptxas error")
 
     monkeypatch.setattr(static_check, "collect", failing)
