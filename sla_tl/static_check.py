@@ -209,23 +209,26 @@ def kernel_facts(spec: KernelSpec) -> KernelFacts:
     return facts
 
 
-def _facts_and_warnings(spec: KernelSpec) -> tuple[KernelFacts, list[tuple[type, str]]]:
-    """`kernel_facts` in a worker process, with the warnings it raised, for the parent to
-    raise again (a worker's own would bypass the command's one-line display)."""
+def _facts_and_cache_warnings(spec: KernelSpec) -> tuple[KernelFacts, list[str]]:
+    """`kernel_facts` in a worker process, with the cache's warnings for the parent to raise
+    again (a worker's own display would bypass the command's one-line warnings)."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", static_cache.StaticCacheWarning)
         facts = kernel_facts(spec)
-    return facts, [(w.category, str(w.message)) for w in caught]
+    ours = [w for w in caught if issubclass(w.category, static_cache.StaticCacheWarning)]
+    for w in caught:
+        if w not in ours:  # anything else shows as it would have
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return facts, [str(w.message) for w in ours]
 
 
 def collect(specs: list[KernelSpec], workers: int | None = None,
             progress: bool = False) -> list[KernelFacts]:
     """Every distinct spec's facts, read in parallel processes, in order (with `progress`,
-    a line per kernel on stderr); the workers' warnings are raised here, once each."""
-    results = map_in_parallel(_facts_and_warnings, specs, workers, progress)
-    for message in dict.fromkeys((category, text) for _, caught in results
-                                 for category, text in caught):
-        warnings.warn(message[1], message[0], stacklevel=2)
+    a line per kernel on stderr); the cache's warnings are raised here, once each."""
+    results = map_in_parallel(_facts_and_cache_warnings, specs, workers, progress)
+    for message in dict.fromkeys(text for _, texts in results for text in texts):
+        warnings.warn(message, static_cache.StaticCacheWarning, stacklevel=2)
     return [facts for facts, _ in results]
 
 
