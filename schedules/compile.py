@@ -15,6 +15,8 @@ FAST_ARITHMETIC = ["-ftz=true"]
 
 def compile_program(program, arch: str, forbid_spills: bool = True,
                     fast_arithmetic: bool = True):
-    """Compile a TileLang program for `arch` (e.g. "sm_90a"); callers preallocate outputs."""
+    """Compile a TileLang program for `arch` (e.g. "sm_90a"); callers preallocate outputs.
+    The kernel keeps the flags it was built with (`kernel.compile_flags`), for whatever
+    must build it the same way (the static kernel gate)."""
     flags = (FAST_ARITHMETIC if fast_arithmetic else []) + (NO_SPILLS if forbid_spills else [])
     return tilelang.compile(program, out_idx=None, target=target(arch), compile_flags=flags)

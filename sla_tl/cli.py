@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the throughput gate (`sla-tl bench --help`)", add_help=False)
 
     report = _subcommand(commands, "kernels", "compile the shipped kernels (no GPU needed) and "
-                         "check their registers, spills, shared memory, wgmma and TMA against "
-                         "the committed record")
+                         "check their registers, spills, shared memory, wgmma, TMA and SASS "
+                         "(HGMMA, setmaxnreg, local memory, main loop length, softmax/wgmma "
+                         "overlap) against the committed record")
     report.add_argument("--arch", default="sm_90a", help="TileLang target arch")
     _add_workers(report)
     report.add_argument("--write-record", action="store_true",
@@ -170,20 +171,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
 
 
 def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
-    from . import kernels, static_check
+    from . import kernels, static_cache, static_check
     from .validation import check_positive_int
 
     arch = kernels.normalise_arch(arch)
     if workers is not None:
         check_positive_int("--workers", workers)
     specs = list(dict.fromkeys(static_check.shipped_kernels(arch)))
-    print(f"compiling {len(specs)} kernels for {arch} (a line each as it is done; cached "
-          "ones load in a second)", flush=True)
+    print(f"reading {len(specs)} kernels for {arch} (a line each as it is done; facts are "
+          f"cached in {static_cache.directory()}, a cached kernel takes about a second)",
+          flush=True)
     facts = static_check.collect(specs, workers, progress=True)
-    for f in facts:
-        print(f"{f.name:<64} regs {f.registers:>3}  spill {f.spill_bytes:>4} B  "
-              f"smem {f.shared_bytes:>6} B  threads {f.threads:>3}  "
-              f"wgmma {'yes' if f.wgmma else 'no':>3}  TMA {'yes' if f.tma else 'no':>3}")
+    print("\n".join(static_check.table(facts)))
     if write_record:
         static_check.write_record(facts)
         print(f"wrote {static_check.RECORD_PATH}")
@@ -198,7 +197,8 @@ def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
         print("FAIL", line)
     if problems:
         print(f"static check failed: {len(problems)} problems (register margin "
-              f"{static_check.REGISTER_MARGIN}); if a change is intended, rewrite the record "
+              f"{static_check.REGISTER_MARGIN}, main loop margin "
+              f"{static_check.LOOP_MARGIN:.0%}); if a change is intended, rewrite the record "
               "with `sla-tl kernels --write-record`")
     else:
         print(f"static check passed: {len(facts)} kernels within the record")
