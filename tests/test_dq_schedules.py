@@ -13,6 +13,7 @@ import itertools
 import pytest
 
 from sla_tl import kernels, static_check
+from sla_tl.benchmarks import dq_variants
 from sla_tl.schedules.sm90 import backward_dq as dq_schedule
 from sla_tl.schedules.sm90 import backward_dq_ws
 from sla_tl.warm import KernelSpec
@@ -120,3 +121,20 @@ def test_the_wan_shapes_hand_written_dq_compiles_for_sm90a_without_spills():
     # 65536 registers over 384 threads at launch; setmaxnreg gives the consumers 240.
     assert facts.registers <= 168
     assert facts.shared_bytes >= backward_dq_ws.shared_bytes(128, 64, 3)
+
+
+def test_the_benchmark_times_the_default_first_then_every_choice_once():
+    found = dq_variants.schedules(128, 128, 64)
+    default = kernels.default_knobs("backward_dq", 128, 128, 64)
+    assert found[0] == {n: default[n] for n in found[0]}
+    assert len({tuple(sorted(k.items())) for k in found}) == len(found)
+    space = kernels.search_space("backward_dq", 128, 128, 64)
+    assert len(found) == len(_combos(space)) + len(dq_schedule.alternatives(128, 128, 64))
+    assert found[-len(dq_schedule.alternatives(128, 128, 64)):] == dq_schedule.alternatives(
+        128, 128, 64)
+
+
+def test_dq_flops_count_three_gemms_per_computed_block_pair():
+    # L=1024 in 128x64 blocks: 8 query blocks, 4 of 16 key blocks computed each.
+    pairs = 8 * 4
+    assert dq_variants.dq_flops(1, 1, 1024, 64, 4 / 16) == pairs * 3 * 2 * 128 * 64 * 64
