@@ -103,20 +103,23 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
     n_q, width = T.dynamic("Mq"), T.dynamic("Kc")
     scale_log2 = scale * LOG2E
-    neg_inf = -T.infinity(acc)
     row_policy = T.GemmWarpPolicy.FullRow
 
     @T.macro
     def d_scores_of(scores, d_probs, lse, delta, j):
         # dS = P (dP - delta), P = exp2(S scale log2(e) - LSE log2(e)), into d_probs (the
         # tensor cores are done with it). Only the last key block can reach past Lk: its
-        # columns there get P = 0.
+        # columns there get dS = 0. Two whole branches, so that ptxas cannot fold the mask
+        # into every step as selects.
         if (j + 1) * block_kv > lk:
             for i, c in T.Parallel(block_q, block_kv):
-                scores[i, c] = T.if_then_else(j * block_kv + c >= lk, neg_inf, scores[i, c])
-        for i, c in T.Parallel(block_q, block_kv):
-            d_probs[i, c] = T.exp2(scores[i, c] * scale_log2 - lse[i]) * (
-                d_probs[i, c] - delta[i])
+                d_probs[i, c] = T.if_then_else(
+                    j * block_kv + c < lk,
+                    T.exp2(scores[i, c] * scale_log2 - lse[i]) * (d_probs[i, c] - delta[i]), 0)
+        else:
+            for i, c in T.Parallel(block_q, block_kv):
+                d_probs[i, c] = T.exp2(scores[i, c] * scale_log2 - lse[i]) * (
+                    d_probs[i, c] - delta[i])
 
     @T.macro
     def load_key_block(source, j, ring, full, empty, stage, phase, b, h):
@@ -251,6 +254,9 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
                     T.wgmma_gemm(d_scores, k_s[last, :, :], dq, policy=row_policy)
                     T.wait_wgmma(0)
                     T.barrier_arrive(k_empty[last])
+                else:
+                    # No step used dO: its load must still land before the CTA exits.
+                    T.barrier_wait(do_full, 0)
 
                 # dQ = scale dS K + the linear part (prefetched).
                 T.barrier_wait(dq_full, 0)
