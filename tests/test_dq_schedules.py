@@ -34,7 +34,8 @@ def test_the_default_is_the_automatic_split_and_tuned_choices_keep_it(dim, block
     # The hand-written kernel has not run on a GPU yet: it is never the default, never tuned.
     assert default["warp_specialization"] == "auto"
     assert all(default[name] in choices for name, choices in space.items())
-    assert all(knobs["warp_specialization"] == "auto" for knobs in _combos(space))
+    assert all({**default, **knobs}["warp_specialization"] == "auto"
+               for knobs in _combos(space))
     for alternative in dq_schedule.alternatives(dim, block_q, block_kv):
         assert alternative["warp_specialization"] in ("manual", "pingpong"), alternative
         assert backward_dq_ws.fits(dim, block_q, block_kv, alternative["num_stages"])
@@ -70,10 +71,11 @@ def test_every_tuned_and_alternative_schedule_builds(dim, block_kv, dtype, layou
     block_q = backward_dq_ws.BLOCK_Q
     space = kernels.search_space("backward_dq", dim, block_q, block_kv)
     schedules = _combos(space) + dq_schedule.alternatives(dim, block_q, block_kv)
-    assert any(s["warp_specialization"] != "auto" for s in schedules) == (
+    default = kernels.default_knobs("backward_dq", dim, block_q, block_kv)
+    assert any({**default, **s}["warp_specialization"] != "auto" for s in schedules) == (
         dim * block_kv <= backward_dq_ws.MAX_TILE)
     for knobs in schedules:
-        merged = {**kernels.default_knobs("backward_dq", dim, block_q, block_kv), **knobs}
+        merged = {**default, **knobs}
         if merged["warp_specialization"] == "auto":
             program = dq_schedule.backward_dq(dim, block_q, block_kv, dtype, layout, dim**-0.5,
                                               merged["threads"], merged["num_stages"])

@@ -38,27 +38,30 @@ import tilelang.language as T
 from ..common import DTYPES, LOG2E, rows, seq_shape
 from .forward_ws import _PINGPONG_BARRIER, SHARED_MEMORY_BYTES
 
+BLOCK_Q = 128
+"""Query rows per CTA: two consumer warpgroups of 64 rows."""
+CONSUMER_THREADS = 256
+"""Warpgroups 0 and 1; warpgroup 2 (threads 256-383) is the producer."""
+THREADS = CONSUMER_THREADS + 128
+
 # The forward's guard (`forward_ws._ORDER_GUARD`) holds the wgmma wait below a volatile
 # shared-memory read, but dS, unlike the forward's probabilities, feeds no reduction before
 # that wait, and ptxas sinks most of the exponentials below it. Here every dS value is folded
-# into a word (16 LOP3 a step) that is stored and read back, volatile, before the wait: the
+# into a word (a LOP3 per two values) that is stored and read back, volatile, before the wait: the
 # read, and so the wait, follows all of them. The word is the function's own (one per
 # consumer thread), not a TileLang buffer, so TileLang adds no proxy fence for it.
-_ORDER_GUARD = """
-__device__ __forceinline__ void sla_order_guard_after(const float* values, int n) {
-  __shared__ unsigned words[256];
+_ORDER_GUARD = f"""
+__device__ __forceinline__ void sla_order_guard_after(const float* values, int n) {{
+  __shared__ unsigned words[{CONSUMER_THREADS}];
   unsigned bits = 0;
   #pragma unroll
-  for (int i = 0; i < n; ++i) { bits |= __float_as_uint(values[i]); }
-  volatile unsigned* word = words + (threadIdx.x & 255);
+  for (int i = 0; i < n; ++i) {{ bits |= __float_as_uint(values[i]); }}
+  volatile unsigned* word = words + threadIdx.x;
   *word = bits;
-  if (*word == 0x7fffffffu) { asm volatile("" ::: "memory"); }
-}
+  if (*word == 0x7fffffffu) {{ asm volatile("" ::: "memory"); }}
+}}
 """
 
-BLOCK_Q = 128
-"""Query rows per CTA: two consumer warpgroups of 64 rows."""
-THREADS = 384
 MIN_STAGES = 2
 """K_t is released only after dQ(t), which is issued after S(t+1): with one stage the
 producer could never load K_(t+1)."""
@@ -153,8 +156,8 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
             dq_full = T.alloc_barrier(arrive_count=128)
             k_full = T.alloc_barrier(arrive_count=[128] * num_stages)
             v_full = T.alloc_barrier(arrive_count=[128] * num_stages)
-            k_empty = T.alloc_barrier(arrive_count=[256] * num_stages)
-            v_empty = T.alloc_barrier(arrive_count=[256] * num_stages)
+            k_empty = T.alloc_barrier(arrive_count=[CONSUMER_THREADS] * num_stages)
+            v_empty = T.alloc_barrier(arrive_count=[CONSUMER_THREADS] * num_stages)
 
             tx = T.get_thread_binding()
             n_kv = T.ceildiv(lk, block_kv)
@@ -162,7 +165,7 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
             count = T.max(T.min(COUNT[bz, by, bx], width), 0)
             row0 = bx * block_q
 
-            if tx >= 256:
+            if tx >= CONSUMER_THREADS:
                 # Producer: one elected thread issues each TMA; all 128 arrive.
                 T.set_max_nreg(24, 0)
                 T.tma_copy(rows(Q, bz, by, row0, block_q, layout), q_s, barrier=q_full)
@@ -208,7 +211,7 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
                     if pingpong:
                         if count > 1:
                             if wg == 0:  # consumer 0 takes the first turn
-                                T.named_barrier_arrive(_PINGPONG_BARRIER, 256)
+                                T.named_barrier_arrive(_PINGPONG_BARRIER, CONSUMER_THREADS)
                     T.barrier_wait(k_full[0], 0)
                     T.wgmma_gemm(q_r, k_s[0, :, :], scores, transpose_B=True,
                                  clear_accum=True, policy=row_policy)
@@ -229,7 +232,7 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
                         j = T.max(T.min(LUT[bz, by, bx, t], n_kv - 1), 0)
                         T.barrier_wait(k_full[s], phase)
                         if pingpong:
-                            T.sync_threads(_PINGPONG_BARRIER + wg, 256)
+                            T.sync_threads(_PINGPONG_BARRIER + wg, CONSUMER_THREADS)
                         T.wgmma_gemm(q_r, k_s[s, :, :], scores, transpose_B=True,
                                      clear_accum=True, policy=row_policy)
                         T.barrier_wait(v_full[s], phase)
@@ -240,13 +243,14 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
                             # Hand the tensor cores over; consumer 1 leaves no arrival
                             # behind after its last step.
                             if wg == 0 or t + 1 < count:
-                                T.named_barrier_arrive(_PINGPONG_BARRIER + 1 - wg, 256)
+                                T.named_barrier_arrive(_PINGPONG_BARRIER + 1 - wg,
+                                                       CONSUMER_THREADS)
                         # S(t) and dP(t) are ready; dQ += dS(t-1) K_(t-1) is still running.
                         T.wait_wgmma(1)
                         T.barrier_arrive(v_empty[s])
                         d_scores_of(scores, d_probs, lse, delta, j)
                         T.call_extern("handle", "sla_order_guard_after", d_probs.data,
-                                      block_q * block_kv // 256)
+                                      block_q * block_kv // CONSUMER_THREADS)
                         T.wait_wgmma(0)
                         T.barrier_arrive(k_empty[sp])
                         T.copy(d_probs, d_scores)
