@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
               saved.z_rows, tilelang_backend._active(routing, n_kv, args.linear), delta,
               q.new_empty(b, h, n_q, d, d), torch.empty(b, h, n_q, d, device="cuda"), dq)
         linear_parts.append(dq.clone())
-        sets.append((q, k, v, grad, saved.lse, delta, routing.lut, routing.lut_count, dq))
+        sets.append((q, k, v, grad, saved.lse, delta, routing.lut.contiguous(),
+                     routing.lut_count.contiguous(), dq))
 
     def sdpa_backward(out, inputs, grad):
         torch.autograd.grad(out, inputs, grad, retain_graph=True)
