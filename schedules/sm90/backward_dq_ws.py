@@ -131,6 +131,11 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
                    barrier=full[stage])
         T.barrier_arrive(full[stage])
 
+    @T.macro
+    def load_linear_part(source, tile, full, b, h, row):
+        T.tma_copy(rows(source, b, h, row, block_q, layout), tile, barrier=full)
+        T.barrier_arrive(full)
+
     @T.prim_func
     def main(
         Q: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
@@ -180,12 +185,9 @@ def backward_dq_ws(dim: int, block_kv: int, dtype: str, layout: str, scale: floa
                     load_key_block(V, j, v_s, v_full, v_empty, s, phase, bz, by)
                     if t == 0:
                         # The epilogue's operand, behind the first key block.
-                        T.tma_copy(rows(DQ, bz, by, row0, block_q, layout), dq_s,
-                                   barrier=dq_full)
-                        T.barrier_arrive(dq_full)
+                        load_linear_part(DQ, dq_s, dq_full, bz, by, row0)
                 if count == 0:
-                    T.tma_copy(rows(DQ, bz, by, row0, block_q, layout), dq_s, barrier=dq_full)
-                    T.barrier_arrive(dq_full)
+                    load_linear_part(DQ, dq_s, dq_full, bz, by, row0)
             else:
                 T.set_max_nreg(240, 1)
                 wg = tx // 128
