@@ -19,6 +19,7 @@ from .schedules.compile import compile_program
 from .schedules.sm90 import backward_dkdv as dkdv_schedule
 from .schedules.sm90 import backward_dkdv_ws as dkdv_ws
 from .schedules.sm90 import backward_dq as dq_schedule
+from .schedules.sm90 import backward_dq_ws as dq_ws_schedule
 from .schedules.sm90 import forward as forward_schedule
 from .schedules.sm90 import forward_ws
 from .schedules.sm90 import key_pass as key_pass_schedule
@@ -215,9 +216,24 @@ def backward_query_kernel(dim: int, block_q: int, dtype: str, feature: str, layo
 @functools.cache
 def backward_dq_kernel(dim: int, block_q: int, block_kv: int, dtype: str, layout: str,
                        scale: float, arch: str, knobs: Knobs = ()):
-    """dQ over the LUT."""
+    """dQ over the LUT: TileLang's automatic pipeline, or the hand-written warp-specialised
+    schedule (knob `warp_specialization`, see `backward_dq.WARP_SPECIALIZATION`)."""
     merged = _merged("backward_dq", (dim, block_q, block_kv), knobs)
-    program = dq_schedule.backward_dq(dim, block_q, block_kv, dtype, layout, scale, **merged)
+    variant = merged.pop("warp_specialization")
+    if variant not in dq_schedule.WARP_SPECIALIZATION:
+        raise ValueError(f"warp_specialization must be one of "
+                         f"{dq_schedule.WARP_SPECIALIZATION}; got {variant!r}")
+    if variant == "auto":
+        program = dq_schedule.backward_dq(dim, block_q, block_kv, dtype, layout, scale, **merged)
+    elif block_q != dq_ws_schedule.BLOCK_Q:
+        raise ValueError(f"warp_specialization={variant!r} needs "
+                         f"block_q={dq_ws_schedule.BLOCK_Q}; got {block_q}")
+    elif "threads" in dict(knobs) and merged["threads"] != dq_ws_schedule.THREADS:
+        raise ValueError(f"the hand-written dQ (warp_specialization={variant!r}) runs "
+                         f"{dq_ws_schedule.THREADS} threads; got threads={merged['threads']!r}")
+    else:
+        program = dq_ws_schedule.backward_dq_ws(dim, block_kv, dtype, layout, scale,
+                                                 merged["num_stages"], variant == "pingpong")
     return compile_program(program, arch)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.routing import Routing
+from sla_tl.schedules.sm90 import backward_dq as dq_schedule
 from sla_tl.schedules.sm90 import forward as forward_schedule
 from sla_tl.schedules.sm90 import forward_ws
 from sla_tl.settings import ForwardOutputs, Settings
@@ -221,14 +222,19 @@ def test_pool_kernel_matches_reference(generator, block, layout, length):
     assert relative_error(pooled, expected) < 1e-5
 
 
+def _searched(kernel: str, case: Case) -> list[dict]:
+    """Every combination of a kernel's searched knobs for a case (what the tuner may pick)."""
+    space = kernels.search_space(kernel, case.dim, case.block_q, case.block_kv)
+    names = sorted(space)
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(space[n] for n in names))]
+
+
 def forward_schedules(case: Case) -> list[dict]:
     """Every forward schedule the autotuner may pick for a case (its search space), then the
     alternatives that round differently (candidates for the default)."""
-    space = kernels.search_space("forward", case.dim, case.block_q, case.block_kv)
-    names = sorted(space)
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(space[n] for n in names))]
-    return combos + forward_schedule.alternatives(case.dim, case.block_q, case.block_kv)
+    return _searched("forward", case) + forward_schedule.alternatives(
+        case.dim, case.block_q, case.block_kv)
 
 
 def _rounding_class(knobs: dict) -> tuple:
@@ -281,3 +287,53 @@ def test_every_forward_schedule_matches_reference(case, generator):
         for name in ("out", "lse", "linear"):
             assert torch.equal(getattr(outputs, name), getattr(first, name)), (
                 f"{knobs} and {first_knobs} differ in {name}")
+
+
+def dq_schedules(case: Case) -> list[dict]:
+    """Every dQ schedule the autotuner may pick for a case (its search space), then the
+    alternatives (the hand-written kernel, candidates for the default)."""
+    return _searched("backward_dq", case) + dq_schedule.alternatives(
+        case.dim, case.block_q, case.block_kv)
+
+
+DQ_SCHEDULE_CASES = SCHEDULE_CASES + [
+    # 128-key blocks at D=128 (TileLang's split only), fp16, odd lengths
+    Case(128, "float16", "bshd", "softmax", "marginal", 128, 128, 777, 1500, 0.2, 0.1),
+]
+
+
+@pytest.mark.parametrize("case", DQ_SCHEDULE_CASES, ids=str)
+def test_every_dq_schedule_matches_reference(case, generator):
+    """Each dQ schedule the tuner may pick, and each alternative, against float64 (dq of the
+    whole backward, every gradient poisoned first); schedules of one rounding class (the
+    automatic split; the hand-written kernel with or without pingpong, at any depth) must
+    also agree bit for bit."""
+    q, k, v, weight, bias = _inputs(case, generator)
+    s = case.settings
+    routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
+                                     case.layout)
+    saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
+    grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
+    schedules = dq_schedules(case)
+    compile_in_parallel([spec for knobs in schedules
+                         for spec in kernels_for_call(case.dim, case.dtype, s, "sm_90a",
+                                                      schedule={"backward_dq": knobs})
+                         if spec.getter == "backward_dq_kernel"])
+    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    expected = reference.attention_backward(
+        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        Routing(*(t.to(device) for t in routing)), weight.double().to(device),
+        bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
+    )
+    default = kernels.default_knobs("backward_dq", case.dim, case.block_q, case.block_kv)
+    first_of_class: dict[bool, tuple] = {}
+    for knobs in schedules:
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s, dq,
+                                       lambda dk=dk, dv=dv: (dk, dv), {"backward_dq": knobs})
+        torch.cuda.synchronize()
+        assert not dq.isnan().any(), f"{knobs}: dq has NaN (unwritten or invalid elements)"
+        assert relative_error(_bhsd64(dq, case.layout, "cpu"), expected[0]) < TOLERANCE, knobs
+        rounding = {**default, **knobs}["warp_specialization"] == "auto"
+        first_knobs, first = first_of_class.setdefault(rounding, (knobs, dq))
+        assert torch.equal(dq, first), f"{knobs} and {first_knobs} differ in dq"

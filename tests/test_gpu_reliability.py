@@ -9,6 +9,7 @@ import torch
 
 import sla_tl
 from sla_tl import kernels, spec, tilelang_backend
+from sla_tl.schedules.sm90 import backward_dq as dq_schedule
 from sla_tl.settings import Settings
 from sla_tl.warm import compile_in_parallel, kernels_for_call
 
@@ -22,6 +23,8 @@ TOPK, K_LOW = 0.25, 0.25  # 4 critical and 4 negligible blocks per row
 DTYPE = "bfloat16"
 SCALE = DIM**-0.5
 FAULTY_ROWS = [(0, 1, 2), (1, 0, 5), (1, 2, 7)]
+# dQ's default and its hand-written alternatives, which bound the LUT on their own.
+DQ_SCHEDULES = [{}] + dq_schedule.alternatives(DIM, BLOCK_Q, BLOCK_KV)
 
 
 def _settings(linear: str) -> Settings:
@@ -32,6 +35,10 @@ def _settings(linear: str) -> Settings:
 def compiled_kernels():
     specs = [s for linear in ("marginal", "global")
              for s in kernels_for_call(DIM, DTYPE, _settings(linear), "sm_90a")]
+    specs += [s for knobs in DQ_SCHEDULES[1:]
+              for s in kernels_for_call(DIM, DTYPE, _settings("marginal"), "sm_90a",
+                                        schedule={"backward_dq": knobs})
+              if s.getter == "backward_dq_kernel"]
     compile_in_parallel(specs)
 
 
@@ -87,13 +94,17 @@ def test_forward_kernel_bounds_forged_counts_and_entries(problem):
         assert torch.equal(mine, theirs), f"{name} differs from the clamped routing's"
 
 
-def test_dq_kernel_bounds_forged_counts_and_entries(problem, generator):
+@pytest.mark.parametrize("knobs", DQ_SCHEDULES,
+                         ids=lambda k: ",".join(map(str, k.values())) or "default")
+def test_dq_kernel_bounds_forged_counts_and_entries(problem, generator, knobs):
+    """A count above the width or negative (read as 0), entries outside the key blocks."""
     q, k, v, w, b, routing = problem
     saved = tilelang_backend.forward(q, k, v, routing, w, b, _settings("marginal"))
     grad = torch.randn(q.shape, generator=generator).to(q)
     delta = torch.randn(q.shape[:3], generator=generator).cuda()
     width = routing.lut.shape[-1]
-    kernel = kernels.backward_dq_kernel(DIM, BLOCK_Q, BLOCK_KV, DTYPE, "bhsd", SCALE, "sm_90a")
+    kernel = kernels.backward_dq_kernel(DIM, BLOCK_Q, BLOCK_KV, DTYPE, "bhsd", SCALE, "sm_90a",
+                                        kernels.freeze(knobs))
 
     def dq_for(lut, count):
         dq = torch.zeros_like(q)

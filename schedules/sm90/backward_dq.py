@@ -12,16 +12,48 @@ and each entry to an existing key block.
 import tilelang.language as T
 
 from ..common import DTYPES, LOG2E, element, rows, seq_shape
+from . import backward_dq_ws
+
+WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
+"""How dQ's warpgroups share the work: "auto" is TileLang's automatic producer/consumer
+split (this module's kernel, any block_q); "manual" and "pingpong" are the hand-written
+schedule of `backward_dq_ws` (128-row query blocks), "pingpong" with the two consumers
+taking turns on the tensor cores."""
+
+
+def _hand_written_stages(dim: int, block_q: int, block_kv: int) -> tuple[int, ...]:
+    """Pipeline depths at which the hand-written schedule fits these sizes."""
+    return tuple(n for n in (2, 3) if backward_dq_ws.fits(dim, block_q, block_kv, n))
 
 
 def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
-    """Schedule knobs that compile without spills and fit shared memory for these sizes."""
-    return dict(threads=2 * block_q, num_stages=2)  # a warpgroup per 64 query rows
+    """Schedule knobs that compile without spills and fit shared memory for these sizes.
+
+    TileLang's automatic split everywhere: the hand-written schedule has not yet run on a
+    GPU, so it is an alternative (`alternatives`), not the default.
+    """
+    # A warpgroup per 64 query rows.
+    return dict(threads=2 * block_q, num_stages=2, warp_specialization="auto")
 
 
 def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
-    """Choices of each schedule knob for the autotuner (some fail to compile and are pruned)."""
+    """Choices of each schedule knob for the autotuner (some fail to compile and are pruned).
+
+    `warp_specialization` is not searched: its one value of the default's rounding class
+    is the default ("auto"), and leaving it out keeps the tuner's earlier dQ studies valid.
+    """
     return dict(num_stages=(1, 2, 3))
+
+
+def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
+    """Schedules that compute the same function as the default but may round differently
+    (the hand-written kernel orders its wgmma and exponent arithmetic its own way):
+    candidates for the default, timed by `benchmarks/dq_variants.py` and checked against
+    float64 by the GPU tests, never tuned. The hand-written schedule at every pipeline
+    depth that fits, with and without pingpong."""
+    return [dict(num_stages=n, warp_specialization=variant)
+            for n in _hand_written_stages(dim, block_q, block_kv)
+            for variant in ("manual", "pingpong")]
 
 
 def backward_dq(dim: int, block_q: int, block_kv: int, dtype: str, layout: str, scale: float,
