@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--lut", default="routed", choices=("routed", "shared"),
+                        help="routed: each query block's own routing; shared: every query "
+                        "block of a head visits the same key blocks (the first ones), so K "
+                        "and V stay in L2 and the time shows what is left without their "
+                        "traffic")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, args.dim
@@ -84,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         weight = torch.randn(d, d, device="cuda") / d**0.5
         bias = torch.randn(d, device="cuda") * 0.1
         routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
+        if args.lut == "shared":
+            first_blocks = torch.arange(routing.lut.shape[-1], dtype=torch.int32,
+                                        device="cuda")
+            routing = routing._replace(lut=first_blocks.expand_as(routing.lut).contiguous())
         saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
         n_kv = spec.num_blocks(length, bkv)
         sets.append((q, k, v, routing.lut, routing.lut_count, saved.h_rows, saved.z_rows,
