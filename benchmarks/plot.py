@@ -12,9 +12,11 @@ from .suite import MODE_NAMES
 from .systems import REFERENCE_SYSTEM, SYSTEMS
 
 _LINESTYLE = {"fwd": "-", "fwd+bwd": "--"}
-# One color per system in both panels.
-_COLOR = dict(zip(SYSTEMS, ["black", "tab:gray", "tab:blue", "tab:green", "tab:red"],
-                  strict=True))
+
+
+def _color(system: str) -> str:
+    """A system's colour; one a result file names but this version does not know is grey."""
+    return SYSTEMS[system].color if system in SYSTEMS else "tab:purple"
 
 
 def require_matplotlib() -> None:
@@ -76,9 +78,9 @@ def length_series(doc: dict) -> Series:
 def _panel(axes, series: dict, xlabel: str, title: str) -> None:
     for (system, mode), points in sorted(series.items()):
         xs, ys = zip(*points, strict=True)
-        axes.plot(xs, ys, _LINESTYLE[mode], marker="o", color=_COLOR.get(system, "tab:purple"),
+        axes.plot(xs, ys, _LINESTYLE[mode], marker="o", color=_color(system),
                   label=f"{system} {MODE_NAMES[mode]}")
-    axes.axhline(1.0, color=_COLOR[REFERENCE_SYSTEM], linewidth=0.8)
+    axes.axhline(1.0, color=_color(REFERENCE_SYSTEM), linewidth=0.8)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("speedup over dense cuDNN (same run)")
     axes.set_title(title)

@@ -115,7 +115,7 @@ def cuda_preparer(budget_s: float, most_repeats: int, timing: str = "call") -> P
     `timing` is "call" (as called) or "kernels" (the call captured in CUDA graphs, one per
     input set, and replayed)."""
     def prepare(m: Measurement, inputs: list) -> Timed:
-        step = _step(SYSTEMS[m.system](m.case), m.mode)
+        step = _step(SYSTEMS[m.system].build(m.case), m.mode)
         repeats = _repeats(step, inputs, budget_s, most_repeats)
         peak = peak_memory_mb(step, inputs[0])
         fn, sets = (step, inputs) if timing == "call" else (replay, graphed(step, inputs))

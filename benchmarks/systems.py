@@ -1,6 +1,7 @@
 """The attention implementations `sla-tl bench` times, each built for one case.
 
-A builder takes a case and returns `attend(q, k, v) -> out`. Dense systems ignore the
+Each system is a record (`System`): its builder takes a case and returns
+`attend(q, k, v) -> out`; adding a system is one entry of `SYSTEMS`. Dense systems ignore the
 sparsity; sparse ones route on every call (sla-tl, thu-ml/SLA) or reuse a mask built on
 the first call per input set (FlexAttention, so that only its kernels are timed).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +40,15 @@ def _projection(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(dim, device="cuda") * 0.1)
 
 
-def _sla_tl(case: Case) -> Attend:
-    weight, bias = _projection(case)
+def _sla_tl(linear: str) -> Callable[[Case], Attend]:
+    def build(case: Case) -> Attend:
+        weight, bias = _projection(case)
 
-    def attend(q, k, v):
-        return sla_tl.attention(q, k, v, weight, bias, topk=case.topk, block_q=case.block_q,
-                                block_kv=case.block_kv)
-    return attend
+        def attend(q, k, v):
+            return sla_tl.attention(q, k, v, weight, bias, topk=case.topk,
+                                    block_q=case.block_q, block_kv=case.block_kv, linear=linear)
+        return attend
+    return build
 
 
 def _flex_block_mask(q: torch.Tensor, k: torch.Tensor, case: Case):
@@ -103,14 +107,41 @@ def _thu_sla(case: Case) -> Attend:
     return module
 
 
-SYSTEMS: dict[str, Callable[[Case], Attend]] = {
-    "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
-    "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
-    "flex_sparse": _flex,
-    "thu_sla": _thu_sla,
-    "sla_tl": _sla_tl,
-}
-DENSE = frozenset({"sdpa_cudnn", "sdpa_flash"})
+def _always() -> str | None:
+    return None
+
+
+def _needs_thu_sla() -> str | None:
+    if importlib.util.find_spec(THU_SLA_MODULE) is None:
+        return (f"the `{THU_SLA_MODULE}` package is not installed "
+                "(pip install git+https://github.com/thu-ml/SLA)")
+    return None
+
+
+class System(NamedTuple):
+    """One attention implementation the bench can time."""
+
+    name: str
+    dense: bool
+    """Dense attention (sparsity ignored; the speedups' denominators are among these)."""
+    build: Callable[[Case], Attend]
+    missing: Callable[[], str | None]
+    """Why it cannot run in this environment, or None when it can."""
+    color: str
+    """Its colour in both panels of the plot."""
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in (
+    System("sdpa_cudnn", True, _sdpa(SDPBackend.CUDNN_ATTENTION), _always, "black"),
+    System("sdpa_flash", True, _sdpa(SDPBackend.FLASH_ATTENTION), _always, "tab:gray"),
+    System("flex_sparse", False, _flex, _always, "tab:blue"),
+    System("thu_sla", False, _thu_sla, _needs_thu_sla, "tab:green"),
+    # The linear branch over the marginal blocks (thu-ml/SLA's SLA-1) and over all blocks
+    # (thu-ml/SLA main, the like-for-like comparison with `thu_sla`).
+    System("sla_tl", False, _sla_tl("marginal"), _always, "tab:red"),
+    System("sla_tl_global", False, _sla_tl("global"), _always, "tab:orange"),
+)}
+DENSE = frozenset(name for name, s in SYSTEMS.items() if s.dense)
 # Speedups are against this one, measured in the same run.
 REFERENCE_SYSTEM = "sdpa_cudnn"
 # The only system whose speedup the throughput gate checks.
@@ -121,7 +152,4 @@ def unavailable(name: str) -> str | None:
     """Why system `name` cannot run in this environment, or None when it can."""
     if name not in SYSTEMS:
         return f"unknown system (known: {', '.join(SYSTEMS)})"
-    if name == "thu_sla" and importlib.util.find_spec(THU_SLA_MODULE) is None:
-        return (f"the `{THU_SLA_MODULE}` package is not installed "
-                "(pip install git+https://github.com/thu-ml/SLA)")
-    return None
+    return SYSTEMS[name].missing()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sla_tl import spec
-from sla_tl.benchmarks import bench, gate, plot, result_file, runner, suite
+from sla_tl.benchmarks import bench, gate, plot, result_file, runner, suite, systems
 from sla_tl.benchmarks.suite import Case
 
 H200 = "NVIDIA H200"
@@ -233,6 +233,19 @@ def test_plot_file_is_a_png(tmp_path):
     plot.write_plot(make_doc(), path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_new_system_is_one_record_and_the_plot_draws_it(tmp_path, monkeypatch):
+    extra = systems.System("made_up", False, lambda case: None, lambda: None, "tab:brown")
+    monkeypatch.setitem(systems.SYSTEMS, extra.name, extra)
+    doc = make_doc()
+    doc["rows"] += [dict(row, system="made_up") for row in doc["rows"]
+                    if row["system"] == "sla_tl"]
+    path = tmp_path / "bench.png"
+    plot.write_plot(doc, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len({s.color for s in systems.SYSTEMS.values()}) == len(systems.SYSTEMS)
+    assert systems.DENSE == {"sdpa_cudnn", "sdpa_flash"}
 
 
 # The gate
