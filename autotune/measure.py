@@ -15,10 +15,10 @@ from typing import NamedTuple
 import torch
 
 from sla_tl import tilelang_backend
-from sla_tl.benchmarks.timing import median_ms
 from sla_tl.config_store import TuneKey
 from sla_tl.settings import ForwardOutputs, Settings
 from sla_tl.synthetic import video_like_qkv
+from sla_tl.timing import median_ms
 
 from .bit_identity import Outputs
 

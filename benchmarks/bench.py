@@ -19,13 +19,13 @@ import sys
 
 from sla_tl import spec
 from sla_tl.cli import HelpFormatter, OneLineParser
+from sla_tl.timing import TIMINGS
 
 from .gate import check, check_tolerance, format_verdicts, gated_cases, refuse_other_gpu
 from .report import format_table
 from .result_file import baseline_path, load, make_result, merge, save
 from .suite import DEFAULT_SPARSITY, MODES, SECTIONS, Case, Shape, cases_of
 from .systems import GATED_SYSTEM, REFERENCE_SYSTEM, SYSTEMS, unavailable
-from .timing import TIMINGS
 
 DEFAULT_BASELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
 

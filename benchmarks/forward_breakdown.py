@@ -17,9 +17,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla_tl import block_states, kernels, spec, tilelang_backend
 from sla_tl.settings import Settings
+from sla_tl.timing import median_ms
 
 from .environment import describe_environment
-from .timing import median_ms
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sla_tl import kernels, spec, tilelang_backend
 from sla_tl.schedules.sm90 import forward as forward_schedule
 from sla_tl.settings import Settings
+from sla_tl.timing import median_ms
 from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .environment import describe_environment
-from .timing import median_ms
 
 
 def schedules(dim: int, block_q: int, block_kv: int) -> list[dict]:

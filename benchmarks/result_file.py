@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 
 from sla_tl.kernel_cache import model_slug
+from sla_tl.timing import TIMINGS
 from sla_tl.validation import is_finite
 
 from .suite import MODE_NAMES, MODES, Shape
-from .timing import TIMINGS
 
 SCHEMA_VERSION = 1
 

@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 import torch
 
+from sla_tl.timing import call_times_ms, graphed, peak_memory_mb, replay
+
 from .suite import MODES, Case, Shape
 from .systems import DENSE, REFERENCE_SYSTEM, SYSTEMS
-from .timing import call_times_ms, graphed, peak_memory_mb, replay
 
 INPUT_SETS = 3
 ROUNDS = 5

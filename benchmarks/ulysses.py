@@ -36,10 +36,10 @@ from torch.distributed._functional_collectives import wait_tensor
 
 from sla_tl import attention, ulysses_attention
 from sla_tl.sequence_collectives import heads_to_sequence, sequence_to_heads
+from sla_tl.timing import call_times_ms
 
 from .environment import describe_environment
 from .suite import MODE_NAMES, MODES
-from .timing import call_times_ms
 
 WAN_14B_720P = (1, 75600, 40, 128)
 INPUT_SETS = 3
