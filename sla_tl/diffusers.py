@@ -36,6 +36,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from . import presets, spec
 from .dynamic_topk import attention_dynamic_topk, topk_tensor
+from .ulysses import ulysses_attention
 from .validation import check_block, check_choice, check_ratio
 
 SLA_CHILD = "sla"
@@ -88,7 +89,18 @@ class SLAWanAttnProcessor:
     It reads only the attention module's public parts (`to_q`, `to_k`, `to_v` or the fused
     `to_qkv`, `norm_q`, `norm_k`, `heads`, `to_out`) and applies the rotary embedding with
     diffusers' public `apply_rotary_emb`; the module's `sla` child computes the attention.
+
+    Under diffusers' context parallelism (`transformer.enable_parallelism(config=
+    ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=P)))`),
+    each rank holds a shard of the sequence: the attention then goes through
+    `sla_tl.ulysses_attention` on the config's Ulysses group, so routing sees every token
+    of each head. Ring attention (ring_degree > 1) would split a head's keys across ranks,
+    which SLA's routing cannot work with: it is refused.
     """
+
+    # diffusers' `enable_parallelism` hands its config to processors that have this
+    # attribute (and leaves it None otherwise).
+    _parallel_config = None
 
     def __call__(
         self,
@@ -117,8 +129,33 @@ class SLAWanAttnProcessor:
             cos, sin = (f.reshape(f.shape[1], f.shape[-1]) for f in rotary_emb)
             query, key = (apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1,
                                            sequence_dim=1) for x in (query, key))
-        out = getattr(attn, SLA_CHILD)(query, key, value).flatten(2, 3).type_as(query)
+        sla = getattr(attn, SLA_CHILD)
+        context = getattr(self._parallel_config, "context_parallel_config", None)
+        if context is None:
+            out = sla(query, key, value)
+        else:
+            out = _sequence_parallel(sla, query, key, value, context)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _sequence_parallel(sla: WanSelfAttentionSLA, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, context: object) -> torch.Tensor:
+    """SLA of this rank's (B, L/P, H, D) shards over the whole sequence (Ulysses)."""
+    if (getattr(context, "ring_degree", None) or 1) > 1:
+        raise ValueError(
+            "diffusers' context parallelism with ring_degree > 1 splits each head's keys "
+            "across ranks, and SLA routes on every token of a head: use "
+            "ContextParallelConfig(ulysses_degree=...) with ring_degree=1")
+    # diffusers keeps the Ulysses process group on this (private) mesh of the config.
+    mesh = getattr(context, "_ulysses_mesh", None)
+    if mesh is None:
+        raise ValueError("the context-parallel config has no Ulysses mesh yet (diffusers sets "
+                         "it up in enable_parallelism); cannot attend over the sequence")
+    return ulysses_attention(
+        query, key, value, sla.proj_l.weight, sla.proj_l.bias, group=mesh.get_group(),
+        topk=float(sla.topk), k_low=sla.k_low, block_q=sla.block_q, block_kv=sla.block_kv,
+        feature_map=sla.feature_map, linear=sla.linear, layout="bshd")
 
 
 def _self_attention_modules(transformer: nn.Module) -> dict[str, nn.Module]:

@@ -18,12 +18,9 @@ from packaging.version import Version  # noqa: E402
 
 import sla_tl.diffusers as sla_diffusers  # noqa: E402  (needs diffusers)
 
+from .diffusers_scenarios import TINY_WAN  # noqa: E402
 from .helpers import relative_error  # noqa: E402
-
-TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64,
-                in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
-                num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                rope_max_seq_len=1024)
+from .rank_harness import run_on_ranks  # noqa: E402
 
 
 @pytest.fixture
@@ -199,3 +196,13 @@ def test_compiled_transformer_takes_a_new_topk_without_recompiling(wan, inputs, 
     assert len(compiles) == compiled_once  # no recompile
     assert relative_error(second, wan(**inputs).sample) < 1e-6  # and the new topk is used
     assert relative_error(second, first) > 1e-4
+
+
+def test_context_parallel_ranks_attend_over_the_whole_sequence():
+    """With diffusers' context parallelism each rank holds a shard of the tokens; the SLA
+    processor attends over the whole sequence (Ulysses), never over the shard alone."""
+    results = run_on_ranks(2, ["diffusers processor"], seed=torch.seed() % 2**31)
+    for rank, result in enumerate(results["diffusers processor"]):
+        assert "failed" not in result, f"rank {rank}:\n{result['failed']}"
+        assert result["error"] < 1e-5, (rank, result["error"])
+        assert "ring_degree > 1" in result["ring refused"], result["ring refused"]

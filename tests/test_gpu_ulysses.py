@@ -51,3 +51,13 @@ def test_nccl_group_rejects_cpu_tensors(nccl_ranks):
         assert "failed" not in raised, f"rank {rank}:\n{raised['failed']}"
         assert raised["type"] == "ValueError", f"rank {rank}: {raised}"
         assert "q is on cpu but the group's backend (cuda:nccl) serves cuda" in raised["message"]
+
+
+def test_diffusers_context_parallelism_equals_one_gpu(nccl_ranks):
+    """diffusers' own Ulysses context parallelism of a Wan transformer with SLA: each rank
+    attends over the whole sequence (an attention over its shard alone would differ)."""
+    for rank, result in enumerate(nccl_ranks["nccl diffusers enable_parallelism"]):
+        assert "failed" not in result, f"rank {rank}:\n{result['failed']}"
+        if "skipped" in result:
+            pytest.skip(result["skipped"])
+        assert result["error"] < BF16_TOLERANCE, (rank, result["error"])

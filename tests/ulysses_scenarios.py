@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -313,7 +314,14 @@ SCENARIOS: dict[str, Callable[[dist.ProcessGroup, torch.Generator], dict]] = {
     "module bhsd in DDP": functools.partial(module_matches_single_process, layout="bhsd",
                                             ddp=True),
     "compiled": compiled_matches_eager,
+    "diffusers processor": lambda group, generator: _diffusers_scenario(group, generator),
 }
+
+
+def _diffusers_scenario(group: dist.ProcessGroup, generator: torch.Generator) -> dict:
+    from .diffusers_scenarios import processor_matches_single_process  # needs diffusers
+
+    return processor_matches_single_process(group, generator)
 
 
 # ---------------------------------------------------------------- NCCL, one GPU per rank
@@ -381,5 +389,15 @@ GPU_SCENARIOS: dict[str, Callable[[dist.ProcessGroup, torch.Generator], dict]] =
                                          shard_q=1024, shard_k=1024),
     "nccl compiled": functools.partial(nccl_matches_single_gpu, layout="bshd",
                                        shard_q=1000, shard_k=1000, compiled=True),
+    "nccl diffusers enable_parallelism": lambda group, generator: _diffusers_gpu_scenario(
+        group, generator),
 }
+
+
+def _diffusers_gpu_scenario(group: dist.ProcessGroup, generator: torch.Generator) -> dict:
+    from .diffusers_scenarios import enable_parallelism_matches_one_gpu
+
+    if importlib.util.find_spec("diffusers") is None:  # an optional extra
+        return {"skipped": "diffusers is not installed"}
+    return enable_parallelism_matches_one_gpu(group, generator)
 SCENARIOS.update(GPU_SCENARIOS)
