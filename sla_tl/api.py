@@ -47,18 +47,22 @@ def attention(
     linear: str = spec.DEFAULT_LINEAR,
     scale: float | None = None,
     layout: str = spec.DEFAULT_LAYOUT,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse-Linear Attention: `O_s + proj(O_l)`, same as `torch.ops.sla.attention`.
 
     q: (B, H, Lq, D), k and v: (B, H, Lk, D) (or (B, L, H, D) with layout="bshd"),
     bfloat16 or float16 (the CPU reference also takes float32/float64), D in {64, 128}.
     proj_weight (D, D) and proj_bias (D,) map the linear branch into the output.
-    Differentiable in q, k, v, proj_weight and proj_bias.
+    `gate` (SALAD's): a floating (B, H, Lq) tensor ((B, Lq, H) with layout="bshd") that
+    scales each row's projection term, `O_s + g * proj(O_l)`; None means no gate.
+    Differentiable in q, k, v, proj_weight, proj_bias and gate.
     """
-    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias,
+                  **({} if gate is None else {"gate": gate}))
     return torch.ops.sla.attention(
         q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_kv, feature_map, linear,
-        scale, layout,
+        scale, layout, gate,
     )
 
 
@@ -76,15 +80,17 @@ def attention_with_routing(
     linear: str = spec.DEFAULT_LINEAR,
     scale: float | None = None,
     layout: str = spec.DEFAULT_LAYOUT,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLA for a precomputed block classification (`route`, a learned router, or a test's).
 
     Same as `torch.ops.sla.attention_lut`. `block_q`/`block_kv` must be the sizes the
     routing was made for. LUT entries must lie in [0, Nk); they are not checked on the
-    device (that would need a host synchronisation).
+    device (that would need a host synchronisation). `gate` as for `attention`.
     """
-    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias, **routing._asdict())
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias,
+                  **routing._asdict(), **({} if gate is None else {"gate": gate}))
     return torch.ops.sla.attention_lut(
         q, k, v, *routing, proj_weight, proj_bias, block_q, block_kv, feature_map, linear,
-        scale, layout,
+        scale, layout, gate,
     )
