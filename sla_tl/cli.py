@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("bench", help="the benchmark suite against dense and sparse baselines, "
                         "and the throughput gate (`sla-tl bench --help`)", add_help=False)
+    commands.add_parser("quality", help="fine-tune a video DiT (or your model, or captured "
+                        "activations) with each sparse arm against dense "
+                        "(`sla-tl quality --help`)", add_help=False)
 
     report = commands.add_parser(
         "kernels", help="compile the shipped kernels (no GPU needed) and check their resources")
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import tune_cli
 
         return tune_cli.tune(args) if args.command == "tune" else tune_cli.warm(args)
+    if args.command == "quality":
+        from .benchmarks.quality import cli as quality_cli
+
+        return quality_cli.main(rest)
     from .benchmarks import bench
 
     return bench.main(rest)
