@@ -199,10 +199,13 @@ def backward_into(
     s: Settings, dq: torch.Tensor,
     key_grads: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     schedule: Schedule | None = None, gate: torch.Tensor | None = None,
+    gate_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """`backward`, writing dq into a given contiguous buffer and dk, dv into the buffers that
     `key_grads()` returns (tests poison them first); returns (dk, dv, dproj_weight,
     dproj_bias, dgate), dgate in the user's layout and the gate's dtype (None without one).
+    With a gate, the query pass writes dgate into `gate_grad`, a contiguous float32
+    (B, H, Lq) buffer (made here when None).
 
     dk and dv are asked for only once the query blocks' states are freed: the two never
     live at once, which keeps the backward's peak memory down."""
@@ -223,7 +226,8 @@ def backward_into(
     g_rows = q.new_empty((b, h, n_q, d, d))
     gz_rows = torch.empty((b, h, n_q, d), dtype=torch.float32, device=q.device)
     gate_rows = _gate_rows(gate, s.layout)
-    d_gate_rows = tuple(torch.empty_like(g) for g in gate_rows)
+    d_gate_rows = () if gate is None else (
+        torch.empty_like(gate_rows[0]) if gate_grad is None else gate_grad,)
     query = (kernels.backward_query_kernel if gate is None
              else kernels.gated_backward_query_kernel)
     query(d, s.block_q, dtype, s.feature_map, s.layout, arch)(

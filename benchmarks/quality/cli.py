@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"comma-separated, dense included (default {','.join(ARM_NAMES)})")
     what.add_argument("--device", choices=("cpu", "cuda"), default=None,
                       help="default: the size's (cpu for smoke and cpu, cuda for gpu)")
+    what.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: torch's; on a busy shared machine 1 "
+                      "is often fastest)")
     protocol = parser.add_argument_group("protocol (defaults from --size)")
     for name, kind in _OVERRIDES.items():
         protocol.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
@@ -152,6 +155,10 @@ def _measure(args: argparse.Namespace) -> dict:
 
     size_name = args.size or ("gpu" if args.device == "cuda" else "cpu")
     device = _device(args, size_name)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     settings = _protocol(args, size_name)
     arms = [arm_named(name) for name in _csv(args.arms)]
     if len({a.name for a in arms}) != len(arms):
@@ -167,7 +174,7 @@ def _measure(args: argparse.Namespace) -> dict:
         described, device=str(device), protocol=measured["protocol"],
         sparsity=sparsity(settings.topk, lengths[0], settings.block_kv)
         if len(lengths) == 1 else None, tokens=lengths,
-        arms=[dataclasses.asdict(a) for a in arms], seeds=seeds,
+        arms=[dataclasses.asdict(a) for a in arms], seeds=seeds, threads=torch.get_num_threads(),
         command=" ".join(["sla-tl", "quality", *args.command_line]))
     doc_settings.setdefault("size", None)
     return make_result(describe_environment(), doc_settings, measured["pretrain"],

@@ -2,8 +2,10 @@
 number of steps on the same batches from that checkpoint, and measure each arm.
 
 Per seed and arm: the held-out loss (and its curve), the attention output's error against
-dense float32 attention on the model's own q, k, v (before and after fine-tuning), and the
-median time of a training step. On CUDA the model runs under bfloat16 autocast.
+dense float32 attention on the model's own q, k, v (before and after fine-tuning), the share
+of that dense attention's probability mass on the blocks routing makes critical (what the
+sparse branch computes exactly), and the median time of a training step. On CUDA the model
+runs under bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .arms import REFERENCE_ARM, Arm, arm_named, attention_factory
+import sla_tl
+
+from .arms import ATTENTION_DTYPE, REFERENCE_ARM, Arm, arm_named, attention_factory
 from .dit import AttentionFactory
 from .sizes import ProtocolSettings
 from .tasks import Task, TaskFactory
@@ -30,6 +34,8 @@ WEIGHT_DECAY = 0.0
 # The first steps of a phase include one-off work (allocation, kernel loading): left out of
 # the step time.
 UNTIMED_STEPS = 2
+# Query rows per chunk of the full log-sum-exp (bounds its (rows, L) score matrix).
+LSE_CHUNK = 1024
 
 Log = Callable[[str], None]
 
@@ -127,19 +133,42 @@ def heldout_loss(task: Task, model: nn.Module, device: torch.device) -> float:
     return sum(losses) / len(losses)
 
 
+def kept_mass(q: torch.Tensor, k: torch.Tensor, settings: ProtocolSettings) -> torch.Tensor:
+    """Per query row (B, H, Lq): the share of dense softmax attention's probability on the
+    key blocks that routing makes critical, exp(LSE over the critical keys - LSE over all).
+
+    q and k are rounded to ATTENTION_DTYPE first, as every core rounds them."""
+    q, k = q.to(ATTENTION_DTYPE), k.to(ATTENTION_DTYPE)
+    routing = sla_tl.route(q, k, settings.topk, 0.0, settings.block_q, settings.block_kv)
+    dim = q.shape[-1]
+    zero_w = torch.zeros(dim, dim, device=q.device)
+    zero_b = torch.zeros(dim, device=q.device)
+    # The sparse branch's LSE (v does not change it).
+    critical = torch.ops.sla.attention_fwd(q, k, k, *routing, zero_w, zero_b, None,
+                                           settings.block_q, settings.block_kv, "softmax",
+                                           "marginal", None, "bhsd")[1]
+    keys = k.float().transpose(-1, -2) * dim**-0.5
+    full = torch.cat([torch.logsumexp(rows.float() @ keys, dim=-1)
+                      for rows in q.split(LSE_CHUNK, dim=2)], dim=-1)
+    return torch.exp(critical - full)
+
+
 @contextlib.contextmanager
-def _error_hooks(cores: list[nn.Module], sums: list[list[float]],
-                 lengths: set[int]) -> Iterator[None]:
-    """While open, each core's calls add (||out - dense||^2, ||dense||^2) to its entry, and
-    the sequence lengths seen to `lengths`."""
+def _error_hooks(cores: list[nn.Module], sums: list[list[float]], lengths: set[int],
+                 settings: ProtocolSettings) -> Iterator[None]:
+    """While open, each core's calls add (||out - dense||^2, ||dense||^2, kept mass summed
+    over rows, rows) to its entry, and the sequence lengths seen to `lengths`."""
     def hook(index: int):
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             q, k, v = (t.float() for t in inputs[:3])
             lengths.add(q.shape[2])
             with torch.autocast(q.device.type, enabled=False):
                 dense = F.scaled_dot_product_attention(q, k, v)
+                mass = kept_mass(q, k, settings)
             sums[index][0] += (output.float() - dense).square().sum().item()
             sums[index][1] += dense.square().sum().item()
+            sums[index][2] += mass.sum().item()
+            sums[index][3] += mass.numel()
         return record
 
     handles = [core.register_forward_hook(hook(i)) for i, core in enumerate(cores)]
@@ -151,14 +180,20 @@ def _error_hooks(cores: list[nn.Module], sums: list[list[float]],
 
 
 def attention_errors(task: Task, model: nn.Module, cores: list[nn.Module],
-                     device: torch.device, lengths: set[int] | None = None) -> list[float]:
-    """Per core: ||O - O_dense|| / ||O_dense|| over the held-out batches, O_dense full
-    softmax attention in float32 on the same q, k, v (the model's own activations).
-    `lengths` collects the sequence lengths the cores saw."""
-    sums = [[0.0, 0.0] for _ in cores]
-    with _error_hooks(cores, sums, set() if lengths is None else lengths):
+                     device: torch.device, settings: ProtocolSettings,
+                     lengths: set[int] | None = None) -> tuple[list[float], list[float]]:
+    """Per core, over the held-out batches: ||O - O_dense|| / ||O_dense|| with O_dense full
+    softmax attention in float32 on the same q, k, v (the model's own activations), and the
+    mean `kept_mass` of its rows. `lengths` collects the sequence lengths the cores saw."""
+    sums = [[0.0, 0.0, 0.0, 0] for _ in cores]
+    with _error_hooks(cores, sums, set() if lengths is None else lengths, settings):
         heldout_loss(task, model, device)
-    return [(err / ref) ** 0.5 if ref > 0 else 0.0 for err, ref in sums]
+    errors = [(err / ref) ** 0.5 if ref > 0 else 0.0 for err, ref, _, _ in sums]
+    return errors, [mass / rows if rows else 0.0 for _, _, mass, rows in sums]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _trainable_count(model: nn.Module) -> int:
@@ -198,7 +233,8 @@ def run_seed(task: Task, settings: ProtocolSettings, arms: Sequence[Arm], seed: 
                                                    settings.block_kv))
         model = task.build(recorder)
         load_pretrained(model, checkpoint, recorder.cores)
-        start_errors = attention_errors(task, model, recorder.cores, device, lengths)
+        start_errors, start_mass = attention_errors(task, model, recorder.cores, device,
+                                                    settings, lengths)
         trainer = _Trainer(task, model, device, settings.finetune_lr, settings.warmup_steps)
         curve = []
         bar.set_description(f"seed {seed} {arm.name}")
@@ -208,15 +244,13 @@ def run_seed(task: Task, settings: ProtocolSettings, arms: Sequence[Arm], seed: 
             bar.update()
             if (step + 1) % settings.eval_every == 0 or step + 1 == settings.finetune_steps:
                 curve.append([step + 1, heldout_loss(task, model, device)])
-        errors = attention_errors(task, model, recorder.cores, device)
+        errors, mass = attention_errors(task, model, recorder.cores, device, settings)
         runs.append(dict(
             seed=seed, arm=arm.name, heldout_loss=curve[-1][1], heldout_curve=curve,
             train_curve=trainer.losses, step_ms=trainer.median_step_ms(),
-            attention_error=sum(errors) / len(errors) if errors else None,
-            attention_error_layers=errors,
-            attention_error_start=(sum(start_errors) / len(start_errors)
-                                   if start_errors else None),
-            trained_parameters=_trainable_count(model),
+            attention_error=_mean(errors), attention_error_layers=errors,
+            attention_error_start=_mean(start_errors), kept_mass=_mean(mass),
+            kept_mass_start=_mean(start_mass), trained_parameters=_trainable_count(model),
             attention_parameters=_core_parameter_count(recorder.cores),
         ))
         log(_run_line(runs[-1]))

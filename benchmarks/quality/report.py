@@ -13,7 +13,7 @@ TARGET_ARM = "sla"
 SPARSE_ONLY_ARM = "sparse_only"
 
 _HEAD = (f"{'arm':<12} {'seeds':>5} {'held-out loss':>14} {'vs dense':>17} "
-         f"{'attention error (before -> after)':>34} {'ms/step':>9}")
+         f"{'attention error':>17} {'kept mass':>15} {'ms/step':>9}")
 
 
 def _pm(mean: float | None, sd: float | None, percent: bool = False) -> str:
@@ -24,12 +24,11 @@ def _pm(mean: float | None, sd: float | None, percent: bool = False) -> str:
     return f"{mean:.5f}" + ("" if sd is None else f" ± {sd:.5f}")
 
 
-def _error(row: dict) -> str:
-    start, end = row["attention_error_start_mean"], row["attention_error_mean"]
+def _before_after(row: dict, figure: str, digits: int) -> str:
+    start, end = row[f"{figure}_start_mean"], row[f"{figure}_mean"]
     if end is None:
         return "-"
-    return f"{start:.4f} -> {end:.4f}" + ("" if row["attention_error_sd"] is None
-                                          else f" (sd {row['attention_error_sd']:.4f})")
+    return f"{start:.{digits}f} -> {end:.{digits}f}"
 
 
 def _line(row: dict, relative: bool) -> str:
@@ -37,7 +36,8 @@ def _line(row: dict, relative: bool) -> str:
               if relative else "-")
     return (f"{row['arm']:<12} {len(row['seeds']):>5} "
             f"{_pm(row['heldout_loss_mean'], None):>14} {versus:>17} "
-            f"{_error(row):>34} {row['step_ms_mean']:>9.1f}")
+            f"{_before_after(row, 'attention_error', 3):>17} "
+            f"{_before_after(row, 'kept_mass', 3):>15} {row['step_ms_mean']:>9.1f}")
 
 
 def _gaps(doc: dict, arm: str) -> list[float]:
@@ -92,8 +92,10 @@ def format_report(doc: dict) -> str:
     relative = not settings.get("loss_against_dense", False)
     lines += ["", f"loss: {settings.get('loss', 'the task loss')}; vs dense: held-out loss "
               f"relative to the {REFERENCE_ARM} arm of the same seed"
-              + ("" if relative else " (not applicable)")
-              + "; attention error: ||O - O_dense|| / ||O_dense|| on the model's own q, k, v",
+              + ("" if relative else " (not applicable)"),
+              "attention error: ||O - O_dense|| / ||O_dense|| on the model's own q, k, v; kept "
+              "mass: share of dense attention's probability on the critical blocks (both "
+              "before -> after fine-tuning, means over seeds)",
               _HEAD, "-" * len(_HEAD)]
     lines += [_line(row, relative) for row in doc["summary"]]
     return "\n".join(lines + ([""] + target_lines(doc) if relative else []))

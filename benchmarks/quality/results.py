@@ -5,8 +5,8 @@
      "settings": {task, size, device, protocol: {...}, sparsity, arms: [...], seeds, command},
      "pretrain": [{seed, heldout_loss, step_ms, train_curve}],
      "runs": [{seed, arm, heldout_loss, heldout_loss_vs_dense, heldout_curve, train_curve,
-               attention_error, attention_error_start, attention_error_layers, step_ms,
-               trained_parameters, attention_parameters}],
+               attention_error, attention_error_start, attention_error_layers, kept_mass,
+               kept_mass_start, step_ms, trained_parameters, attention_parameters}],
      "summary": [{arm, seeds, <figure>_mean, <figure>_sd for each SUMMARISED figure}]}
 """
 
@@ -22,7 +22,7 @@ from ..result_file import ENVIRONMENT_FIELDS
 SCHEMA_VERSION = 1
 KIND = "sla-tl quality"
 SUMMARISED = ("heldout_loss", "heldout_loss_vs_dense", "attention_error",
-              "attention_error_start", "step_ms")
+              "attention_error_start", "kept_mass", "kept_mass_start", "step_ms")
 
 # The bench's environment block; a quality run may also run on a CPU.
 ENVIRONMENT = {**ENVIRONMENT_FIELDS, "gpu": (str, type(None))}
@@ -32,6 +32,7 @@ RUN_FIELDS: dict[str, tuple] = {
     "seed": (int,), "arm": (str,), "heldout_loss": _NUMBER, "heldout_loss_vs_dense": _NUMBER,
     "heldout_curve": (list,), "train_curve": (list,), "attention_error": _OPTIONAL_NUMBER,
     "attention_error_start": _OPTIONAL_NUMBER, "attention_error_layers": (list,),
+    "kept_mass": _OPTIONAL_NUMBER, "kept_mass_start": _OPTIONAL_NUMBER,
     "step_ms": _NUMBER, "trained_parameters": (int,), "attention_parameters": (int,),
 }
 PRETRAIN_FIELDS: dict[str, tuple] = {
