@@ -7,6 +7,9 @@
 #   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
 # Not by default: baseline: a new baseline, cuDNN and sla-tl over the suite, kernel timing,
 #                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
+#                 quality:  `sla-tl quality --size gpu` for the seeds in $QUALITY_SEEDS (default
+#                           0; ~5 minutes a seed), at $OUT/quality_seeds_<seeds>.json; merge the
+#                           parts with `sla-tl quality --from A.json B.json ... --plot q.png`.
 # STEPS picks steps (default "tests breakdowns bench gate"); extra arguments go to the bench.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
@@ -34,4 +37,6 @@ step baseline python3 -m sla_tl.cli bench --timing kernels --systems sdpa_cudnn,
   --out "$OUT/baseline.json"
 step gate python3 -m sla_tl.cli bench --check benchmarks/baselines --tolerance 0.05 \
   --out "$OUT/gate.json"
+step quality python3 -m sla_tl.cli quality --size gpu --seeds "${QUALITY_SEEDS:-0}" \
+  --out "$OUT/quality_seeds_${QUALITY_SEEDS:-0}.json"
 exit $status

@@ -167,6 +167,7 @@ def _measure(args: argparse.Namespace) -> dict:
     factory, described = _task(args, size_name)
     if device.type == "cuda" and described["task"] == "video_dit":
         _prewarm(settings, arms, SIZES[size_name].task.model.head_dim)
+    environment = describe_environment()  # the commit and date at the start
     measured = run_protocol(factory, settings, arms, seeds, device, progress=not args.quiet,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     lengths = measured["lengths"]
@@ -177,8 +178,7 @@ def _measure(args: argparse.Namespace) -> dict:
         arms=[dataclasses.asdict(a) for a in arms], seeds=seeds, threads=torch.get_num_threads(),
         command=" ".join(["sla-tl", "quality", *args.command_line]))
     doc_settings.setdefault("size", None)
-    return make_result(describe_environment(), doc_settings, measured["pretrain"],
-                       measured["runs"])
+    return make_result(environment, doc_settings, measured["pretrain"], measured["runs"])
 
 
 def _check_writable(path: str | None, option: str) -> None:

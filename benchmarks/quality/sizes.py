@@ -58,7 +58,7 @@ SIZES: dict[str, Size] = {
         "cpu"),
     # 5 frames of 8 x 8 tokens (320), 16-token blocks: 20 key blocks, 1 critical = 95%.
     "cpu": Size(
-        "320 tokens (5 x 8 x 8), the CPU reference, a few minutes per seed",
+        "320 tokens (5 x 8 x 8), the CPU reference, ~8 minutes a seed on one core",
         VideoTaskSize(DiTConfig(frames=5, size=32, patch=4, width=128, heads=2, depth=3),
                       batch=4, train_clips=512, heldout_clips=16),
         ProtocolSettings(pretrain_steps=1000, finetune_steps=200, eval_every=25,
