@@ -35,16 +35,20 @@ class Arm:
     gate: bool = False
 
 
+REFERENCE_ARM = "dense"
+"""The control every other arm is compared with."""
+SPARSE_ONLY_ARM = "sparse_only"
+SLA_ARM = "sla"
+
 ARMS: tuple[Arm, ...] = (
-    Arm("dense", "dense attention (the control)", sparse=False),
-    Arm("sparse_only", "sparse branch alone, linear branch off", linear_branch=False),
-    Arm("sla", "SLA: sparse + linear over the marginal blocks, k_low 0"),
+    Arm(REFERENCE_ARM, "dense attention (the control)", sparse=False),
+    Arm(SPARSE_ONLY_ARM, "sparse branch alone, linear branch off", linear_branch=False),
+    Arm(SLA_ARM, "SLA: sparse + linear over the marginal blocks, k_low 0"),
     Arm("sla_klow10", "SLA with k_low 0.10 (the paper's setting)", k_low=0.10),
     Arm("salad", "SALAD-style: linear branch over all blocks, input-dependent gate",
         linear="global", gate=True),
 )
 ARM_NAMES = tuple(arm.name for arm in ARMS)
-REFERENCE_ARM = "dense"
 
 
 def arm_named(name: str) -> Arm:
@@ -70,9 +74,9 @@ class SparseAttention(nn.Module):
     def __init__(self, head_dim: int, arm: Arm, topk: float, block_q: int,
                  block_kv: int) -> None:
         super().__init__()
-        # The module computes in bfloat16 by default, as ATTENTION_DTYPE says.
         self.sla = sla_tl.SparseLinearAttention(
-            head_dim, topk, BLKQ=block_q, BLKK=block_kv, k_low=arm.k_low, linear=arm.linear,
+            head_dim, topk, BLKQ=block_q, BLKK=block_kv,
+            use_bf16=ATTENTION_DTYPE == torch.bfloat16, k_low=arm.k_low, linear=arm.linear,
             gate=arm.gate)
         if not arm.linear_branch:
             self.sla.proj_l.requires_grad_(False)

@@ -35,10 +35,9 @@ from .arms import ARM_NAMES, arm_named, sparsity
 from .results import load, make_result, merge, save
 from .sizes import SIZES, ProtocolSettings
 
-# Command-line overrides of the protocol settings: option -> field.
-_OVERRIDES = {"pretrain_steps": int, "finetune_steps": int, "eval_every": int,
-              "pretrain_lr": float, "finetune_lr": float, "warmup_steps": int, "topk": float,
-              "block_q": int, "block_kv": int}
+# Every protocol setting has a command-line override: field -> its type.
+_OVERRIDES = {f.name: {"int": int, "float": float}[f.type]
+              for f in dataclasses.fields(ProtocolSettings)}
 
 
 class UsageError(Exception):

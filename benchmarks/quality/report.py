@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 
-from .arms import REFERENCE_ARM
+from .arms import REFERENCE_ARM, SLA_ARM, SPARSE_ONLY_ARM
 
 # The targets of the measurement: after fine-tuning at the target sparsity, SLA's held-out
 # loss within this share of dense's, and sparse-only measurably worse than dense.
 SLA_TARGET = 0.02
-TARGET_ARM = "sla"
-SPARSE_ONLY_ARM = "sparse_only"
 
 _HEAD = (f"{'arm':<12} {'seeds':>5} {'held-out loss':>14} {'vs dense':>17} "
          f"{'attention error':>17} {'kept mass':>15} {'ms/step':>9}")
@@ -48,11 +46,11 @@ def target_lines(doc: dict) -> list[str]:
     """The issue's two targets, as measured: SLA within SLA_TARGET of dense; sparse-only
     measurably worse (its mean gap more than two standard errors above zero)."""
     lines = []
-    sla = _gaps(doc, TARGET_ARM)
+    sla = _gaps(doc, SLA_ARM)
     if sla:
         mean = sum(sla) / len(sla)
         verdict = "met" if mean <= SLA_TARGET else "not met"
-        lines.append(f"target: {TARGET_ARM} within {SLA_TARGET:.0%} of dense: {verdict} "
+        lines.append(f"target: {SLA_ARM} within {SLA_TARGET:.0%} of dense: {verdict} "
                      f"(mean {mean:+.2%} over {len(sla)} seeds)")
     sparse = _gaps(doc, SPARSE_ONLY_ARM)
     if len(sparse) > 1:
