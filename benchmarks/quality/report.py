@@ -51,7 +51,7 @@ def target_lines(doc: dict) -> list[str]:
         mean = sum(sla) / len(sla)
         verdict = "met" if mean <= SLA_TARGET else "not met"
         lines.append(f"target: {SLA_ARM} within {SLA_TARGET:.0%} of dense: {verdict} "
-                     f"(mean {mean:+.2%} over {len(sla)} seeds)")
+                     f"(mean {mean:+.2%} over {len(sla)} seed{'s' if len(sla) > 1 else ''})")
     sparse = _gaps(doc, SPARSE_ONLY_ARM)
     if len(sparse) > 1:
         mean = sum(sparse) / len(sparse)
