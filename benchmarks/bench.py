@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="comma-separated sparsities for --shape")
     what.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
                       help="dtype for --shape")
-    what.add_argument("--systems", default=",".join(SYSTEMS),
-                      help="comma-separated; one whose package is missing is skipped")
+    what.add_argument("--systems", default=None,
+                      help=f"comma-separated (default: all of {', '.join(SYSTEMS)}); one whose "
+                      "package is missing is skipped")
     what.add_argument("--modes", default=",".join(MODES),
                       help=f"comma-separated: {', '.join(MODES)}")
     how = parser.add_argument_group("how")
@@ -164,7 +165,8 @@ def _measure(args: argparse.Namespace, baseline: dict | None) -> dict:
         timing = baseline["settings"]["timing"]
     else:
         cases, modes = _requested_cases(args), _csv(args.modes)
-        systems, skipped = _systems(_csv(args.systems))
+        systems, skipped = _systems(list(SYSTEMS) if args.systems is None
+                                    else _csv(args.systems))
         timing = args.timing
     bad_modes = set(modes) - set(MODES)
     if bad_modes:

@@ -9,6 +9,9 @@
 #                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
 #                 ulysses:  Ulysses sequence parallelism on every visible GPU (2 or more) against
 #                           one GPU at the Wan2.1-14B 720p shape, at $OUT/ulysses.json.
+#                 quality:  `sla-tl quality --size gpu` for the seeds in $QUALITY_SEEDS (default
+#                           0; ~5 minutes a seed), at $OUT/quality_seeds_<seeds>.json; merge the
+#                           parts with `sla-tl quality --from A.json B.json ... --plot q.png`.
 # STEPS picks steps (default "tests breakdowns bench gate"); extra arguments go to the bench.
 # Logs and results go to $OUT (default ./out). Set SLA_TL_COMMIT when the tree has no .git.
 set -uo pipefail
@@ -39,4 +42,6 @@ step ulysses python3 -m torch.distributed.run --nproc-per-node \
   -m sla_tl.benchmarks.ulysses --out "$OUT/ulysses.json"
 step gate python3 -m sla_tl.cli bench --check benchmarks/baselines --tolerance 0.05 \
   --out "$OUT/gate.json"
+step quality python3 -m sla_tl.cli quality --size gpu --seeds "${QUALITY_SEEDS:-0}" \
+  --out "$OUT/quality_seeds_${QUALITY_SEEDS:-0}.json"
 exit $status

@@ -71,20 +71,24 @@ def attention(
     linear: str = spec.DEFAULT_LINEAR,
     scale: float | None = None,
     layout: str = spec.DEFAULT_LAYOUT,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse-Linear Attention: `O_s + proj(O_l)`, same as `torch.ops.sla.attention`.
 
     q: (B, H, Lq, D), k and v: (B, H, Lk, D) (or (B, L, H, D) with layout="bshd"),
     bfloat16 or float16 (the CPU reference also takes float32/float64), D in {64, 128}.
     proj_weight (D, D) and proj_bias (D,) map the linear branch into the output.
-    Differentiable in q, k, v, proj_weight and proj_bias.
+    `gate` (SALAD's): a floating (B, H, Lq) tensor ((B, Lq, H) with layout="bshd") that
+    scales each row's projection term, `O_s + g * proj(O_l)`; None means no gate.
+    Differentiable in q, k, v, proj_weight, proj_bias and gate.
     """
-    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias,
+                  **({} if gate is None else {"gate": gate}))
     _check_scalars(topk, k_low, block_q, block_kv, feature_map, linear, scale, layout)
     check_layout_plausible(layout, q=q, k=k, v=v)
     return torch.ops.sla.attention(
         q, k, v, proj_weight, proj_bias, topk, k_low, block_q, block_kv, feature_map, linear,
-        scale, layout,
+        scale, layout, gate,
     )
 
 
@@ -102,6 +106,7 @@ def attention_with_routing(
     linear: str = spec.DEFAULT_LINEAR,
     scale: float | None = None,
     layout: str = spec.DEFAULT_LAYOUT,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLA for a precomputed block classification (`route`, a learned router, or a test's).
 
@@ -116,16 +121,17 @@ def attention_with_routing(
     On the CPU an invalid routing raises a ValueError naming the field and row. On CUDA it
     is checked on the device, without a host synchronisation (so the call stays capturable
     in a CUDA graph): the rows at fault come out NaN, and no kernel reads out of bounds;
-    `check_routing` says what is wrong.
+    `check_routing` says what is wrong. `gate` as for `attention`.
     """
     _check_routing_type(routing)
-    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias, **routing._asdict())
+    check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias,
+                  **routing._asdict(), **({} if gate is None else {"gate": gate}))
     _check_scalars(block_q=block_q, block_kv=block_kv, feature_map=feature_map, linear=linear,
                    scale=scale, layout=layout)
     check_layout_plausible(layout, q=q, k=k, v=v)
     return torch.ops.sla.attention_lut(
         q, k, v, *routing, proj_weight, proj_bias, block_q, block_kv, feature_map, linear,
-        scale, layout,
+        scale, layout, gate,
     )
 
 

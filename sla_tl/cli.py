@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="the benchmark suite against dense and sparse baselines, "
                         "and the throughput gate (`sla-tl bench --help`)", add_help=False)
+    commands.add_parser("quality", help="fine-tune a video DiT (or your model, or captured "
+                        "activations) with each sparse arm against dense "
+                        "(`sla-tl quality --help`)", add_help=False)
 
     report = _subcommand(commands, "kernels", "compile the shipped kernels (no GPU needed) and "
                          "check their registers, spills, shared memory, wgmma, TMA and SASS "
@@ -148,6 +151,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
         from .benchmarks import bench  # its own parser and help
 
         return bench.main(rest)
+    if args.command == "quality":
+        from .benchmarks.quality import cli as quality_cli  # its own parser and help
+
+        return quality_cli.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # What `import sla_tl` does outside this command (see the module docstring).

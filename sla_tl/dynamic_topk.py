@@ -66,8 +66,9 @@ def _attention_dynamic_topk(
     feature_map: str, linear: str, scale: float | None, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     routing = torch.ops.sla.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
-    return tuple(torch.ops.sla.attention_fwd(q, k, v, *routing, proj_weight, proj_bias, block_q,
-                                             block_kv, feature_map, linear, scale, layout))
+    return tuple(torch.ops.sla.attention_fwd(q, k, v, *routing, proj_weight, proj_bias, None,
+                                             block_q, block_kv, feature_map, linear, scale,
+                                             layout))
 
 
 @_attention_dynamic_topk.register_fake
@@ -85,9 +86,10 @@ def _attention_dynamic_topk_backward(
     block_q: int, block_kv: int, feature_map: str, linear: str, scale: float | None, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     routing = torch.ops.sla.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
+    # Without a gate, attention_bwd's last result (d(gate)) is an empty placeholder.
     return tuple(torch.ops.sla.attention_bwd(
         grad_out, q, k, v, out, lse, o_lin, h_rows, z_rows, *routing, proj_weight, proj_bias,
-        block_q, block_kv, feature_map, linear, scale, layout))
+        None, block_q, block_kv, feature_map, linear, scale, layout))[:5]
 
 
 @_attention_dynamic_topk_backward.register_fake

@@ -3,7 +3,8 @@
 Each getter takes the compile-time settings of one kernel and returns the compiled
 kernel (TileLang also caches the binary on disk, see `sla_tl.kernel_cache`). Getters of
 tunable kernels also take `knobs`: schedule knobs that override the kernel's defaults, as
-`freeze`d (name, value) pairs.
+`freeze`d (name, value) pairs. The `gated_` getters build the variants that take a gate
+(`O = O_s + g * proj(O_l)`); the schedule knobs of the plain kernel serve them too.
 """
 
 from __future__ import annotations
@@ -179,10 +180,8 @@ def key_pass_group(dim: int, block_kv: int, knobs: Knobs = ()) -> int:
     return _merged("key_pass", (dim, block_kv), knobs)["group"]
 
 
-@functools.cache
-def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,
-                   scale: float, arch: str, knobs: Knobs = ()):
-    """The fused SLA forward."""
+def _forward(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,
+             scale: float, arch: str, knobs: Knobs, gated: bool):
     merged = _merged("forward", (dim, block_q, block_kv), knobs)
     variant = merged.pop("warp_specialization")
     entries = merged.pop("entries_per_step")
@@ -194,15 +193,29 @@ def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: s
             raise ValueError("entries_per_step applies to the hand-written forward only "
                              f"(warp_specialization 'manual' or 'pingpong'); got {entries}")
         program = forward_schedule.sla_forward(dim, block_q, block_kv, dtype, feature, layout,
-                                               scale, **merged)
+                                               scale, **merged, gated=gated)
     elif block_q != forward_ws.BLOCK_Q:
         raise ValueError(f"warp_specialization={variant!r} needs block_q={forward_ws.BLOCK_Q}; "
                          f"got {block_q}")
     else:
         program = forward_ws.sla_forward_ws(dim, block_kv, dtype, feature, layout, scale,
                                             merged["num_stages"], variant == "pingpong",
-                                            entries)
+                                            entries, gated=gated)
     return compile_program(program, arch)
+
+
+@functools.cache
+def forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,
+                   scale: float, arch: str, knobs: Knobs = ()):
+    """The fused SLA forward."""
+    return _forward(dim, block_q, block_kv, dtype, feature, layout, scale, arch, knobs, False)
+
+
+@functools.cache
+def gated_forward_kernel(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,
+                         layout: str, scale: float, arch: str, knobs: Knobs = ()):
+    """The fused SLA forward with a gate on the projection term (takes GATE after BIAS)."""
+    return _forward(dim, block_q, block_kv, dtype, feature, layout, scale, arch, knobs, True)
 
 
 @functools.cache
@@ -210,6 +223,15 @@ def backward_query_kernel(dim: int, block_q: int, dtype: str, feature: str, layo
                           arch: str):
     """The backward's query pass (delta, linear-branch gradients, linear part of dQ)."""
     program = backward_query(dim, block_q, dtype, feature, layout, threads=2 * block_q)
+    return compile_program(program, arch)
+
+
+@functools.cache
+def gated_backward_query_kernel(dim: int, block_q: int, dtype: str, feature: str, layout: str,
+                                arch: str):
+    """The query pass of a gated call: takes GATE after BIAS, writes d(gate) to DGATE (last)."""
+    program = backward_query(dim, block_q, dtype, feature, layout, threads=2 * block_q,
+                             gated=True)
     return compile_program(program, arch)
 
 

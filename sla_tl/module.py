@@ -49,6 +49,11 @@ class SparseLinearAttention(nn.Module):
     "turbodiffusion-sagesla". `proj_l` is zero-initialised, so an untrained module returns
     the sparse branch alone.
 
+    With `gate=True` the linear branch is balanced by an input-dependent gate, as in SALAD
+    (arXiv 2601.16515): `O = O_s + g * proj_l(O_l)` with `g = sigmoid(gate_proj(q))` per
+    token and head, `gate_proj` a learnable D -> 1 linear map shared across heads
+    (zero-initialised: g starts at 0.5 everywhere). It adds the `gate_proj.*` state_dict keys.
+
     Args:
         head_dim: D, 64 or 128.
         topk: share of key blocks each query block attends to exactly (critical).
@@ -63,6 +68,7 @@ class SparseLinearAttention(nn.Module):
             non-critical, non-negligible ones); None: the preset's.
         layout: "bhsd" for (B, H, L, D) inputs or "bshd" for (B, L, H, D); None: the preset's.
         scale: softmax scale of the sparse branch; None means D ** -0.5.
+        gate: add SALAD's input-dependent gate on the linear branch (see above).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class SparseLinearAttention(nn.Module):
         linear: str | None = None,
         layout: str | None = None,
         scale: float | None = None,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int):
@@ -100,6 +107,8 @@ class SparseLinearAttention(nn.Module):
         check_choice("linear", linear, spec.LINEAR_MODES)
         check_choice("layout", layout, spec.LAYOUTS)
         check_scale(scale)
+        if not isinstance(gate, bool):
+            raise TypeError(f"gate must be a bool; got {type(gate).__name__}")
         self.head_dim = head_dim
         self.dtype = torch.bfloat16 if use_bf16 else torch.float16
         self.topk = topk
@@ -115,13 +124,23 @@ class SparseLinearAttention(nn.Module):
         self.layout = layout
         self.scale = scale
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        self.gate_proj = nn.Linear(head_dim, 1, dtype=torch.float32) if gate else None
         self.init_weights_()
 
     def init_weights_(self) -> None:
-        """Zero the projection, so the linear branch starts switched off."""
+        """Zero the projection, so the linear branch starts switched off (and the gate's map,
+        so the gate starts at 0.5)."""
         with torch.no_grad():
-            nn.init.zeros_(self.proj_l.weight)
-            nn.init.zeros_(self.proj_l.bias)
+            for layer in (self.proj_l, self.gate_proj):
+                if layer is not None:
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+
+    def gate_of(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The gate for `q`, float32 (B, H, L) ((B, L, H) in layout "bshd"); None without one."""
+        if self.gate_proj is None:
+            return None
+        return torch.sigmoid(self.gate_proj(q.float())).squeeze(-1)
 
     def check_feature_maps(self) -> None:
         """`feature_map_q` and `feature_map_k` must still be the built-in map `feature_map`
@@ -145,6 +164,7 @@ class SparseLinearAttention(nn.Module):
         out = attention(
             q.to(self.dtype), k.to(self.dtype), v.to(self.dtype),
             self.proj_l.weight, self.proj_l.bias, **self.attention_options(),
+            gate=self.gate_of(q),
         ).to(q.dtype)
         if not return_sparsity:
             return out

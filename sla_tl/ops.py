@@ -6,7 +6,10 @@ User-facing:
 Building blocks (what the autograd formula and `torch.compile` graphs are made of):
   sla::route          block classification; not differentiable
   sla::attention_fwd  output, and what the backward reuses (see settings.ForwardOutputs)
-  sla::attention_bwd  gradients for q, k, v and the projection
+  sla::attention_bwd  gradients for q, k, v, the projection and the gate
+
+Every attention operator takes an optional `gate` (SALAD's): O = O_s + g * proj(O_l), g of
+shape (B, H, Lq) in layout "bhsd", (B, Lq, H) in "bshd"; None means g = 1.
 
 Device kernels come from `sla_tl.dispatch`. None of them synchronises with the host,
 so the operators can be captured in a CUDA graph. A precomputed routing is checked by its
@@ -25,6 +28,7 @@ from .routing import Routing
 from .settings import ForwardOutputs, Settings
 from .validation import (
     check_choice,
+    check_gate,
     check_projection,
     check_qkv,
     check_ratio,
@@ -36,7 +40,8 @@ from .validation import (
 
 # The dispatcher leaves out trailing arguments equal to their schema defaults when it calls
 # a Python kernel, so only the user-facing operators declare defaults, and their kernels
-# repeat them (see _DEFAULTS).
+# repeat them (see _DEFAULTS). Their gate comes last, after the settings, so that calls
+# written before it existed keep their meaning.
 _SETTINGS_SCHEMA = (
     "int block_q, int block_kv, str feature_map, str linear, float? scale, str layout"
 )
@@ -50,6 +55,7 @@ _DEFAULTS = Settings(
     None, spec.DEFAULT_LAYOUT,
 )
 _ROUTING_SCHEMA = "Tensor lut, Tensor lut_count, Tensor neg_lut, Tensor neg_count"
+_PROJECTION_SCHEMA = "Tensor proj_weight, Tensor proj_bias, Tensor? gate"
 
 _lib = torch.library.Library("sla", "DEF")
 _lib.define(
@@ -57,23 +63,24 @@ _lib.define(
     " -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define(
-    f"attention_fwd(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, Tensor proj_weight,"
-    f" Tensor proj_bias, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"attention_fwd(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, {_PROJECTION_SCHEMA},"
+    f" {_SETTINGS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+# The last result is d(gate), empty where there is no gate (a schema cannot return None).
 _lib.define(
     f"attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
     f" Tensor o_lin, Tensor h_rows, Tensor z_rows,"
-    f" {_ROUTING_SCHEMA}, Tensor proj_weight, Tensor proj_bias, {_SETTINGS_SCHEMA})"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f" {_ROUTING_SCHEMA}, {_PROJECTION_SCHEMA}, {_SETTINGS_SCHEMA})"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define(
     f"attention_lut(Tensor q, Tensor k, Tensor v, {_ROUTING_SCHEMA}, Tensor proj_weight,"
-    f" Tensor proj_bias, {_SETTINGS_SCHEMA_WITH_DEFAULTS}) -> Tensor"
+    f" Tensor proj_bias, {_SETTINGS_SCHEMA_WITH_DEFAULTS}, Tensor? gate=None) -> Tensor"
 )
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor proj_weight, Tensor proj_bias,"
     f" float topk={spec.DEFAULT_TOPK}, float k_low={spec.DEFAULT_K_LOW},"
-    f" {_SETTINGS_SCHEMA_WITH_DEFAULTS}) -> Tensor"
+    f" {_SETTINGS_SCHEMA_WITH_DEFAULTS}, Tensor? gate=None) -> Tensor"
 )
 
 
@@ -82,18 +89,30 @@ def _settings(given: tuple) -> Settings:
     return Settings(*given, *_DEFAULTS[len(given):])
 
 
+def _settings_and_gate(given: tuple) -> tuple[Settings, torch.Tensor | None]:
+    """A user-facing kernel's trailing arguments: the settings, then the gate (if given)."""
+    n = len(Settings._fields)
+    return _settings(given[:n]), (given[n] if len(given) > n else None)
+
+
+def _no_gate_grad(q: torch.Tensor) -> torch.Tensor:
+    """attention_bwd's d(gate) result for a call without a gate."""
+    return q.new_empty((0,), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------- checks and shapes
 
 
-def _check_call(q, k, v, proj_weight, proj_bias, s: Settings) -> None:
+def _check_call(q, k, v, proj_weight, proj_bias, gate, s: Settings) -> None:
     check_qkv(q, k, v, s.layout)
     check_settings(s.block_q, s.block_kv, s.feature_map, s.linear, s.scale)
     check_projection(proj_weight, proj_bias, q)
+    check_gate(gate, q, s.layout)
 
 
 def _check_backward(grad_out, q, k, v, saved: ForwardOutputs, routing: Routing, proj_weight,
-                    proj_bias, s: Settings) -> None:
-    _check_call(q, k, v, proj_weight, proj_bias, s)
+                    proj_bias, gate, s: Settings) -> None:
+    _check_call(q, k, v, proj_weight, proj_bias, gate, s)
     check_routing(routing, q, k, s.block_q, s.block_kv, s.layout)
     check_saved(grad_out, saved, q, s)
 
@@ -140,37 +159,41 @@ def _route(q, k, topk, k_low, block_q, block_kv, layout):
     return tuple(BACKENDS[q.device.type].route(q, k, topk, k_low, block_q, block_kv, layout))
 
 
-def _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings):
+def _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, gate,
+                   *settings):
     s = _settings(settings)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
-    _check_call(q, k, v, proj_weight, proj_bias, s)
+    _check_call(q, k, v, proj_weight, proj_bias, gate, s)
     check_routing(routing, q, k, s.block_q, s.block_kv, s.layout)
-    return tuple(BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s))
+    return tuple(BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s,
+                                                 gate=gate))
 
 
 def _attention_bwd(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut_count, neg_lut,
-                   neg_count, proj_weight, proj_bias, *settings):
+                   neg_count, proj_weight, proj_bias, gate, *settings):
     s = _settings(settings)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     saved = ForwardOutputs(out, lse, linear, h_rows, z_rows)
-    _check_backward(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s)
-    return BACKENDS[q.device.type].backward(
-        grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s
+    _check_backward(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, gate, s)
+    *grads, d_gate = BACKENDS[q.device.type].backward(
+        grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s, gate=gate
     )
+    return (*grads, _no_gate_grad(q) if d_gate is None else d_gate)
 
 
-def _attention_lut(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings):
+def _attention_lut(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *rest):
+    s, gate = _settings_and_gate(rest)
     outputs = _attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
-                             *_settings(settings))
+                             gate, *s)
     return outputs[0]
 
 
 def _attention(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK, k_low=spec.DEFAULT_K_LOW,
-               *settings):
-    s = _settings(settings)
-    _check_call(q, k, v, proj_weight, proj_bias, s)
+               *rest):
+    s, gate = _settings_and_gate(rest)
+    _check_call(q, k, v, proj_weight, proj_bias, gate, s)
     routing = _route(q, k, topk, k_low, s.block_q, s.block_kv, s.layout)
-    return _attention_lut(q, k, v, *routing, proj_weight, proj_bias, *settings)
+    return _attention_lut(q, k, v, *routing, proj_weight, proj_bias, *s, gate)
 
 
 for _device_key in ("CPU", "CUDA"):
@@ -205,10 +228,10 @@ def _route_fake(q, k, topk, k_low, block_q, block_kv, layout):
 
 
 @torch.library.register_fake("sla::attention_fwd", lib=_lib)
-def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, gate,
                         *settings):
     s = _settings(settings)
-    _check_call(q, k, v, proj_weight, proj_bias, s)
+    _check_call(q, k, v, proj_weight, proj_bias, gate, s)
     check_routing(Routing(lut, lut_count, neg_lut, neg_count), q, k, s.block_q, s.block_kv,
                   s.layout)
     return tuple(forward_outputs_like(q, s))
@@ -216,23 +239,27 @@ def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight
 
 @torch.library.register_fake("sla::attention_bwd", lib=_lib)
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, linear, h_rows, z_rows, lut, lut_count,
-                        neg_lut, neg_count, proj_weight, proj_bias, *settings):
+                        neg_lut, neg_count, proj_weight, proj_bias, gate, *settings):
     _check_backward(grad_out, q, k, v, ForwardOutputs(out, lse, linear, h_rows, z_rows),
-                    Routing(lut, lut_count, neg_lut, neg_count), proj_weight, proj_bias,
+                    Routing(lut, lut_count, neg_lut, neg_count), proj_weight, proj_bias, gate,
                     _settings(settings))
-    return gradients_like(q, k, v, proj_weight, proj_bias)
+    return (*gradients_like(q, k, v, proj_weight, proj_bias),
+            _no_gate_grad(q) if gate is None else _empty_like_input(gate))
 
 
 @torch.library.register_fake("sla::attention_lut", lib=_lib)
-def _attention_lut_fake(*args):
-    return _attention_fwd_fake(*args)[0]
+def _attention_lut_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+                        *rest):
+    s, gate = _settings_and_gate(rest)
+    return _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight,
+                               proj_bias, gate, *s)[0]
 
 
 @torch.library.register_fake("sla::attention", lib=_lib)
 def _attention_fake(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK,
-                    k_low=spec.DEFAULT_K_LOW, *settings):
-    s = _settings(settings)
-    _check_call(q, k, v, proj_weight, proj_bias, s)
+                    k_low=spec.DEFAULT_K_LOW, *rest):
+    s, gate = _settings_and_gate(rest)
+    _check_call(q, k, v, proj_weight, proj_bias, gate, s)
     check_ratio("topk", topk)
     check_ratio("k_low", k_low)
     return _empty_like_input(q)
@@ -245,56 +272,59 @@ class _SparseLinearAttentionFunction(torch.autograd.Function):
     """Forward through `sla::attention_fwd`, backward through `sla::attention_bwd`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
+    def forward(ctx, q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, gate,
                 *settings):
         with torch._C._AutoDispatchBelowAutograd():
             outputs = torch.ops.sla.attention_fwd(
-                q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
+                q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, gate,
+                *settings
             )
         ctx.save_for_backward(q, k, v, *outputs, lut, lut_count, neg_lut, neg_count,
-                              proj_weight, proj_bias)
+                              proj_weight, proj_bias, gate)
         ctx.settings = settings
         return outputs[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        dq, dk, dv, dw, db = torch.ops.sla.attention_bwd(grad_out, *ctx.saved_tensors,
-                                                         *ctx.settings)
+        *saved, gate = ctx.saved_tensors
+        dq, dk, dv, dw, db, d_gate = torch.ops.sla.attention_bwd(grad_out, *saved, gate,
+                                                                 *ctx.settings)
         no_grads = (None,) * len(ctx.settings)
-        return dq, dk, dv, None, None, None, None, dw, db, *no_grads
+        return (dq, dk, dv, None, None, None, None, dw, db,
+                None if gate is None else d_gate, *no_grads)
 
 
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _attention_lut_autograd(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
-                            *settings):
+                            *rest):
     # The dispatcher lets None through a Tensor argument; say which one before using it.
     check_tensors(q=q, k=k, v=v, lut=lut, lut_count=lut_count, neg_lut=neg_lut,
                   neg_count=neg_count, proj_weight=proj_weight, proj_bias=proj_bias)
-    settings = tuple(_settings(settings))
-    if not _wants_grad(q, k, v, proj_weight, proj_bias):
+    s, gate = _settings_and_gate(rest)
+    if not _wants_grad(q, k, v, proj_weight, proj_bias, gate):
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.sla.attention_lut(
-                q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
+                q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *s, gate
             )
     return _SparseLinearAttentionFunction.apply(
-        q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, *settings
+        q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias, gate, *s
     )
 
 
 def _attention_autograd(q, k, v, proj_weight, proj_bias, topk=spec.DEFAULT_TOPK,
-                        k_low=spec.DEFAULT_K_LOW, *settings):
+                        k_low=spec.DEFAULT_K_LOW, *rest):
     check_tensors(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias)
-    settings = tuple(_settings(settings))
+    s, gate = _settings_and_gate(rest)
     with torch._C._AutoDispatchBelowAutograd():
-        if not _wants_grad(q, k, v, proj_weight, proj_bias):
-            return torch.ops.sla.attention(q, k, v, proj_weight, proj_bias, topk, k_low, *settings)
-        s = _settings(settings)
+        if not _wants_grad(q, k, v, proj_weight, proj_bias, gate):
+            return torch.ops.sla.attention(q, k, v, proj_weight, proj_bias, topk, k_low, *s,
+                                           gate)
         routing = torch.ops.sla.route(q, k, topk, k_low, s.block_q, s.block_kv, s.layout)
-    return _SparseLinearAttentionFunction.apply(q, k, v, *routing, proj_weight, proj_bias,
-                                                *settings)
+    return _SparseLinearAttentionFunction.apply(q, k, v, *routing, proj_weight, proj_bias, gate,
+                                                *s)
 
 
 _lib.impl("attention_lut", _attention_lut_autograd, "Autograd")

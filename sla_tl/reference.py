@@ -2,8 +2,9 @@
 
 Written to be obviously right, not fast: each (batch, head) pair is computed on its own
 with dense (Lq, Lk) score and mask matrices, so memory is O(Lq * Lk) per head.
-All tensors here are in the canonical (B, H, L, D) view; arithmetic runs in float32,
-or float64 when the inputs are float64. Differentiable in q, k, v and the projection.
+All tensors here are in the canonical (B, H, L, D) view (a gate in (B, H, Lq)); arithmetic
+runs in float32, or float64 when the inputs are float64. Differentiable in q, k, v, the
+projection and the gate.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class ForwardResult(NamedTuple):
     """What the forward produces, and what a backward may reuse."""
 
     out: torch.Tensor
-    """O_s + proj(O_l), in q's dtype."""
+    """O_s + g * proj(O_l) (g = 1 without a gate), in q's dtype."""
     lse: torch.Tensor
     """float32 (B, H, Lq): natural-log LSE of the sparse branch (-inf for an empty row)."""
     linear: torch.Tensor
@@ -176,8 +177,12 @@ def attention_with_routing(
     feature: str,
     linear: str,
     scale: float | None = None,
+    gate: torch.Tensor | None = None,
 ) -> ForwardResult:
-    """SLA for a given block classification: `O_s + proj(O_l)`, the sparse LSE and O_l."""
+    """SLA for a given block classification: `O_s + g * proj(O_l)`, the sparse LSE and O_l.
+
+    `gate` (B, H, Lq) scales each row's projection term (SALAD's gate); None means g = 1.
+    """
     batch, heads, lq, dim = q.shape
     lk = k.shape[2]
     n_kv = num_blocks(lk, block_kv)
@@ -194,7 +199,10 @@ def attention_with_routing(
             marg = _expand(marginal[b, h], lq, lk, block_q, block_kv)
             o_s, lse = sparse_branch(qh, kh, vh, crit, scale)
             o_l = linear_branch(qh, kh, vh, marg, feature)
-            outs.append(o_s + o_l @ weight.T + bias)
+            projected = o_l @ weight.T + bias
+            if gate is not None:
+                projected = gate[b, h].to(dtype).unsqueeze(-1) * projected
+            outs.append(o_s + projected)
             lses.append(lse)
             linears.append(o_l)
     shape = (batch, heads, lq, dim)
@@ -218,8 +226,9 @@ def feature_map_vjp(x: torch.Tensor, grad: torch.Tensor, name: str) -> torch.Ten
     raise ValueError(f"feature_map must be one of softmax, elu, relu; got {name!r}")
 
 
-def _head_backward(qh, kh, vh, grad_o, crit, marg, weight, scale, feature):
-    """Explicit gradients of one head: (dq, dk, dv, d(O_l) feeding the projection, O_l)."""
+def _head_backward(qh, kh, vh, grad_o, grad_proj, crit, marg, weight, scale, feature):
+    """Explicit gradients of one head: (dq, dk, dv, O_l). `grad_o` reaches the sparse branch,
+    `grad_proj` (g * grad_o with a gate) the projection's output."""
     scores = (qh @ kh.T) * scale
     has_key = crit.any(dim=-1, keepdim=True)
     probs = torch.softmax(torch.where(has_key, scores.masked_fill(~crit, float("-inf")),
@@ -235,7 +244,7 @@ def _head_backward(qh, kh, vh, grad_o, crit, marg, weight, scale, feature):
     a = (pq @ pk.T) * marg
     den = a.sum(dim=-1, keepdim=True) + LINEAR_EPS
     o_l = (a @ vh) / den
-    grad_l = grad_o @ weight
+    grad_l = grad_proj @ weight
     d_num = grad_l / den
     d_den = -(grad_l * o_l).sum(dim=-1, keepdim=True) / den
     d_a = (d_num @ vh.T + d_den) * marg
@@ -258,8 +267,13 @@ def attention_backward(
     feature: str,
     linear: str,
     scale: float | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """Gradients (dq, dk, dv, dproj_weight, dproj_bias) of `attention_with_routing`, written out.
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dq, dk, dv, dproj_weight, dproj_bias, dgate) of `attention_with_routing`,
+    written out; dgate is None without a gate.
+
+    With a gate, O = O_s + g * proj(O_l): the projection and the linear branch see g * dO,
+    and dg = rowsum(dO * proj(O_l)).
 
     The formula every backward kernel implements, without autograd: it must also run
     where autograd is switched off (inside a device kernel of the operator).
@@ -272,19 +286,28 @@ def attention_backward(
     critical, marginal = _block_classes(routing, n_kv, linear)
     weight = proj_weight.to(dtype)
     dq, dk, dv = (torch.empty(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
+    bias = proj_bias.to(dtype)
     d_weight = torch.zeros_like(weight)
+    d_bias = torch.zeros_like(bias)
+    d_gate = None if gate is None else torch.empty((batch, heads, lq), dtype=dtype,
+                                                   device=q.device)
     for b in range(batch):
         for h in range(heads):
             qh, kh, vh, go = (t[b, h].to(dtype) for t in (q, k, v, grad_out))
             crit = _expand(critical[b, h], lq, lk, block_q, block_kv)
             marg = _expand(marginal[b, h], lq, lk, block_q, block_kv)
+            g_rows = None if gate is None else gate[b, h].to(dtype).unsqueeze(-1)
+            grad_proj = go if gate is None else g_rows * go
             dq[b, h], dk[b, h], dv[b, h], o_l = _head_backward(
-                qh, kh, vh, go, crit, marg, weight, scale, feature
+                qh, kh, vh, go, grad_proj, crit, marg, weight, scale, feature
             )
-            d_weight += go.T @ o_l
-    d_bias = grad_out.to(dtype).sum(dim=(0, 1, 2))
+            d_weight += grad_proj.T @ o_l
+            d_bias += grad_proj.sum(dim=0)
+            if d_gate is not None:
+                d_gate[b, h] = (go * (o_l @ weight.T + bias)).sum(dim=-1)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            d_weight.to(proj_weight.dtype), d_bias.to(proj_bias.dtype))
+            d_weight.to(proj_weight.dtype), d_bias.to(proj_bias.dtype),
+            None if d_gate is None else d_gate.to(gate.dtype))
 
 
 def attention(
@@ -300,11 +323,12 @@ def attention(
     feature: str,
     linear: str,
     scale: float | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Route, then compute SLA: the whole computation of the design contract, in plain torch."""
     routing = route(q, k, topk, k_low, block_q, block_kv)
     return attention_with_routing(
-        q, k, v, routing, proj_weight, proj_bias, block_q, block_kv, feature, linear, scale
+        q, k, v, routing, proj_weight, proj_bias, block_q, block_kv, feature, linear, scale, gate
     ).out
 
 

@@ -2,6 +2,7 @@
 
 A backend takes and returns tensors in the user's layout; outputs are contiguous in it.
 A routing is checked in full before use: a ValueError names the field and row at fault.
+A gate is (B, H, Lq) in layout "bhsd" and (B, Lq, H) in "bshd": `to_bhsd` views both.
 """
 
 from __future__ import annotations
@@ -27,24 +28,30 @@ def _check_routing(routing: Routing, k: torch.Tensor, s: Settings) -> None:
     routing_check.check_values(routing, n_kv, s.linear)
 
 
+def _gate_bhsd(gate: torch.Tensor | None, layout: str) -> torch.Tensor | None:
+    return None if gate is None else to_bhsd(gate, layout)
+
+
 def _run(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
-    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings, gate: torch.Tensor | None,
 ) -> reference.ForwardResult:
     _check_routing(routing, k, s)
     return reference.attention_with_routing(
         to_bhsd(q, s.layout), to_bhsd(k, s.layout), to_bhsd(v, s.layout), routing,
         proj_weight, proj_bias, s.block_q, s.block_kv, s.feature_map, s.linear, s.scale,
+        _gate_bhsd(gate, s.layout),
     )
 
 
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
+    gate: torch.Tensor | None = None,
 ) -> ForwardOutputs:
     """The output and what the backward reuses, in the reference's arithmetic."""
     with torch.no_grad():
-        out, lse, linear = _run(q, k, v, routing, proj_weight, proj_bias, s)
+        out, lse, linear = _run(q, k, v, routing, proj_weight, proj_bias, s, gate)
         h_rows, z_rows = reference.linear_states(
             to_bhsd(k, s.layout), to_bhsd(v, s.layout), routing, s.block_kv, s.feature_map,
             s.linear,
@@ -60,17 +67,20 @@ def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     saved: ForwardOutputs, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-) -> tuple[torch.Tensor, ...]:
-    """Gradients (dq, dk, dv, dproj_weight, dproj_bias) from the reference's explicit formula.
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dq, dk, dv, dproj_weight, dproj_bias, dgate) from the reference's explicit
+    formula; dgate is None without a gate.
 
     The reference recomputes what it needs; `saved` (the forward's outputs) is for kernels.
     """
     del saved
     _check_routing(routing, k, s)
-    dq, dk, dv, d_weight, d_bias = reference.attention_backward(
+    dq, dk, dv, d_weight, d_bias, d_gate = reference.attention_backward(
         to_bhsd(grad_out, s.layout), to_bhsd(q, s.layout), to_bhsd(k, s.layout),
         to_bhsd(v, s.layout), routing, proj_weight, proj_bias,
-        s.block_q, s.block_kv, s.feature_map, s.linear, s.scale,
+        s.block_q, s.block_kv, s.feature_map, s.linear, s.scale, _gate_bhsd(gate, s.layout),
     )
     grads = tuple(from_bhsd(g, s.layout).contiguous() for g in (dq, dk, dv))
-    return (*grads, d_weight.contiguous(), d_bias.contiguous())
+    d_gate = None if d_gate is None else from_bhsd(d_gate, s.layout).contiguous()
+    return (*grads, d_weight.contiguous(), d_bias.contiguous(), d_gate)

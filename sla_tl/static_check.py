@@ -88,14 +88,16 @@ def facts_from_json(name: str, entry: object) -> KernelFacts:
 
 def shipped_kernels(arch: str = "sm_90a") -> list[KernelSpec]:
     """One kernel per distinct schedule the library builds: every block-size pair the kernels
-    take at D=128, the 128x64 pair at D=64, both linear modes (bf16, softmax, (B, H, L, D))."""
+    take at D=128, the 128x64 pair at D=64, both linear modes, without and with a gate
+    (bf16, softmax, (B, H, L, D))."""
     configs = [(128, bq, bkv) for bq in kernels.KERNEL_BLOCK_Q for bkv in kernels.KERNEL_BLOCK_KV]
     configs.append((64, 128, 64))
     specs = []
     for dim, block_q, block_kv in configs:
         for linear in ("marginal", "global"):
             s = Settings(block_q, block_kv, "softmax", linear, None, "bhsd")
-            specs += kernels_for_call(dim, "bfloat16", s, arch)
+            for gated in (False, True):
+                specs += kernels_for_call(dim, "bfloat16", s, arch, gated=gated)
     return list(dict.fromkeys(specs))
 
 

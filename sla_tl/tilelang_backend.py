@@ -1,6 +1,7 @@
 """The CUDA backend: TileLang kernels glued with a few small torch ops, no host synchronisation.
 
-Takes and returns tensors in the user's layout, like every backend (see `dispatch`).
+Takes and returns tensors in the user's layout, like every backend (see `dispatch`). A gate,
+(B, H, Lq) or (B, Lq, H) by layout, reaches the kernels as float32 (B, H, Lq).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from . import block_states, config_store, kernel_cache, kernels, routing_check, spec
 from .kernels import Schedule
-from .layout import to_bhsd
+from .layout import from_bhsd, to_bhsd
 from .routing import Routing
 from .schedules.sm90 import select
 from .settings import ForwardOutputs, Settings
@@ -25,6 +26,11 @@ def _dims(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
 
 def _dtype_name(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
+
+
+def _gate_rows(gate: torch.Tensor | None, layout: str) -> tuple[torch.Tensor, ...]:
+    """The gated kernels' extra argument, float32 (B, H, Lq); nothing without a gate."""
+    return () if gate is None else (to_bhsd(gate, layout).float().contiguous(),)
 
 
 def _pool(x: torch.Tensor, block: int, layout: str, arch: str) -> torch.Tensor:
@@ -122,10 +128,11 @@ def _key_states(k: torch.Tensor, v: torch.Tensor, s: Settings, arch: str,
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None = None, gate: torch.Tensor | None = None,
 ) -> ForwardOutputs:
     """The SLA output and what the backward reuses (see `ForwardOutputs`). `schedule`
-    overrides the stored one (the autotuner times candidates this way)."""
+    overrides the stored one (the autotuner times candidates this way); `gate` scales the
+    projection term per row."""
     q = q.contiguous()
     b, h, lq, d = _dims(q, s.layout)
     n_rows = spec.linear_state_rows(lq, s.block_q, s.linear)
@@ -136,14 +143,14 @@ def forward(
         q.new_empty((b, h, n_rows, d, d)),
         torch.empty((b, h, n_rows, d), dtype=torch.float32, device=q.device),
     )
-    forward_into(q, k, v, routing, proj_weight, proj_bias, s, outputs, schedule)
+    forward_into(q, k, v, routing, proj_weight, proj_bias, s, outputs, schedule, gate)
     return outputs
 
 
 def forward_into(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings, outputs: ForwardOutputs,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None = None, gate: torch.Tensor | None = None,
 ) -> None:
     """`forward`, writing into given contiguous buffers (tests poison them first)."""
     kernels.check_block_sizes(s.block_q, s.block_kv)
@@ -166,14 +173,14 @@ def forward_into(
     else:
         torch.sum(h_group, dim=2, keepdim=True, out=outputs.h_rows)
         torch.sum(z_block, dim=2, keepdim=True, out=outputs.z_rows)
-    kernel = kernels.forward_kernel(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map,
-                                    s.layout, float(scale), arch,
-                                    kernels.knobs_of(schedule, "forward"))
+    getter = kernels.forward_kernel if gate is None else kernels.gated_forward_kernel
+    kernel = getter(d, s.block_q, s.block_kv, _dtype_name(q), s.feature_map, s.layout,
+                    float(scale), arch, kernels.knobs_of(schedule, "forward"))
     kernel(
         q, k, v, routing.lut.contiguous(), routing.lut_count.contiguous(),
         outputs.h_rows, outputs.z_rows, _active(routing, n_kv, s.linear, faults),
         proj_weight.to(q.dtype).contiguous(), proj_bias.float().contiguous(),
-        outputs.out, outputs.linear, outputs.lse,
+        *_gate_rows(gate, s.layout), outputs.out, outputs.linear, outputs.lse,
     )
 
 
@@ -208,17 +215,17 @@ def reverse_lut(lut: torch.Tensor, count: torch.Tensor, n_kv: int) -> tuple[torc
 def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-    s: Settings, schedule: Schedule | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, dproj_weight, dproj_bias): query pass, dQ over the LUT, dK/dV over the
-    reverse LUT; the projection's gradients are two small torch GEMMs. `schedule` overrides
-    the stored one."""
+    s: Settings, schedule: Schedule | None = None, gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """(dq, dk, dv, dproj_weight, dproj_bias, dgate): query pass, dQ over the LUT, dK/dV over
+    the reverse LUT; the projection's gradients are two small torch GEMMs; dgate (from the
+    query pass) is None without a gate. `schedule` overrides the stored one."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq = torch.empty_like(q)
-    dk, dv, d_weight, d_bias = backward_into(
+    dk, dv, d_weight, d_bias, d_gate = backward_into(
         grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s, dq,
-        lambda: (torch.empty_like(k), torch.empty_like(v)), schedule)
-    return dq, dk, dv, d_weight, d_bias
+        lambda: (torch.empty_like(k), torch.empty_like(v)), schedule, gate)
+    return dq, dk, dv, d_weight, d_bias, d_gate
 
 
 def backward_into(
@@ -226,10 +233,14 @@ def backward_into(
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
     s: Settings, dq: torch.Tensor,
     key_grads: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    schedule: Schedule | None = None,
-) -> tuple[torch.Tensor, ...]:
+    schedule: Schedule | None = None, gate: torch.Tensor | None = None,
+    gate_grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
     """`backward`, writing dq into a given contiguous buffer and dk, dv into the buffers that
-    `key_grads()` returns (tests poison them first); returns (dk, dv, dproj_weight, dproj_bias).
+    `key_grads()` returns (tests poison them first); returns (dk, dv, dproj_weight,
+    dproj_bias, dgate), dgate in the user's layout and the gate's dtype (None without one).
+    With a gate, the query pass writes dgate into `gate_grad`, a contiguous float32
+    (B, H, Lq) buffer (made here when None).
 
     dk and dv are asked for only once the query blocks' states are freed: the two never
     live at once, which keeps the backward's peak memory down."""
@@ -250,9 +261,15 @@ def backward_into(
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     g_rows = q.new_empty((b, h, n_q, d, d))
     gz_rows = torch.empty((b, h, n_q, d), dtype=torch.float32, device=q.device)
-    kernels.backward_query_kernel(d, s.block_q, dtype, s.feature_map, s.layout, arch)(
+    gate_rows = _gate_rows(gate, s.layout)
+    d_gate_rows = () if gate is None else (
+        torch.empty_like(gate_rows[0]) if gate_grad is None else gate_grad,)
+    query = (kernels.backward_query_kernel if gate is None
+             else kernels.gated_backward_query_kernel)
+    query(d, s.block_q, dtype, s.feature_map, s.layout, arch)(
         q, grad_out, saved.out, saved.linear, weight, proj_bias.float().contiguous(),
-        saved.h_rows, saved.z_rows, active, delta, g_rows, gz_rows, dq,
+        *gate_rows, saved.h_rows, saved.z_rows, active, delta, g_rows, gz_rows, dq,
+        *d_gate_rows,
     )
     kernels.backward_dq_kernel(d, s.block_q, s.block_kv, dtype, s.layout, scale, arch,
                                kernels.knobs_of(schedule, "backward_dq"))(
@@ -268,8 +285,12 @@ def backward_into(
         q, k, v, grad_out, saved.lse, delta, *reverse, dh, dz, dk, dv,
     )
     # dW = sum over rows of dO^T O_l, db = sum of dO, both as GEMMs (cuBLAS accumulates in
-    # float32; a column sum over this many rows is slow as a reduction kernel).
-    rows = grad_out.reshape(-1, d)
+    # float32; a column sum over this many rows is slow as a reduction kernel). With a gate
+    # the projection's upstream gradient is g dO.
+    upstream = grad_out if gate is None else grad_out * gate.unsqueeze(-1).to(grad_out.dtype)
+    rows = upstream.reshape(-1, d)
     d_weight = (rows.T @ saved.linear.reshape(-1, d)).to(proj_weight.dtype)
     d_bias = (rows.new_ones((1, rows.shape[0])) @ rows).squeeze(0).to(proj_bias.dtype)
-    return dk, dv, d_weight, d_bias
+    d_gate = None if gate is None else (
+        from_bhsd(d_gate_rows[0], s.layout).contiguous().to(gate.dtype))
+    return dk, dv, d_weight, d_bias, d_gate

@@ -112,6 +112,9 @@ class UlyssesAttention(nn.Module):
             raise TypeError(
                 f"attention must be a sla_tl.SparseLinearAttention; got {type(attention).__name__}"
             )
+        if attention.gate_proj is not None:
+            raise ValueError("attention has SALAD's gate (gate=True), which the Ulysses wrapper "
+                             "does not carry across the all-to-all yet; use a module without it")
         if group is not None:
             resolve_group(group)
         self.attention = attention

@@ -186,6 +186,24 @@ def check_saved(grad_out: object, saved: ForwardOutputs, q: torch.Tensor, s: Set
         check_like(name, x, shape, q.device, dtype)
 
 
+def check_gate(gate: object, q: torch.Tensor, layout: str) -> None:
+    """gate: None, or a floating (B, H, Lq) tensor ((B, Lq, H) for layout "bshd") on q's device."""
+    if gate is None:
+        return
+    gate = _check_tensor("gate", gate)
+    batch, heads, lq = (q.shape[0], q.shape[1], q.shape[2]) if layout == "bhsd" else (
+        q.shape[0], q.shape[2], q.shape[1])
+    shape, axes = ((batch, heads, lq), "(B, H, Lq)") if layout == "bhsd" else (
+        (batch, lq, heads), "(B, Lq, H)")
+    if tuple(gate.shape) != shape:
+        raise ValueError(f"gate must have shape {axes} = {shape} for layout {layout!r}; "
+                         f"got {tuple(gate.shape)}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must be a floating tensor; got {gate.dtype}")
+    if gate.device != q.device:
+        raise ValueError(f"gate must be on q's device {q.device}; got {gate.device}")
+
+
 def check_settings(
     block_q: object, block_kv: object, feature_map: object, linear: object, scale: object
 ) -> None:

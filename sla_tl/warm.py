@@ -29,14 +29,16 @@ class KernelSpec(NamedTuple):
 
 
 def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str, backward: bool = True,
-                     schedule: kernels.Schedule | None = None) -> list[KernelSpec]:
+                     schedule: kernels.Schedule | None = None,
+                     gated: bool = False) -> list[KernelSpec]:
     """Every kernel that routing, the forward and (optionally) the backward of one call use,
-    with `schedule`'s knobs where it sets any."""
+    with `schedule`'s knobs where it sets any; `gated`: of a call with a gate."""
     scale = float(dim**-0.5 if s.scale is None else s.scale)
+    variant = "gated_" if gated else ""
 
-    def tuned(kernel: str, args: tuple) -> KernelSpec:
+    def tuned(kernel: str, args: tuple, prefix: str = "") -> KernelSpec:
         knobs = kernels.knobs_of(schedule, kernel)
-        return KernelSpec(f"{kernel}_kernel", (*args, knobs) if knobs else args)
+        return KernelSpec(f"{prefix}{kernel}_kernel", (*args, knobs) if knobs else args)
 
     specs = [
         KernelSpec("pool_kernel", (dim, s.block_q, dtype, s.layout, arch)),
@@ -44,12 +46,12 @@ def kernels_for_call(dim: int, dtype: str, s: Settings, arch: str, backward: boo
         tuned("key_pass", (dim, s.block_kv, dtype, s.feature_map, s.layout,
                            s.linear == "marginal", arch)),
         tuned("forward", (dim, s.block_q, s.block_kv, dtype, s.feature_map, s.layout, scale,
-                          arch)),
+                          arch), variant),
     ]
     if backward:
         specs += [
-            KernelSpec("backward_query_kernel", (dim, s.block_q, dtype, s.feature_map, s.layout,
-                                                 arch)),
+            KernelSpec(f"{variant}backward_query_kernel", (dim, s.block_q, dtype, s.feature_map,
+                                                           s.layout, arch)),
             tuned("backward_dq", (dim, s.block_q, s.block_kv, dtype, s.layout, scale, arch)),
             tuned("backward_dkdv", (dim, s.block_q, s.block_kv, dtype, s.feature_map, s.layout,
                                     scale, arch)),

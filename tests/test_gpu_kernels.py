@@ -164,7 +164,8 @@ def test_backward_matches_reference(case, generator):
     returned = tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s, dq,
                                               lambda: (dk, dv))
     assert returned[0] is dk and returned[1] is dv
-    d_weight, d_bias = returned[2:]
+    d_weight, d_bias, d_gate = returned[2:]
+    assert d_gate is None
     torch.cuda.synchronize()
 
     device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
@@ -174,7 +175,9 @@ def test_backward_matches_reference(case, generator):
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
     got = [*(_bhsd64(t, case.layout, "cpu") for t in (dq, dk, dv)), d_weight, d_bias]
-    for name, mine, ref in zip(("dq", "dk", "dv", "dweight", "dbias"), got, expected, strict=True):
+    assert expected[5] is None  # no gate, no gate gradient
+    for name, mine, ref in zip(("dq", "dk", "dv", "dweight", "dbias"), got, expected[:5],
+                               strict=True):
         assert not mine.isnan().any(), f"{name} has NaN (unwritten or invalid elements)"
         assert relative_error(mine, ref) < TOLERANCE, name
 

@@ -60,7 +60,8 @@ def test_forward_and_gradients_match_reference(generator, dtype, dim, lq, lk, li
     expected_grads = reference.attention_backward(g64, q64, k64, v64, cpu_routing, w64, b64, *args)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert relative_error(out, expected) < BF16_TOLERANCE
-    for name, leaf, ref in zip("q k v weight bias".split(), leaves, expected_grads, strict=True):
+    for name, leaf, ref in zip("q k v weight bias".split(), leaves, expected_grads[:5],
+                               strict=True):
         assert torch.isfinite(leaf.grad).all(), name
         assert relative_error(leaf.grad, ref) < BF16_TOLERANCE, name
 

@@ -40,21 +40,26 @@ def test_opcheck_attention(generator, dtype):
     torch.library.opcheck(torch.ops.sla.attention.default, _op_args(q, k, v, w, b))
 
 
-def test_opcheck_attention_lut_and_building_blocks(generator):
+@pytest.mark.parametrize("gated", [False, True])
+def test_opcheck_attention_lut_and_building_blocks(generator, gated):
     q, k, v = random_qkv(1, 2, 40, 56, 64, torch.float64, generator)
     w, b = random_projection(64, torch.float64, generator)
+    gate = torch.rand(1, 2, 40, generator=generator, dtype=torch.float64) if gated else None
     routing = sla_tl.route(q, k, 0.5, 0.25, 16, 32)
     settings = (16, 32, "softmax", "global", 0.2, "bhsd")
     torch.library.opcheck(torch.ops.sla.route.default, (q, k, 0.5, 0.25, 16, 32, "bhsd"))
-    torch.library.opcheck(torch.ops.sla.attention_fwd.default, (q, k, v, *routing, w, b, *settings))
-    outputs = torch.ops.sla.attention_fwd(q, k, v, *routing, w, b, *settings)
+    torch.library.opcheck(torch.ops.sla.attention_fwd.default,
+                          (q, k, v, *routing, w, b, gate, *settings))
+    outputs = torch.ops.sla.attention_fwd(q, k, v, *routing, w, b, gate, *settings)
     grad = torch.randn_like(outputs[0])
     torch.library.opcheck(
-        torch.ops.sla.attention_bwd.default, (grad, q, k, v, *outputs, *routing, w, b, *settings)
+        torch.ops.sla.attention_bwd.default,
+        (grad, q, k, v, *outputs, *routing, w, b, gate, *settings),
     )
-    for t in (q, k, v, w, b):
+    for t in (q, k, v, w, b) + ((gate,) if gated else ()):
         t.requires_grad_()
-    torch.library.opcheck(torch.ops.sla.attention_lut.default, (q, k, v, *routing, w, b, *settings))
+    torch.library.opcheck(torch.ops.sla.attention_lut.default,
+                          (q, k, v, *routing, w, b, *settings, gate))
 
 
 @pytest.mark.parametrize("linear", ["marginal", "global"])

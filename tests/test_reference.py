@@ -175,19 +175,29 @@ def test_reference_gradcheck(generator, feature, linear):
 
 @pytest.mark.parametrize("feature", ["softmax", "elu", "relu"])
 @pytest.mark.parametrize("linear", ["marginal", "global"])
-def test_explicit_backward_matches_autograd(generator, feature, linear):
+@pytest.mark.parametrize("gated", [False, True])
+def test_explicit_backward_matches_autograd(generator, feature, linear, gated):
     q, k, v = random_qkv(2, 2, 45, 70, 16, torch.float64, generator)
     weight, bias = random_projection(16, torch.float64, generator)
+    gate = torch.rand(2, 2, 45, generator=generator, dtype=torch.float64) * 2 - 0.5
     routing = reference.route(q, k, 0.25, 0.25, 16, 32)
     count = routing.lut_count.clone()
     count[0, 1, 2] = 0  # one row with no critical block at all
     routing = routing._replace(lut_count=count)
     settings = (16, 32, feature, linear)
-    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v, weight, bias))
-    out = reference.attention_with_routing(*leaves[:3], routing, *leaves[3:], *settings).out
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v, weight, bias, gate))
+    if not gated:
+        leaves = leaves[:5]
+    out = reference.attention_with_routing(*leaves[:3], routing, *leaves[3:5], *settings,
+                                           None, *leaves[5:]).out
     grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     expected = torch.autograd.grad(out, leaves, grad)
-    explicit = reference.attention_backward(grad, q, k, v, routing, weight, bias, *settings)
+    *explicit, d_gate = reference.attention_backward(grad, q, k, v, routing, weight, bias,
+                                                     *settings, None, gate if gated else None)
     names = ("q", "k", "v", "weight", "bias")
-    for name, mine, theirs in zip(names, explicit, expected, strict=True):
+    for name, mine, theirs in zip(names, explicit, expected[:5], strict=True):
         assert relative_error(mine, theirs) < 1e-12, name
+    if gated:
+        assert relative_error(d_gate, expected[5]) < 1e-12
+    else:
+        assert d_gate is None

@@ -152,11 +152,12 @@ def test_backward_checks_grad_out_and_the_saved_tensors(good):
     q, k, v, w, b = _tensors(good)
     routing = sla_tl.route(q, k, 0.3, 0.1, 16, 16)
     settings = (16, 16, "softmax", "marginal", None, "bhsd")
-    saved = list(torch.ops.sla.attention_fwd(q, k, v, *routing, w, b, *settings))
+    saved = list(torch.ops.sla.attention_fwd(q, k, v, *routing, w, b, None, *settings))
     grad = torch.randn_like(saved[0])
 
     def backward(grad_out, *outputs):
-        return torch.ops.sla.attention_bwd(grad_out, q, k, v, *outputs, *routing, w, b, *settings)
+        return torch.ops.sla.attention_bwd(grad_out, q, k, v, *outputs, *routing, w, b, None,
+                                          *settings)
 
     with pytest.raises(TypeError, match=r"grad_out must be torch.float64; got torch.int32"):
         backward(grad.to(torch.int32), *saved)

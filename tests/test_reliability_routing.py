@@ -82,11 +82,11 @@ def test_forged_routing_is_refused_on_the_cpu(problem, kind):
         sla_tl.check_routing(q, k, forged, block_q=BLOCK, block_kv=BLOCK)
     settings = (BLOCK, BLOCK, "softmax", "marginal", None, "bhsd")
     with pytest.raises(ValueError, match=message):
-        torch.ops.sla.attention_fwd(q, k, v, *forged, w, b, *settings)
-    outputs = torch.ops.sla.attention_fwd(q, k, v, *problem[-1], w, b, *settings)
+        torch.ops.sla.attention_fwd(q, k, v, *forged, w, b, None, *settings)
+    outputs = torch.ops.sla.attention_fwd(q, k, v, *problem[-1], w, b, None, *settings)
     with pytest.raises(ValueError, match=message):
         torch.ops.sla.attention_bwd(torch.ones_like(q), q, k, v, *outputs, *forged, w, b,
-                                    *settings)
+                                    None, *settings)
 
 
 @pytest.mark.parametrize("kind", FORGERIES)

@@ -10,6 +10,11 @@ One CTA per (query block i, head, batch), with H_i and Z_i saved by the forward:
     dQ_l  = phi'(Q)^T (dnum H_i^T + dden Z_i)                 -> DQ, completed by the dQ kernel
 
 `ACTIVE[b, h, i]` is 1 where the query block has a marginal block.
+
+The gated variant (a compile-time flag; the ungated kernel has no gate arguments) is for
+O = O_s + g (O_l W^T + b), g float32 per query row: the linear branch's upstream gradient
+is g dO, so dnum and dden are scaled by g per row; O_s = O - g (O_l W^T + b), so
+delta = dO.O - g dg; and it writes dg = rowsum(dO * (O_l W^T + b)) = dO_l.O_l + dO.b.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
@@ -20,14 +25,20 @@ from ..common import DTYPES, LINEAR_EPS, rows, seq_shape
 from ..feature_maps import feature_map_macro, feature_map_vjp_macro
 
 
-def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str, threads: int):
-    """The query-side backward program for one combination of compile-time settings."""
+def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str, threads: int,
+                   gated: bool = False):
+    """The query-side backward program for one combination of compile-time settings;
+    `gated` adds the GATE input and the DGATE output, float32 (B, H, Lq)."""
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lq = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq")
     n_q, n_saved = T.dynamic("Mq"), T.dynamic("Ns")
     phi = feature_map_macro(feature)
     phi_vjp = feature_map_vjp_macro(feature)
+    # A parameter annotated with None is a compile-time constant, not a kernel argument.
+    # Each annotation is a buffer of its own: one object for two parameters would alias them.
+    gate_in = T.Tensor([batch, heads, lq], acc) if gated else None
+    gate_grad = T.Tensor([batch, heads, lq], acc) if gated else None
 
     @T.prim_func
     def main(
@@ -37,6 +48,7 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
         O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         W: T.Tensor([dim, dim], dt),
         BIAS: T.Tensor([dim], acc),
+        GATE: gate_in,
         H_ROWS: T.Tensor([batch, heads, n_saved, dim, dim], dt),
         Z_ROWS: T.Tensor([batch, heads, n_saved, dim], acc),
         ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
@@ -44,6 +56,7 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
         G_ROWS: T.Tensor([batch, heads, n_q, dim, dim], dt),
         GZ_ROWS: T.Tensor([batch, heads, n_q, dim], acc),
         DQ: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
+        DGATE: gate_grad,
     ):
         with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=threads) as (bx, by, bz):
             # A saved state per query block in "marginal" mode, one total in "global".
@@ -85,13 +98,34 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             for i, d in T.Parallel(block_q, dim):
                 work[i, d] = work[i, d] * d_lin[i, d]
             T.reduce_sum(work, dots, dim=1)
-            T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
-            T.copy(stage_s, work)
-            for i, d in T.Parallel(block_q, dim):
-                work[i, d] = (work[i, d] - BIAS[d]) * do_s[i, d]
-            T.reduce_sum(work, delta, dim=1)
-            for i in T.Parallel(block_q):
-                delta[i] = delta[i] - dots[i]
+            if gated:
+                # dg = dots + dO . b ; delta = dO . O - g dg
+                gate_rows = T.alloc_fragment([block_q], acc)
+                d_gate = T.alloc_fragment([block_q], acc)
+                T.copy(GATE[bz, by, bx * block_q:(bx + 1) * block_q], gate_rows)
+                for i, d in T.Parallel(block_q, dim):
+                    work[i, d] = BIAS[d] * do_s[i, d]
+                T.reduce_sum(work, d_gate, dim=1)
+                for i in T.Parallel(block_q):
+                    d_gate[i] = d_gate[i] + dots[i]
+                T.copy(d_gate, DGATE[bz, by, bx * block_q:(bx + 1) * block_q])
+                T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
+                T.copy(stage_s, work)
+                for i, d in T.Parallel(block_q, dim):
+                    work[i, d] = work[i, d] * do_s[i, d]
+                T.reduce_sum(work, delta, dim=1)
+                for i in T.Parallel(block_q):
+                    delta[i] = delta[i] - gate_rows[i] * d_gate[i]
+                    # From here on dots is the linear branch's share: g dO_l . O_l.
+                    dots[i] = gate_rows[i] * dots[i]
+            else:
+                T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
+                T.copy(stage_s, work)
+                for i, d in T.Parallel(block_q, dim):
+                    work[i, d] = (work[i, d] - BIAS[d]) * do_s[i, d]
+                T.reduce_sum(work, delta, dim=1)
+                for i in T.Parallel(block_q):
+                    delta[i] = delta[i] - dots[i]
             T.copy(delta, DELTA[bz, by, bx * block_q:(bx + 1) * block_q])
 
             # phi(Q), the denominators, dnum (in d_lin) and dden.
@@ -105,8 +139,13 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             for i in T.Parallel(block_q):
                 den[i] = den[i] + LINEAR_EPS
                 dden[i] = T.if_then_else(active > 0, -dots[i] / den[i], 0)
-            for i, d in T.Parallel(block_q, dim):
-                d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] / den[i], 0)
+            if gated:
+                for i, d in T.Parallel(block_q, dim):
+                    d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] * gate_rows[i] / den[i],
+                                                 0)
+            else:
+                for i, d in T.Parallel(block_q, dim):
+                    d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] / den[i], 0)
             T.copy(d_lin, dnum_s)
 
             # g_i = phi(Q)^T dden, G_i = phi(Q)^T dnum.

@@ -10,7 +10,9 @@ block's marginal key blocks), and the projection:
     O_l = phi(Q) H_i / (phi(Q) . Z_i + eps)        (0 where ACTIVE says no marginal block)
     O   = O_s + O_l W^T + b
 
-It writes O, O_l (for the backward) and the natural-log LSE of the sparse branch.
+It writes O, O_l (for the backward) and the natural-log LSE of the sparse branch. The gated
+variant (a compile-time flag; the ungated kernel has no gate argument) reads a float32 gate
+g per query row and scales the projection term by it: O = O_s + g (O_l W^T + b).
 
 Whatever the LUT holds, no read leaves its tensor: a row's count is clamped to [0, width]
 and each entry to an existing key block. ACTIVE < 0 marks a row whose routing the caller
@@ -99,10 +101,12 @@ def sla_forward(
     scale: float,
     threads: int,
     num_stages: int,
+    gated: bool = False,
 ):
     """The forward kernel's TileLang program for one combination of compile-time settings.
 
     Schedule knobs (speed only): `threads` doing the math and pipeline `num_stages`.
+    `gated` adds the GATE argument, float32 (B, H, Lq).
     """
     dt = DTYPES[dtype]
     acc = T.float32
@@ -112,6 +116,8 @@ def sla_forward(
     n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
     phi = feature_map_macro(feature)
+    # A parameter annotated with None is a compile-time constant, not a kernel argument.
+    gate_tensor = T.Tensor([batch, heads, lq], acc) if gated else None
 
     @T.prim_func
     def main(
@@ -125,6 +131,7 @@ def sla_forward(
         ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
         W: T.Tensor([dim, dim], dt),
         BIAS: T.Tensor([dim], acc),
+        GATE: gate_tensor,
         O: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         LSE: T.Tensor([batch, heads, lq], acc),
@@ -220,12 +227,22 @@ def sla_forward(
             T.copy(lin, lin_s)
             T.copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
 
-            # Projection: O = O_s + O_l W^T + b.
+            # Projection: O = O_s + O_l W^T + b, or O_s + g (O_l W^T + b) with a gate.
             w_s = T.alloc_shared([dim, dim], dt)
             T.copy(W, w_s)
-            T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            for i, d in T.Parallel(block_q, dim):
-                acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + BIAS[d])
+            if gated:
+                # `lin` is dead once stored: it takes the projection, scaled row by row.
+                gate_rows = T.alloc_fragment([block_q], acc)
+                T.copy(GATE[bz, by, bx * block_q:(bx + 1) * block_q], gate_rows)
+                T.gemm(lin_s, w_s, lin, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                for i, d in T.Parallel(block_q, dim):
+                    acc_o[i, d] = T.if_then_else(
+                        active < 0, NAN, acc_o[i, d] + gate_rows[i] * (lin[i, d] + BIAS[d]))
+            else:
+                T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for i, d in T.Parallel(block_q, dim):
+                    acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + BIAS[d])
             o_s = T.alloc_shared([block_q, dim], dt)
             T.copy(acc_o, o_s)
             T.copy(o_s, rows(O, bz, by, bx * block_q, block_q, layout))

@@ -17,6 +17,9 @@ Whatever the routing tensors hold, no load leaves its tensor (the count is clamp
 row, each entry to an existing key block); ACTIVE < 0 marks a row whose routing the caller
 found invalid, written as NaN.
 
+The gated variant (a compile-time flag) reads a float32 gate g per query row and scales
+the projection term by it: O = O_s + g (O_l W^T + b).
+
 Arithmetic: exp2 with the softmax scale and log2(e) folded into one multiplier, per-row
 reciprocals instead of per-element division (compiled with flush-to-zero, see
 `schedules.compile`).
@@ -83,6 +86,7 @@ def sla_forward_ws(
     num_stages: int,
     pingpong: bool,
     entries_per_step: int = 1,
+    gated: bool = False,
 ):
     """The warp-specialised forward's TileLang program (see the module docstring).
 
@@ -109,6 +113,8 @@ def sla_forward_ws(
     phi = feature_map_macro(feature)
     neg_inf = -T.infinity(acc)
     row_policy = T.GemmWarpPolicy.FullRow
+    # A parameter annotated with None is a compile-time constant, not a kernel argument.
+    gate_tensor = T.Tensor([batch, heads, lq], acc) if gated else None
 
     @T.macro
     def mask_tail(scores, j):
@@ -176,6 +182,7 @@ def sla_forward_ws(
         ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
         W: T.Tensor([dim, dim], dt),
         BIAS: T.Tensor([dim], acc),
+        GATE: gate_tensor,
         O: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
         LSE: T.Tensor([batch, heads, lq], acc),
@@ -380,10 +387,21 @@ def sla_forward_ws(
                 T.copy(lin, lin_s)
                 T.tma_copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
 
-                # Projection: O = O_s + O_l W^T + b.
-                T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=row_policy)
-                for i, d in T.Parallel(block_q, dim):
-                    acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + bias_s[d])
+                # Projection: O = O_s + O_l W^T + b, or O_s + g (O_l W^T + b) with a gate.
+                if gated:
+                    # `lin` is dead once stored: it takes the projection, scaled row by row.
+                    for i in T.Parallel(block_q):
+                        row_sum[i] = T.if_then_else(bx * block_q + i < lq,
+                                                    GATE[bz, by, bx * block_q + i], 0.0)
+                    T.gemm(lin_s, w_s, lin, transpose_B=True, clear_accum=True,
+                           policy=row_policy)
+                    for i, d in T.Parallel(block_q, dim):
+                        acc_o[i, d] = T.if_then_else(
+                            active < 0, NAN, acc_o[i, d] + row_sum[i] * (lin[i, d] + bias_s[d]))
+                else:
+                    T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=row_policy)
+                    for i, d in T.Parallel(block_q, dim):
+                        acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + bias_s[d])
                 if pair:
                     # O_l's store must have read the tile before O overwrites it.
                     T.tma_store_wait()
