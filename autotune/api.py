@@ -8,8 +8,11 @@ from typing import NamedTuple
 import tilelang
 import torch
 
-from sla_tl import config_store, kernel_cache, kernels, spec
+from sla_tl import config_store, kernel_cache, spec
 from sla_tl.config_store import Entry, TuneKey
+from sla_tl.schedules import archs
+from sla_tl.schedules.archs import Arch
+from sla_tl.targets import arch_named, check_kernel_sizes, model_slug
 from sla_tl.validation import (
     KERNEL_DTYPE_NAMES,
     check_choice,
@@ -44,19 +47,18 @@ class TuneReport(NamedTuple):
     algorithm: AlgorithmResult | None
 
 
-def _gpu_for_timing(arch: str, user_arch: str) -> str:
-    """The GPU in hand, which must be the arch asked for."""
+def _gpu_for_timing(arch: Arch, user_arch: str) -> str:
+    """The GPU in hand, which must be of the arch asked for."""
     if not torch.cuda.is_available():
         raise ValueError(f"cannot time kernels for arch={user_arch!r}: no CUDA GPU is visible. "
                          "Pass compile_only=True to compile and prune the search space only.")
     device = torch.device("cuda")
     capability = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
-    if kernels.SUPPORTED_ARCHS.get(capability) != arch:
+    if archs.for_capability(capability) != arch:
         raise ValueError(f"cannot time kernels for arch={user_arch!r} on {name} "
                          f"(sm_{capability[0]}{capability[1]}); tune on a GPU of that arch, or "
                          "pass compile_only=True")
-    kernel_cache.prepare(device)
     return name
 
 
@@ -85,7 +87,7 @@ def _check_calibration(calibration: object, layout: str) -> None:
     check_qkv(*calibration, layout)
 
 
-def _check_algorithm_value(name: str, value: object, dim: int, block_q: int,
+def _check_algorithm_value(arch: Arch, name: str, value: object, dim: int, block_q: int,
                            block_kv: int) -> None:
     """One value of an algorithm knob, checked as the operators would (with the other knobs
     at their pinned values)."""
@@ -95,11 +97,11 @@ def _check_algorithm_value(name: str, value: object, dim: int, block_q: int,
         check_choice("feature_map", value, spec.FEATURE_MAPS)
     else:
         sizes = {"block_q": block_q, "block_kv": block_kv, name: value}
-        kernels.check_kernel_sizes(dim, sizes["block_q"], sizes["block_kv"])
+        check_kernel_sizes(arch, dim, sizes["block_q"], sizes["block_kv"])
 
 
-def _check_arguments(shapes: list[tuple[int, ...]], trials: object, storage: object,
-                     error_budget: object, options: dict) -> None:
+def _check_arguments(arch: Arch, shapes: list[tuple[int, ...]], trials: object,
+                     storage: object, error_budget: object, options: dict) -> None:
     """Everything `tune` takes, checked before anything compiles, with the operators'
     messages."""
     check_positive_int("trials", trials)
@@ -123,9 +125,9 @@ def _check_arguments(shapes: list[tuple[int, ...]], trials: object, storage: obj
     if options["gpu"] is not None:
         if not isinstance(options["gpu"], str):
             raise TypeError(f"gpu must be a GPU model name; got {type(options['gpu']).__name__}")
-        kernel_cache.model_slug(options["gpu"])  # a name that cannot be a directory is refused
+        model_slug(options["gpu"])  # a name that cannot be a GPU model's is refused
     for *_, d in shapes:
-        kernels.check_kernel_sizes(d, options["block_q"], options["block_kv"])
+        check_kernel_sizes(arch, d, options["block_q"], options["block_kv"])
     space = options["search_algorithm"]
     if space is None:
         return
@@ -141,7 +143,8 @@ def _check_arguments(shapes: list[tuple[int, ...]], trials: object, storage: obj
     for name, values in space.items():
         for value in _listed(f"search_algorithm[{name!r}]", values):
             for *_, d in shapes:
-                _check_algorithm_value(name, value, d, options["block_q"], options["block_kv"])
+                _check_algorithm_value(arch, name, value, d, options["block_q"],
+                                       options["block_kv"])
 
 
 def tune(
@@ -178,8 +181,9 @@ def tune(
     the fastest point of the Pareto front within `error_budget` is then schedule-tuned.
 
     Every candidate schedule is compiled first and pruned if it fails, spills or overflows
-    shared memory. `compile_only=True` stops there: no GPU is needed, and the kernels land
-    in the kernel cache of `gpu` (a GPU model name) when given. Before a candidate is
+    shared memory. `compile_only=True` stops there: no GPU is needed; `gpu` (a GPU model
+    name) names the model the study is for. Kernels land in the arch's kernel cache
+    (`sla_tl.kernel_cache`) either way. Before a candidate is
     timed, its outputs on the measurement inputs are compared bit for bit with the default
     schedule's (at the algorithm knobs chosen); one that differs is refused, and the report
     lists it (`ScheduleResult.refused`).
@@ -188,21 +192,18 @@ def tune(
     directory): a study interrupted and run again resumes, and several processes may work
     on one study. Shapes default to Wan2.1-1.3B's attention, (1, 12, 32760, 128).
     """
-    arch_name = kernels.normalise_arch(arch)
+    declared = arch_named(arch)
+    arch_name = declared.target
     given = [WAN_1_3B] if shapes is None else _listed("shapes", shapes)
     problems = [_shape(shape) for shape in given]
-    _check_arguments(problems, trials, storage, error_budget, dict(
+    _check_arguments(declared, problems, trials, storage, error_budget, dict(
         dtype=dtype, topk=topk, k_low=k_low, block_q=block_q, block_kv=block_kv,
         feature_map=feature_map, linear=linear, layout=layout, mode=mode, workers=workers,
         seed=seed, gpu=gpu, search_algorithm=search_algorithm))
     if calibration is not None:
         _check_calibration(calibration, layout)
-    if compile_only:
-        if gpu:
-            kernel_cache.use_gpu_model(gpu)
-        gpu_name = gpu or ""
-    else:
-        gpu_name = _gpu_for_timing(arch_name, arch)
+    kernel_cache.require(arch_name)  # refused before anything compiles if it cannot be made
+    gpu_name = (gpu or "") if compile_only else _gpu_for_timing(declared, arch)
     study_storage = None if compile_only else open_storage(storage)
 
     reports = []

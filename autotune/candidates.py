@@ -1,8 +1,10 @@
 """The schedule search space of one problem, and pruning by compilation (no GPU needed).
 
-A candidate is one kernel's knob values. Every candidate is compiled for the arch before
-any trial is timed; one that fails to compile, spills registers (ptxas rejects spills) or
-needs more shared memory than an SM has is marked pruned, with the reason.
+A candidate is one kernel's knob values; the kernels searched are the tunable ones the
+call's plan launches (`sla_tl.plan.kernels_for`). Every candidate is compiled for the arch
+before any trial is timed; one that fails to compile, spills registers (ptxas rejects
+spills) or needs more shared memory than the arch gives a CTA is marked pruned, with the
+reason.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from sla_tl import kernels
+from sla_tl.kernels import KernelSpec
+from sla_tl.parallel import map_in_parallel
+from sla_tl.plan import kernels_for
 from sla_tl.settings import Settings
 from sla_tl.static_check import kernel_facts
-from sla_tl.warm import KernelSpec, kernels_for_call, map_in_parallel
-
-# Hopper: 227 KB of shared memory per block.
-SHARED_MEMORY_LIMIT = 227 * 1024
+from sla_tl.targets import arch_named
 
 
 class Candidate(NamedTuple):
@@ -40,16 +42,18 @@ def label(knobs: dict) -> str:
     return ",".join(f"{name}={value}" for name, value in sorted(knobs.items()))
 
 
-def kernels_searched(backward: bool) -> tuple[str, ...]:
-    """The tunable kernels a forward (and backward) call runs."""
-    forward_only = ("key_pass", "forward")
-    return kernels.TUNABLE if backward else forward_only
+def kernels_searched(arch: str, dim: int, dtype: str, s: Settings,
+                     backward: bool) -> tuple[str, ...]:
+    """The tunable kernels the plan of a forward (and backward) call launches, in order."""
+    tunable = kernels.tunable(arch)
+    launched = (spec.kind for spec in kernels_for(arch, dim, dtype, s, backward=backward))
+    return tuple(kind for kind in dict.fromkeys(launched) if kind in tunable)
 
 
-def enumerate_candidates(kernel: str, dim: int, s: Settings) -> list[dict]:
+def enumerate_candidates(arch: str, kernel: str, dim: int, s: Settings) -> list[dict]:
     """Every combination of the kernel's searched knobs; the default combination first."""
-    space = kernels.search_space(kernel, dim, s.block_q, s.block_kv)
-    default = kernels.default_knobs(kernel, dim, s.block_q, s.block_kv)
+    space = kernels.search_space(arch, kernel, dim, s.block_q, s.block_kv)
+    default = kernels.default_knobs(arch, kernel, dim, s.block_q, s.block_kv)
     names = sorted(space)
     combos = [dict(zip(names, values, strict=True))
               for values in itertools.product(*(space[n] for n in names))]
@@ -59,9 +63,9 @@ def enumerate_candidates(kernel: str, dim: int, s: Settings) -> list[dict]:
 
 def kernel_spec(kernel: str, knobs: dict, dim: int, dtype: str, s: Settings,
                 arch: str) -> KernelSpec:
-    """The getter call that builds one candidate."""
-    specs = kernels_for_call(dim, dtype, s, arch, schedule={kernel: knobs})
-    return next(spec for spec in specs if spec.getter == f"{kernel}_kernel")
+    """The kernel one candidate builds, as the call's plan launches it."""
+    specs = kernels_for(arch, dim, dtype, s, schedule={kernel: knobs})
+    return next(spec for spec in specs if spec.kind == kernel)
 
 
 def _shared_bytes(spec: KernelSpec) -> int:
@@ -69,16 +73,17 @@ def _shared_bytes(spec: KernelSpec) -> int:
     return kernel_facts(spec).shared_bytes
 
 
-def prune_reason(error: str | None, shared_bytes: int | None) -> str | None:
-    """Why a compile outcome rules a candidate out (None: it can run)."""
+def prune_reason(error: str | None, shared_bytes: int | None, limit: int) -> str | None:
+    """Why a compile outcome rules a candidate out (None: it can run); `limit` is the shared
+    memory a CTA may use."""
     if error is not None:
         if re.search(r"spill", error, re.IGNORECASE):
             return "spills registers"
         if re.search(r"shared memory|smem", error, re.IGNORECASE):
             return "overflows shared memory"
         return "fails to compile: " + error.strip().splitlines()[-1][:160]
-    if shared_bytes is not None and shared_bytes > SHARED_MEMORY_LIMIT:
-        return f"overflows shared memory ({shared_bytes} > {SHARED_MEMORY_LIMIT} bytes)"
+    if shared_bytes is not None and shared_bytes > limit:
+        return f"overflows shared memory ({shared_bytes} > {limit} bytes)"
     return None
 
 
@@ -98,10 +103,11 @@ def build_candidates(dim: int, dtype: str, s: Settings, arch: str, backward: boo
                      workers: int | None = None, progress: bool = False) -> list[Candidate]:
     """Every candidate of every searched kernel, compiled in parallel and marked pruned
     where it cannot run (with `progress`, a line per candidate on stderr)."""
-    pairs = [(kernel, knobs) for kernel in kernels_searched(backward)
-             for knobs in enumerate_candidates(kernel, dim, s)]
+    pairs = [(kernel, knobs) for kernel in kernels_searched(arch, dim, dtype, s, backward)
+             for knobs in enumerate_candidates(arch, kernel, dim, s)]
     specs = [kernel_spec(kernel, knobs, dim, dtype, s, arch) for kernel, knobs in pairs]
     outcomes = map_in_parallel(compiler, specs, workers, progress)
     by_spec = dict(zip(dict.fromkeys(specs), outcomes, strict=True))
-    return [Candidate(kernel, knobs, prune_reason(*by_spec[spec]))
+    limit = arch_named(arch).shared_memory_bytes
+    return [Candidate(kernel, knobs, prune_reason(*by_spec[spec], limit))
             for (kernel, knobs), spec in zip(pairs, specs, strict=True)]

@@ -27,7 +27,8 @@ MODES = ("fwd", "fwd+bwd")
 
 def settings_of(key: TuneKey) -> Settings:
     """The call settings a key fixes (default softmax scale)."""
-    return Settings(key.block_q, key.block_kv, key.feature_map, key.linear, None, key.layout)
+    return Settings(block_q=key.block_q, block_kv=key.block_kv, feature_map=key.feature_map,
+                    linear=key.linear, layout=key.layout)
 
 
 def _shape(key: TuneKey, length: int) -> tuple[int, ...]:
@@ -96,14 +97,15 @@ def _call_outputs(inputs: tuple, s: Settings, mode: str,
     """The outputs of one call, written into buffers filled with NaN first: an element the
     kernels leave unwritten then holds the same bits in every run, never stale memory."""
     q, k, v, grad, routing, weight, bias = inputs
-    saved = ForwardOutputs(*(t.fill_(math.nan) for t in tilelang_backend.forward(
+    poisoned = ForwardOutputs(*(t.fill_(math.nan) for t in tilelang_backend.forward(
         q, k, v, routing, weight, bias, s, schedule)))
-    tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, saved, schedule)
+    saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s, schedule,
+                                     buffers=poisoned._asdict())
     named = saved._asdict()
     if mode == "fwd+bwd":
-        dq, dk, dv = _poisoned(q), _poisoned(k), _poisoned(v)
-        _, _, d_weight, d_bias = tilelang_backend.backward_into(
-            grad, q, k, v, saved, routing, weight, bias, s, dq, lambda: (dk, dv), schedule)
+        buffers = dict(dq=_poisoned(q), dk=_poisoned(k), dv=_poisoned(v))
+        dq, dk, dv, d_weight, d_bias, _ = tilelang_backend.backward(
+            grad, q, k, v, saved, routing, weight, bias, s, schedule, buffers=buffers)
         named.update(dq=dq, dk=dk, dv=dv, d_weight=d_weight, d_bias=d_bias)
     return named
 

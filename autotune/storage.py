@@ -17,7 +17,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
-from sla_tl.config_store import cache_dir
+from sla_tl.paths import cache_dir
 
 DEFAULT_FILE = "optuna.db"
 # Seconds an SQLite writer waits for another's lock before failing.

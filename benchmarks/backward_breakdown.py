@@ -1,11 +1,14 @@
-"""Where the backward's time goes, kernel by kernel, beside cuDNN SDPA's backward.
+"""Where the backward's time goes, step by step of its plan, beside cuDNN SDPA's backward.
 
     python -m sla_tl.benchmarks.backward_breakdown [--topk 0.05] [--out result.json]
 
 Timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16), on fresh
-random inputs, with the forward's outputs computed once per input set. Each dK/dV
-alternative schedule (candidates for the default, see `backward_dkdv.alternatives`) is timed
-on the same inputs, with its largest difference from the default's dK.
+random inputs, with the forward's outputs computed once per input set: each step of the
+backward's plan alone (kernels and torch steps, on the tensors of one earlier run), and the
+whole backward. Each dK/dV alternative schedule (candidates for the default, see
+`backward_dkdv.alternatives`) is timed on the same tensors, with its largest difference
+from the default's dK. What the backward derives from the routing is derived afresh in
+every step, as after a call that routes (`sla::attention`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import block_states, kernels, spec, tilelang_backend
-from sla_tl.schedules.sm90 import backward_dkdv as dkdv_schedule
+from sla_tl import kernels, spec, tilelang_backend
+from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
+from sla_tl.targets import target_of
 from sla_tl.timing import median_ms
 
 from .environment import describe_environment
+from .plan_steps import kept_runs, step_times_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     b, h, length, d = 1, 12, args.length, 128
     bq, bkv = args.block_q, args.block_kv
-    s = Settings(bq, bkv, "softmax", args.linear, None, "bhsd")
-    arch = kernels.arch_of(torch.device("cuda"))
-    scale = d**-0.5
-    n_q, n_kv = spec.num_blocks(length, bq), spec.num_blocks(length, bkv)
+    s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
+    device = torch.device("cuda")
+    target = target_of(device)
+    n_kv = spec.num_blocks(length, bkv)
     sets = []
     for _ in range(3):
         q, k, v, grad = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
@@ -49,35 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         weight = torch.randn(d, d, device="cuda") / d**0.5
         bias = torch.randn(d, device="cuda") * 0.1
         routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
-        saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
+        saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
         sets.append((q, k, v, grad, weight, bias, routing, saved))
-
-    query = kernels.backward_query_kernel(d, bq, "bfloat16", "softmax", "bhsd", arch)
-    dq_kernel = kernels.backward_dq_kernel(d, bq, bkv, "bfloat16", "bhsd", scale, arch)
-    dkdv = kernels.backward_dkdv_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd", scale, arch)
-
-    def buffers(q):
-        return (torch.empty(b, h, length, device="cuda"), q.new_empty(b, h, n_q, d, d),
-                torch.empty(b, h, n_q, d, device="cuda"), torch.empty_like(q))
-
-    staged = []
-    for q, k, v, grad, weight, bias, routing, saved in sets:
-        delta, g_rows, gz_rows, dq = buffers(q)
-        active = torch.ones_like(routing.lut_count)
-        query(q, grad, saved.out, saved.linear, weight.bfloat16(), bias, saved.h_rows,
-              saved.z_rows, active, delta, g_rows, gz_rows, dq)
-        reverse = tilelang_backend.reverse_lut(routing.lut, routing.lut_count, n_kv)
-        key_block_args = (g_rows, gz_rows, routing, n_kv, args.linear)
-        dh, dz = block_states.key_states(*key_block_args)
-        staged.append(dict(
-            query=(q, grad, saved.out, saved.linear, weight.bfloat16(), bias, saved.h_rows,
-                   saved.z_rows, active, delta, g_rows, gz_rows, dq),
-            dq=(q, k, v, grad, saved.lse, delta, routing.lut, routing.lut_count, dq),
-            dkdv=(q, k, v, grad, saved.lse, delta, *reverse, dh, dz, torch.empty_like(k),
-                  torch.empty_like(v)),
-            key_states=key_block_args,
-            reverse=(routing.lut, routing.lut_count, n_kv),
-        ))
+    shape = call_shape(sets[0][0], sets[0][1], s, False, sets[0][6].widths)
+    backward = attention_plan(target, shape, keep_routing=False).backward
+    # The routing of each set is fresh: nothing derived from it is kept between the steps.
+    runs = kept_runs(backward, [dict(grad_out=grad, q=q, k=k, v=v, **saved._asdict(),
+                                     **routing._asdict(), proj_weight=weight, proj_bias=bias)
+                                for q, k, v, grad, weight, bias, routing, saved in sets],
+                     device)
 
     def sdpa_backward(q, k, v, grad, *_):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -85,39 +70,30 @@ def main(argv: list[str] | None = None) -> int:
         out.backward(grad)
 
     def whole(q, k, v, grad, weight, bias, routing, saved):
-        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s)
+        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+                                  keep_routing=False)
 
     grad_sets = [(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g)
                  for q, k, v, g, *_ in sets]
     timings = {"sdpa_cudnn_fwd_bwd": median_ms(sdpa_backward, grad_sets, args.repeats)}
     with torch.no_grad():
-        timings.update({
-            "query_pass": median_ms(lambda x: query(*x["query"]), [(x,) for x in staged],
-                                    args.repeats),
-            "dq_kernel": median_ms(lambda x: dq_kernel(*x["dq"]), [(x,) for x in staged],
-                                   args.repeats),
-            "reverse_lut": median_ms(lambda x: tilelang_backend.reverse_lut(*x["reverse"]),
-                                     [(x,) for x in staged], args.repeats),
-            "key_block_states": median_ms(lambda x: block_states.key_states(*x["key_states"]),
-                                          [(x,) for x in staged], args.repeats),
-            "dkdv_kernel": median_ms(lambda x: dkdv(*x["dkdv"]), [(x,) for x in staged],
-                                     args.repeats),
-            "whole_backward": median_ms(whole, sets, args.repeats),
-        })
+        timings.update({f"backward.{name}": ms for name, ms in
+                        step_times_ms(backward, runs, args.repeats).items()})
+        timings["whole_backward"] = median_ms(whole, sets, args.repeats)
         # Each dK/dV alternative (another rounding: candidates for the default), timed on
-        # the same staged inputs, with its largest difference from the default's output.
+        # the same tensors, with its largest difference from the default's output.
         alternatives = {}
-        reference_dk = staged[0]["dkdv"][-2]
-        dkdv(*staged[0]["dkdv"])
-        reference_dk = reference_dk.clone()
-        for knobs in dkdv_schedule.alternatives(d, bq, bkv):
-            name = "dkdv_kernel[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
-            variant = kernels.backward_dkdv_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd",
-                                                   scale, arch, kernels.freeze(knobs))
-            timings[name] = median_ms(lambda x, variant=variant: variant(*x["dkdv"]),
-                                      [(x,) for x in staged], args.repeats)
-            variant(*staged[0]["dkdv"])
-            diff = (staged[0]["dkdv"][-2].float() - reference_dk.float()).abs().max().item()
+        backward.run_step("backward_dkdv", runs[0])
+        reference_dk = runs[0]["dk"].clone()
+        for knobs in kernels.alternatives(target.arch.target, "backward_dkdv", d, bq, bkv):
+            name = "backward_dkdv[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
+            variant = attention_plan(target, shape, {"backward_dkdv": knobs},
+                                     keep_routing=False).backward
+            timings[name] = median_ms(lambda env, variant=variant:
+                                      variant.run_step("backward_dkdv", env),
+                                      [(env,) for env in runs], args.repeats)
+            variant.run_step("backward_dkdv", runs[0])
+            diff = (runs[0]["dk"].float() - reference_dk.float()).abs().max().item()
             alternatives[name] = dict(knobs=knobs, max_abs_diff_dk_to_default=diff)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
@@ -125,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in timings.items():
         note = alternatives.get(name)
         extra = f"  (max |dK - default| {note['max_abs_diff_dk_to_default']:.2e})" if note else ""
-        print(f"  {name:<20} {ms:8.3f} ms{extra}")
+        print(f"  {name:<30} {ms:8.3f} ms{extra}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args),

@@ -135,16 +135,16 @@ def _prewarm(cases: list[Case]) -> None:
     """Compile sla-tl's kernels for the cases in parallel processes before timing starts."""
     import torch
 
-    from sla_tl import kernel_cache
+    from sla_tl.parallel import compile_in_parallel
+    from sla_tl.plan import kernels_for
     from sla_tl.settings import Settings
-    from sla_tl.warm import compile_in_parallel, kernels_for_call
+    from sla_tl.targets import target_of
 
-    _, arch = kernel_cache.prepare(torch.device("cuda"))
+    arch = target_of(torch.device("cuda")).arch.target
     specs = []
     for dim, dtype, bq, bkv in dict.fromkeys(
             (c.shape.dim, c.shape.dtype, c.block_q, c.block_kv) for c in cases):
-        specs += kernels_for_call(dim, dtype, Settings(bq, bkv, "softmax", "marginal", None,
-                                                       "bhsd"), arch)
+        specs += kernels_for(arch, dim, dtype, Settings(block_q=bq, block_kv=bkv))
     print(f"compiling {len(set(specs))} sla-tl kernels for {arch}", flush=True)
     compile_in_parallel(specs, progress=True)
 

@@ -26,25 +26,27 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.schedules.sm90 import backward_dq as dq_schedule
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
+from sla_tl.targets import target_of
 from sla_tl.timing import median_ms
-from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .environment import describe_environment
+from .plan_steps import kept_runs
 
 
-def schedules(dim: int, block_q: int, block_kv: int) -> list[dict]:
+def schedules(arch: str, dim: int, block_q: int, block_kv: int) -> list[dict]:
     """The default schedule first, then every other combination of dQ's searched knobs,
     then the alternatives that may round differently (candidates for the default)."""
-    space = kernels.search_space("backward_dq", dim, block_q, block_kv)
-    default = kernels.default_knobs("backward_dq", dim, block_q, block_kv)
+    space = kernels.search_space(arch, "backward_dq", dim, block_q, block_kv)
+    default = kernels.default_knobs(arch, "backward_dq", dim, block_q, block_kv)
     names = sorted(space)
     first = {n: default[n] for n in names}
     combos = [dict(zip(names, values, strict=True))
               for values in itertools.product(*(space[n] for n in names))]
     return ([first] + [c for c in combos if c != first]
-            + dq_schedule.alternatives(dim, block_q, block_kv))
+            + kernels.alternatives(arch, "backward_dq", dim, block_q, block_kv))
 
 
 def label(knobs: dict) -> str:
@@ -73,23 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, args.dim
     bq, bkv = args.block_q, args.block_kv
-    s = Settings(bq, bkv, "softmax", args.linear, None, "bhsd")
-    arch = kernels.arch_of(torch.device("cuda"))
-    scale = d**-0.5
-    candidates = schedules(d, bq, bkv)
-    specs = [x for knobs in candidates
-             for x in kernels_for_call(d, "bfloat16", s, arch, schedule={"backward_dq": knobs})]
-    start = time.perf_counter()
-    try:
-        compile_in_parallel(specs)
-    except RuntimeError as error:  # a schedule that cannot be built is reported, not timed
-        print(error)
-    print(f"compiled {len(set(specs))} kernels in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
+    device = torch.device("cuda")
+    target = target_of(device)
+    candidates = schedules(target.arch.target, d, bq, bkv)
 
-    n_q, n_kv = spec.num_blocks(length, bq), spec.num_blocks(length, bkv)
-    query = kernels.backward_query_kernel(d, bq, "bfloat16", "softmax", "bhsd", arch)
-    sets, linear_parts = [], []
+    n_kv = spec.num_blocks(length, bkv)
+    inputs = []
     print("preparing inputs", flush=True)
     for _ in range(3):
         q, k, v, grad = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
@@ -98,24 +90,34 @@ def main(argv: list[str] | None = None) -> int:
         bias = torch.randn(d, device="cuda") * 0.1
         routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
         saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
-        # The query pass gives delta and the linear part of dQ, which the dQ kernel adds to.
-        delta = torch.empty(b, h, length, device="cuda")
-        dq = torch.empty_like(q)
-        query(q, grad, saved.out, saved.linear, weight.bfloat16(), bias, saved.h_rows,
-              saved.z_rows, tilelang_backend._active(routing, n_kv, args.linear), delta,
-              q.new_empty(b, h, n_q, d, d), torch.empty(b, h, n_q, d, device="cuda"), dq)
-        linear_parts.append(dq.clone())
-        sets.append((q, k, v, grad, saved.lse, delta, routing.lut.contiguous(),
-                     routing.lut_count.contiguous(), dq))
+        inputs.append(dict(grad_out=grad, q=q, k=k, v=v, **saved._asdict(),
+                           **routing._asdict(), proj_weight=weight, proj_bias=bias))
+    shape = call_shape(inputs[0]["q"], inputs[0]["k"], s, False,
+                       (inputs[0]["lut"].shape[-1], inputs[0]["neg_lut"].shape[-1]))
+    phases = [attention_plan(target, shape, {"backward_dq": knobs}).backward
+              for knobs in candidates]
+    start = time.perf_counter()
+    try:
+        compile_in_parallel([phase.step("backward_dq").kernel for phase in phases])
+    except RuntimeError as error:  # a schedule that cannot be built is reported, not timed
+        print(error)
+    print(f"compiled {len(phases)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
+    runs = kept_runs(phases[0], inputs, device)
+    # The query pass leaves the linear part of dQ, which the dQ kernel adds to.
+    linear_parts = []
+    for env in runs:
+        phases[0].run_step("backward_query", env)
+        linear_parts.append(env["dq"].clone())
 
-    def sdpa_backward(out, inputs, grad):
-        torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    def sdpa_backward(out, tensors, grad):
+        torch.autograd.grad(out, tensors, grad, retain_graph=True)
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense_sets = []
-        for q, k, v, grad, *_ in sets[:2]:
-            inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
-            dense_sets.append((F.scaled_dot_product_attention(*inputs), inputs, grad))
+        for env in runs[:2]:
+            tensors = tuple(env[n].detach().requires_grad_() for n in ("q", "k", "v"))
+            dense_sets.append((F.scaled_dot_product_attention(*tensors), tensors,
+                               env["grad_out"]))
         cudnn_ms = median_ms(sdpa_backward, dense_sets, args.repeats)
     del dense_sets
 
@@ -124,20 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     first_dq = None
     with torch.no_grad():
-        for knobs in candidates:
+        for knobs, phase in zip(candidates, phases, strict=True):
             try:
-                kernel = kernels.backward_dq_kernel(d, bq, bkv, "bfloat16", "bhsd", scale, arch,
-                                                    kernels.freeze(knobs))
+                kernels.compiled(phase.step("backward_dq").kernel)
             except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
                 rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
                 continue
             print("timing", label(knobs), flush=True)
             # Each call adds to the dq it is given: the timed calls' sums are discarded.
-            ms = median_ms(kernel, sets, args.repeats)
-            dq = sets[0][-1]
-            dq.copy_(linear_parts[0])
-            kernel(*sets[0])
-            out = dq.clone()
+            ms = median_ms(lambda env, phase=phase: phase.run_step("backward_dq", env),
+                           [(env,) for env in runs], args.repeats)
+            runs[0]["dq"].copy_(linear_parts[0])
+            phase.run_step("backward_dq", runs[0])
+            out = runs[0]["dq"].clone()
             if first_dq is None:
                 first_dq = out
             same = torch.equal(out, first_dq)

@@ -1,9 +1,12 @@
-"""Where the forward's time goes: routing, key pass and the fused kernel, beside cuDNN SDPA.
+"""Where the forward's time goes, step by step of its plan, beside cuDNN SDPA.
 
     python -m sla_tl.benchmarks.forward_breakdown [--topk 0.05] [--out result.json]
 
 All parts are timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16),
-block_q=128, block_kv=64, on fresh random inputs (query_block_states serves linear=marginal).
+block_q=128, block_kv=64, on fresh random inputs: routing (its plan's steps and the whole
+of it), each step of the forward's plan alone (kernels and torch steps, on the tensors of
+one earlier run), and the whole forward with its routing. A routing is derived afresh in
+every step, as in a call that routes (`sla::attention`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import block_states, kernels, spec, tilelang_backend
+from sla_tl import spec, tilelang_backend
+from sla_tl.plan import attention_plan, call_shape, route_phase
 from sla_tl.settings import Settings
+from sla_tl.targets import target_of
 from sla_tl.timing import median_ms
 
 from .environment import describe_environment
+from .plan_steps import kept_runs, step_times_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, 128
     bq, bkv = args.block_q, args.block_kv
-    s = Settings(bq, bkv, "softmax", args.linear, None, "bhsd")
+    s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
+    device = torch.device("cuda")
     sets = []
     for _ in range(3):
         q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
@@ -45,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         bias = torch.randn(d, device="cuda") * 0.1
         routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
         sets.append((q, k, v, weight, bias, routing))
-    arch = kernels.arch_of(sets[0][0].device)
-    fused = kernels.forward_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd", d**-0.5, arch)
+    target = target_of(device)
+    shape = call_shape(sets[0][0], sets[0][1], s, False, sets[0][5].widths)
+    routing_phase = route_phase(target, shape)
+    forward = attention_plan(target, shape, keep_routing=False).forward
+    route_runs = kept_runs(routing_phase, [dict(q=x[0], k=x[1]) for x in sets], device)
+    forward_runs = kept_runs(forward, [dict(q=q, k=k, v=v, **r._asdict(), proj_weight=w,
+                                            proj_bias=bias)
+                                       for q, k, v, w, bias, r in sets], device)
 
     def sdpa(q, k, v, *_):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -55,50 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     def route(q, k, *_):
         tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
 
-    def key_pass(q, k, v, *_):
-        tilelang_backend._key_states(k, v, s, arch)
-
-    n_q, n_kv = spec.num_blocks(length, bq), spec.num_blocks(length, bkv)
-    states = [tilelang_backend._key_states(x[1], x[2], s, arch) for x in sets]
-    query_block_states = []
-    fused_inputs = []
-    for (q, k, v, weight, bias, r), (hb, zb, hg) in zip(sets, states, strict=True):
-        h_rows = q.new_empty(b, h, n_q, d, d)
-        z_rows = torch.empty(b, h, n_q, d, device="cuda")
-        if args.linear == "global":
-            h_rows = hg.sum(dim=2, keepdim=True).to(q.dtype)
-            z_rows = zb.sum(dim=2, keepdim=True)
-        else:
-            query_block_states.append((hb, zb, r, h_rows, z_rows))
-            block_states.query_states(hb, zb, r, h_rows, z_rows)
-        fused_inputs.append((q, k, v, r.lut, r.lut_count, h_rows, z_rows,
-                             tilelang_backend._active(r, n_kv, args.linear),
-                             weight.bfloat16(), bias,
-                             torch.empty_like(q), torch.empty_like(q),
-                             torch.empty(b, h, length, device="cuda")))
-
-    def whole(q, k, v, weight, bias, r):
-        tilelang_backend.forward(q, k, v, tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv,
-                                                                 "bhsd"), weight, bias, s)
+    def whole(q, k, v, weight, bias, _):
+        routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
+        tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
 
     with torch.no_grad():
-        timings = {
-            "sdpa_cudnn": median_ms(sdpa, sets, args.repeats),
-            "route": median_ms(route, sets, args.repeats),
-            "key_pass": median_ms(key_pass, sets, args.repeats),
-            **({"query_block_states": median_ms(block_states.query_states, query_block_states,
-                                                args.repeats)} if query_block_states else {}),
-            "fused_kernel": median_ms(fused, fused_inputs, args.repeats),
-            "whole_forward": median_ms(whole, sets, args.repeats),
-        }
+        timings = {"sdpa_cudnn": median_ms(sdpa, sets, args.repeats)}
+        timings.update({f"route.{name}": ms for name, ms in
+                        step_times_ms(routing_phase, route_runs, args.repeats).items()})
+        timings["route"] = median_ms(route, sets, args.repeats)
+        timings.update({f"forward.{name}": ms for name, ms in
+                        step_times_ms(forward, forward_runs, args.repeats).items()})
+        timings["whole_forward"] = median_ms(whole, sets, args.repeats)
+    n_kv = spec.num_blocks(length, bkv)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     sparse_flops = 4.0 * b * h * length * length * d * density
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
           f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
     for name, ms in timings.items():
-        print(f"  {name:<14} {ms:8.3f} ms")
+        print(f"  {name:<30} {ms:8.3f} ms")
     cudnn_tflops = 4.0 * b * h * length**2 * d / timings["sdpa_cudnn"] / 1e9
-    fused_tflops = sparse_flops / timings["fused_kernel"] / 1e9
+    fused_tflops = sparse_flops / timings["forward.forward"] / 1e9
     print(f"  cuDNN dense {cudnn_tflops:.0f} TFLOP/s; fused kernel {fused_tflops:.0f} TFLOP/s "
           f"per computed block ({fused_tflops / cudnn_tflops:.0%} of cuDNN); "
           f"speedup of the whole forward {timings['sdpa_cudnn'] / timings['whole_forward']:.1f}x")

@@ -4,9 +4,10 @@
 
 At the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16) by default, blocks 128x64, on
 fresh random inputs with their own routing. Per schedule: median ms of the fused kernel
-alone (its inputs prepared once), TFLOP/s per computed block, and how its output compares
-with the default schedule's (bit-identical, or the largest difference). The tuner's choices
-must be bit-identical; the alternatives listed last round differently by design.
+alone (the "forward" step of the call's plan built with that schedule, on the tensors of one
+earlier run), TFLOP/s per computed block, and how its output compares with the default
+schedule's (bit-identical, or the largest difference). The tuner's choices must be
+bit-identical; the alternatives listed last round differently by design.
 """
 
 from __future__ import annotations
@@ -21,25 +22,27 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.schedules.sm90 import forward as forward_schedule
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
+from sla_tl.targets import target_of
 from sla_tl.timing import median_ms
-from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .environment import describe_environment
+from .plan_steps import kept_runs
 
 
-def schedules(dim: int, block_q: int, block_kv: int) -> list[dict]:
+def schedules(arch: str, dim: int, block_q: int, block_kv: int) -> list[dict]:
     """The default schedule first, then every other combination of the forward's searched
     knobs, then the alternatives that round differently (candidates for the default)."""
-    space = kernels.search_space("forward", dim, block_q, block_kv)
-    default = kernels.default_knobs("forward", dim, block_q, block_kv)
+    space = kernels.search_space(arch, "forward", dim, block_q, block_kv)
+    default = kernels.default_knobs(arch, "forward", dim, block_q, block_kv)
     names = sorted(space)
     first = {n: default[n] for n in names}
     combos = [dict(zip(names, values, strict=True))
               for values in itertools.product(*(space[n] for n in names))]
     return ([first] + [c for c in combos if c != first]
-            + forward_schedule.alternatives(dim, block_q, block_kv))
+            + kernels.alternatives(arch, "forward", dim, block_q, block_kv))
 
 
 def label(knobs: dict) -> str:
@@ -67,19 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, args.dim
     bq, bkv = args.block_q, args.block_kv
-    s = Settings(bq, bkv, "softmax", args.linear, None, "bhsd")
-    arch = kernels.arch_of(torch.device("cuda"))
-    candidates = schedules(d, bq, bkv)
-    specs = [x for knobs in candidates
-             for x in kernels_for_call(d, "bfloat16", s, arch, backward=False,
-                                       schedule={"forward": knobs})]
-    start = time.perf_counter()
-    try:
-        compile_in_parallel(specs)
-    except RuntimeError as error:  # a schedule that does not fit is reported, not timed
-        print(error)
-    print(f"compiled {len(set(specs))} kernels in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
+    device = torch.device("cuda")
+    target = target_of(device)
+    candidates = schedules(target.arch.target, d, bq, bkv)
 
     sets = []
     print("preparing inputs", flush=True)
@@ -93,16 +87,22 @@ def main(argv: list[str] | None = None) -> int:
             first_blocks = torch.arange(routing.lut.shape[-1], dtype=torch.int32,
                                         device="cuda")
             routing = routing._replace(lut=first_blocks.expand_as(routing.lut).contiguous())
-        saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
-        n_kv = spec.num_blocks(length, bkv)
-        sets.append((q, k, v, routing.lut, routing.lut_count, saved.h_rows, saved.z_rows,
-                     tilelang_backend._active(routing, n_kv, args.linear), weight.bfloat16(),
-                     bias, torch.empty_like(q), torch.empty_like(q),
-                     torch.empty(b, h, length, device="cuda")))
+        sets.append(dict(q=q, k=k, v=v, **routing._asdict(), proj_weight=weight,
+                         proj_bias=bias))
+    shape = call_shape(sets[0]["q"], sets[0]["k"], s, False,
+                       (sets[0]["lut"].shape[-1], sets[0]["neg_lut"].shape[-1]))
+    phases = [attention_plan(target, shape, {"forward": knobs}).forward for knobs in candidates]
+    start = time.perf_counter()
+    try:
+        compile_in_parallel([phase.step("forward").kernel for phase in phases])
+    except RuntimeError as error:  # a schedule that does not fit is reported, not timed
+        print(error)
+    print(f"compiled {len(phases)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
+    runs = kept_runs(phases[0], sets, device)
 
-    def sdpa(q, k, v, *_):
+    def sdpa(env):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            F.scaled_dot_product_attention(q, k, v)
+            F.scaled_dot_product_attention(env["q"], env["k"], env["v"])
 
     n_kv = spec.num_blocks(length, bkv)
     density = spec.num_critical(args.topk, n_kv) / n_kv
@@ -110,18 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     first_out = None
     with torch.no_grad():
-        cudnn_ms = median_ms(sdpa, sets, args.repeats)
-        for knobs in candidates:
+        cudnn_ms = median_ms(sdpa, [(env,) for env in runs], args.repeats)
+        for knobs, phase in zip(candidates, phases, strict=True):
             try:
-                kernel = kernels.forward_kernel(d, bq, bkv, "bfloat16", "softmax", "bhsd",
-                                                d**-0.5, arch, kernels.freeze(knobs))
+                kernels.compiled(phase.step("forward").kernel)
             except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
                 rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
                 continue
             print("timing", label(knobs), flush=True)
-            ms = median_ms(kernel, sets, args.repeats)
-            kernel(*sets[0])
-            out = sets[0][10].clone()
+            ms = median_ms(lambda env, phase=phase: phase.run_step("forward", env),
+                           [(env,) for env in runs], args.repeats)
+            phase.run_step("forward", runs[0])
+            out = runs[0]["out"].clone()
             if first_out is None:
                 first_out = out
             same = torch.equal(out, first_out)

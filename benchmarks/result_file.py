@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from sla_tl.kernel_cache import model_slug
+from sla_tl.targets import model_slug
 from sla_tl.timing import TIMINGS
 from sla_tl.validation import is_finite
 

@@ -17,8 +17,9 @@ import statistics
 import tilelang
 import torch
 
-from sla_tl import config_store, kernel_cache
+from sla_tl import config_store
 from sla_tl.autotune.measure import schedule_measurement
+from sla_tl.targets import target_of
 
 from .environment import describe_environment
 
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     b, h, length, d = (int(n) for n in args.shape.split(","))
-    gpu, arch = kernel_cache.prepare(torch.device("cuda"))
-    key = config_store.TuneKey(gpu, arch, tilelang.__version__, b, h, length, length, d,
+    gpu, arch = target_of(torch.device("cuda"))
+    key = config_store.TuneKey(gpu, arch.target, tilelang.__version__, b, h, length, length, d,
                                "bfloat16", args.block_q, args.block_kv, args.topk, 0.0,
                                "softmax", "marginal", "bhsd")
     found = config_store.active_store().lookup(key.call_key())

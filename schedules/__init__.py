@@ -1,1 +1,2 @@
-"""TileLang kernels (schedules) per GPU target. They know nothing of the rest of sla_tl."""
+"""TileLang kernels, one folder per GPU arch (see `archs`). They know nothing of the rest of
+sla_tl."""

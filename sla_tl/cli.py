@@ -178,26 +178,28 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
 
 
 def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
-    from . import kernels, static_cache, static_check
+    from . import kernel_cache, static_cache, static_check
+    from .targets import normalise_arch
     from .validation import check_positive_int
 
-    arch = kernels.normalise_arch(arch)
+    arch = normalise_arch(arch)
     if workers is not None:
         check_positive_int("--workers", workers)
     specs = list(dict.fromkeys(static_check.shipped_kernels(arch)))
-    print(f"reading {len(specs)} kernels for {arch} (a line each as it is done; facts are "
-          f"cached in {static_cache.directory()}, a cached kernel takes about a second)",
-          flush=True)
+    print(f"reading {len(specs)} kernels for {arch} (a line each as it is done; kernels are "
+          f"compiled into {kernel_cache.require(arch)}, facts cached in "
+          f"{static_cache.directory()}; a cached kernel takes about a second)", flush=True)
     facts = static_check.collect(specs, workers, progress=True)
     print("\n".join(static_check.table(facts)))
+    path = static_check.record_path(arch)
     if write_record:
-        static_check.write_record(facts)
-        print(f"wrote {static_check.RECORD_PATH}")
+        static_check.write_record(facts, path)
+        print(f"wrote {path}")
         return 0
-    record = static_check.load_record()
+    record = static_check.load_record(path)
     changes = static_check.diff(facts, record)
     if changes:
-        print(f"\ndifferences from {static_check.RECORD_PATH}:")
+        print(f"\ndifferences from {path}:")
         print("\n".join(f"  {line}" for line in changes))
     problems = static_check.compare(facts, record)
     for line in problems:

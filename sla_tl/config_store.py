@@ -39,16 +39,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import spec
-from .kernels import TUNABLE, Schedule, check_kernel_sizes, search_space
+from .paths import cache_dir
 from .validation import KERNEL_DTYPE_NAMES, check_choice, check_ratio, is_finite_positive
 
 STORE_FILE = "tuned_configs.json"
 FORMAT_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """`$SLA_TL_CACHE_DIR` (a leading `~` expanded), default `~/.cache/sla_tl`."""
-    return Path(os.environ.get("SLA_TL_CACHE_DIR") or "~/.cache/sla_tl").expanduser()
 
 
 class TuneKey(NamedTuple):
@@ -187,6 +182,9 @@ class ConfigStore:
         self._entries: list[Entry] | None = None
         self._resolved: dict[CallKey, Lookup] = {}
         self._lock = threading.Lock()
+        self.generation = 0
+        """Counts the times the store was read again (`reload`): what was resolved from an
+        earlier reading is stale."""
 
     def entries(self) -> list[Entry]:
         """Every usable stored entry (read from disk on first use)."""
@@ -249,6 +247,7 @@ class ConfigStore:
         with self._lock:
             self._entries = None
             self._resolved = {}
+            self.generation += 1
 
 
 def _using(contents: _Contents) -> str:
@@ -363,7 +362,7 @@ _KEY_SIZES = ("batch", "heads", "lq", "lk")
 
 
 def _key_problem(key: dict) -> str | None:
-    from .kernel_cache import model_slug  # (it reads cache_dir from this module)
+    from .targets import arch_named, check_kernel_sizes, model_slug
 
     for name in _KEY_TEXT:
         if not isinstance(key[name], str) or not key[name]:
@@ -383,7 +382,8 @@ def _key_problem(key: dict) -> str | None:
         lambda: check_choice("layout", key["layout"], spec.LAYOUTS),
         lambda: check_ratio("topk", key["topk"]),
         lambda: check_ratio("k_low", key["k_low"]),
-        lambda: check_kernel_sizes(key["dim"], key["block_q"], key["block_kv"]),
+        lambda: check_kernel_sizes(arch_named(key["arch"]), key["dim"], key["block_q"],
+                                   key["block_kv"]),
     )
     for check in checks:
         try:
@@ -396,14 +396,16 @@ def _key_problem(key: dict) -> str | None:
 def _schedule_problem(schedule: object, key: dict) -> str | None:
     """Every knob must be one the autotuner searches, with one of its values: a value from
     anywhere else may not compile, or give wrong results."""
+    from .kernels import search_space, tunable
+
     if not isinstance(schedule, dict):
         return "schedule is not an object"
     for kernel, knobs in schedule.items():
-        if kernel not in TUNABLE:
+        if kernel not in tunable(key["arch"]):
             return f"schedule: unknown kernel {kernel!r}"
         if not isinstance(knobs, dict):
             return f"schedule: {kernel} is not an object"
-        space = search_space(kernel, key["dim"], key["block_q"], key["block_kv"])
+        space = search_space(key["arch"], kernel, key["dim"], key["block_q"], key["block_kv"])
         for name, value in knobs.items():
             if name not in space:
                 return f"schedule: {kernel} has no searched knob {name!r}"
@@ -444,17 +446,22 @@ def _write(path: Path, entries: list[Entry]) -> None:
 
 
 _stores: dict[Path, ConfigStore] = {}
+_store_of_setting: dict[tuple[str | None, str | None], ConfigStore] = {}
 
 
 def active_store() -> ConfigStore:
     """The store of the current cache directory (one object per directory per process)."""
-    path = cache_dir() / STORE_FILE
-    store = _stores.get(path)
+    # Resolved once per value of the variables the directory depends on: the operators ask
+    # on every call.
+    setting = (os.environ.get("SLA_TL_CACHE_DIR"), os.environ.get("HOME"))
+    store = _store_of_setting.get(setting)
     if store is None:
+        path = cache_dir() / STORE_FILE
         store = _stores.setdefault(path, ConfigStore(path))
+        _store_of_setting[setting] = store
     return store
 
 
-def schedule_for(call: CallKey) -> Schedule:
-    """The schedule an operator call runs with."""
+def schedule_for(call: CallKey) -> dict:
+    """The schedule knobs an operator call runs with, by tunable kernel."""
     return active_store().lookup(call).schedule

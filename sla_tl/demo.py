@@ -13,11 +13,11 @@ import math
 
 import torch
 
-from . import reference, spec, static_check
+from . import kernel_cache, reference, spec, static_check
+from .plan import kernels_for
 from .settings import Settings
 from .synthetic import video_like_qkv
 from .validation import check_positive_int
-from .warm import kernels_for_call
 
 
 def quality_rows(
@@ -28,7 +28,7 @@ def quality_rows(
     q, k, v = video_like_qkv(1, heads, length, dim, generator=generator, sharpness=16.0,
                              bandwidth=8.0)
     full = reference.full_attention(q, k, v)
-    scores = q.double() @ k.double().transpose(-1, -2) * dim**-0.5
+    scores = q.double() @ k.double().transpose(-1, -2) * spec.softmax_scale(dim, None)
     full_lse = torch.logsumexp(scores, dim=-1)
     zero_weight, zero_bias = torch.zeros(dim, dim), torch.zeros(dim)
     n_kv = spec.num_blocks(length, spec.DEFAULT_BLOCK_KV)
@@ -66,11 +66,12 @@ def _print_quality(rows: list[dict], length: int, heads: int, dim: int) -> None:
 
 def _kernel_section() -> bool:
     """Compile the kernels of a Wan-shaped call for sm_90a and print their static facts."""
-    settings = Settings(128, 64, "softmax", "marginal", None, "bhsd")
+    settings = Settings(block_q=128, block_kv=64, feature_map="softmax", linear="marginal")
     print("TileLang kernels of one call (D=128, bf16, blocks 128x64, softmax, marginal),")
-    print("compiled for sm_90a on this machine (no GPU needed; cached after the first run):")
+    print("compiled for sm_90a on this machine (no GPU needed; cached after the first run in")
+    print(f"{kernel_cache.kernel_directory('sm_90a')}):")
     try:
-        facts = static_check.collect(kernels_for_call(128, "bfloat16", settings, "sm_90a"),
+        facts = static_check.collect(kernels_for("sm_90a", 128, "bfloat16", settings),
                                      progress=True)
     except (OSError, RuntimeError) as error:
         print(f"error: the kernels did not compile: {error}")

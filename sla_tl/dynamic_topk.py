@@ -16,15 +16,10 @@ from __future__ import annotations
 import torch
 
 from . import ops, spec
+from .dispatch import BACKENDS
 from .layout import check_layout_plausible
-from .settings import Settings
-from .validation import (
-    check_projection,
-    check_qkv,
-    check_ratio,
-    check_settings,
-    check_tensors,
-)
+from .settings import ForwardOutputs, Settings
+from .validation import check_attention, check_ratio, check_saved, check_tensors
 
 
 def topk_tensor(topk: float) -> torch.Tensor:
@@ -51,10 +46,14 @@ def _topk_value(topk: torch.Tensor) -> float:
     return value
 
 
+def _settings(block_q: int, block_kv: int, feature_map: str, linear: str, scale: float | None,
+              layout: str) -> Settings:
+    return Settings(block_q=block_q, block_kv=block_kv, feature_map=feature_map, linear=linear,
+                    scale=scale, layout=layout)
+
+
 def _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s: Settings) -> None:
-    check_qkv(q, k, v, s.layout)
-    check_settings(s.block_q, s.block_kv, s.feature_map, s.linear, s.scale)
-    check_projection(proj_weight, proj_bias, q)
+    check_attention(q, k, v, proj_weight, proj_bias, None, s)
     check_ratio("k_low", k_low)
     _check_topk_tensor(topk)
 
@@ -65,15 +64,17 @@ def _attention_dynamic_topk(
     proj_bias: torch.Tensor, topk: torch.Tensor, k_low: float, block_q: int, block_kv: int,
     feature_map: str, linear: str, scale: float | None, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    routing = torch.ops.sla.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
-    return tuple(torch.ops.sla.attention_fwd(q, k, v, *routing, proj_weight, proj_bias, None,
-                                             block_q, block_kv, feature_map, linear, scale,
-                                             layout))
+    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s)
+    backend = BACKENDS[q.device.type]
+    routing = backend.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
+    return tuple(backend.forward(q, k, v, routing, proj_weight, proj_bias, s,
+                                 keep_routing=False))
 
 
 @_attention_dynamic_topk.register_fake
 def _attention_dynamic_topk_fake(q, k, v, proj_weight, proj_bias, topk, k_low, *settings):
-    s = Settings(*settings)
+    s = _settings(*settings)
     _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s)
     return tuple(ops.forward_outputs_like(q, s))
 
@@ -85,11 +86,14 @@ def _attention_dynamic_topk_backward(
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, topk: torch.Tensor, k_low: float,
     block_q: int, block_kv: int, feature_map: str, linear: str, scale: float | None, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    routing = torch.ops.sla.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
-    # Without a gate, attention_bwd's last result (d(gate)) is an empty placeholder.
-    return tuple(torch.ops.sla.attention_bwd(
-        grad_out, q, k, v, out, lse, o_lin, h_rows, z_rows, *routing, proj_weight, proj_bias,
-        None, block_q, block_kv, feature_map, linear, scale, layout))[:5]
+    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    saved = ForwardOutputs(out, lse, o_lin, h_rows, z_rows)
+    _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s)
+    check_saved(grad_out, saved, q, s)
+    backend = BACKENDS[q.device.type]
+    routing = backend.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
+    return tuple(backend.backward(grad_out, q, k, v, saved, routing, proj_weight, proj_bias,
+                                  s))[:5]
 
 
 @_attention_dynamic_topk_backward.register_fake

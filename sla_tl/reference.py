@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .routing import Routing, block_mask
-from .spec import LINEAR_EPS, num_blocks, num_critical, num_negligible
+from .spec import LINEAR_EPS, num_blocks, num_critical, num_negligible, softmax_scale
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -186,7 +186,7 @@ def attention_with_routing(
     batch, heads, lq, dim = q.shape
     lk = k.shape[2]
     n_kv = num_blocks(lk, block_kv)
-    scale = dim**-0.5 if scale is None else scale
+    scale = softmax_scale(dim, scale)
     dtype = compute_dtype(q)
     critical, marginal = _block_classes(routing, n_kv, linear)
     weight, bias = proj_weight.to(dtype), proj_bias.to(dtype)
@@ -281,7 +281,7 @@ def attention_backward(
     batch, heads, lq, dim = q.shape
     lk = k.shape[2]
     n_kv = num_blocks(lk, block_kv)
-    scale = dim**-0.5 if scale is None else scale
+    scale = softmax_scale(dim, scale)
     dtype = compute_dtype(q)
     critical, marginal = _block_classes(routing, n_kv, linear)
     weight = proj_weight.to(dtype)
@@ -336,7 +336,7 @@ def full_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """Dense softmax attention, head by head, in the compute dtype (the quality yardstick)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = softmax_scale(q.shape[-1], scale)
     dtype = compute_dtype(q)
     batch, heads = q.shape[:2]
     outs = []

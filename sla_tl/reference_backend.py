@@ -47,9 +47,10 @@ def _run(
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-    gate: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, keep_routing: bool = True,
 ) -> ForwardOutputs:
-    """The output and what the backward reuses, in the reference's arithmetic."""
+    """The output and what the backward reuses, in the reference's arithmetic
+    (`keep_routing` is the CUDA backend's: the reference keeps nothing between calls)."""
     with torch.no_grad():
         out, lse, linear = _run(q, k, v, routing, proj_weight, proj_bias, s, gate)
         h_rows, z_rows = reference.linear_states(

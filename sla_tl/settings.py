@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from . import spec
 
-class Settings(NamedTuple):
-    """Everything besides tensors that fixes the numbers an attention call produces."""
 
-    block_q: int
-    block_kv: int
-    feature_map: str
-    linear: str
-    scale: float | None
-    layout: str
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything besides tensors and routing ratios that fixes the numbers an attention call
+    produces; built by keyword, each defaulting to the operators' default."""
+
+    block_q: int = spec.DEFAULT_BLOCK_Q
+    block_kv: int = spec.DEFAULT_BLOCK_KV
+    feature_map: str = spec.DEFAULT_FEATURE_MAP
+    linear: str = spec.DEFAULT_LINEAR
+    scale: float | None = None
+    """The softmax scale of the sparse branch; None: `D ** -0.5` (`spec.softmax_scale`)."""
+    layout: str = spec.DEFAULT_LAYOUT
+
+    def op_args(self) -> tuple:
+        """The settings as the operators take them, in their schema's order."""
+        return (self.block_q, self.block_kv, self.feature_map, self.linear, self.scale,
+                self.layout)
 
 
 class ForwardOutputs(NamedTuple):

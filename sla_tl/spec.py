@@ -6,6 +6,8 @@ counts and per-row selection sizes from these functions, so they cannot disagree
 
 from __future__ import annotations
 
+from .schedules.constants import LINEAR_EPS  # noqa: F401  (one definition, shared with the kernels)
+
 FEATURE_MAPS: tuple[str, ...] = ("softmax", "elu", "relu")
 LINEAR_MODES: tuple[str, ...] = ("marginal", "global")
 LAYOUTS: tuple[str, ...] = ("bhsd", "bshd")
@@ -19,9 +21,6 @@ DEFAULT_BLOCK_KV = 64
 DEFAULT_FEATURE_MAP = "softmax"
 DEFAULT_LINEAR = "marginal"
 DEFAULT_LAYOUT = "bhsd"
-
-# Added to the linear branch's denominator, as in the paper's reference code.
-LINEAR_EPS = 1e-5
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -43,3 +42,8 @@ def num_critical(topk: float, n_kv_blocks: int) -> int:
 def num_negligible(k_low: float, n_kv_blocks: int, n_critical: int) -> int:
     """Negligible key blocks per row: `int(k_low * Nk)`, taken only from the non-critical rest."""
     return max(0, min(n_kv_blocks - n_critical, int(k_low * n_kv_blocks)))
+
+
+def softmax_scale(dim: int, scale: float | None) -> float:
+    """The sparse branch's softmax scale: `scale`, or `dim ** -0.5` when it is None."""
+    return dim**-0.5 if scale is None else float(scale)

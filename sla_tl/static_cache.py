@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-from .config_store import cache_dir
+from .paths import cache_dir
 
 SUBDIRECTORY = "static_facts"
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
-import os
 import re
 import shlex
 import typing
@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import cuda_tools, kernels, sass, static_cache
-from .schedules import sm90
+from .kernels import KernelSpec
+from .parallel import map_in_parallel
+from .plan import kernels_for
 from .settings import Settings
-from .warm import KernelSpec, kernel_name, kernels_for_call, map_in_parallel
+from .targets import arch_named
 
 
 class KernelFacts(NamedTuple):
@@ -86,23 +88,21 @@ def facts_from_json(name: str, entry: object) -> KernelFacts:
     return KernelFacts(name=name, **values)
 
 
-def shipped_kernels(arch: str = "sm_90a") -> list[KernelSpec]:
-    """One kernel per distinct schedule the library builds: every block-size pair the kernels
-    take at D=128, the 128x64 pair at D=64, both linear modes, without and with a gate
-    (bf16, softmax, (B, H, L, D))."""
-    configs = [(128, bq, bkv) for bq in kernels.KERNEL_BLOCK_Q for bkv in kernels.KERNEL_BLOCK_KV]
+def shipped_kernels(arch: str) -> list[KernelSpec]:
+    """One kernel per distinct program the library builds with its default knobs, as the
+    plans of calls launch them: every block-size pair the arch's kernels take at D=128, the
+    128x64 pair at D=64, both linear modes, without and with a gate (bf16, softmax,
+    (B, H, L, D))."""
+    declared = arch_named(arch)
+    configs = [(128, bq, bkv) for bq in declared.block_q for bkv in declared.block_kv]
     configs.append((64, 128, 64))
     specs = []
     for dim, block_q, block_kv in configs:
         for linear in ("marginal", "global"):
-            s = Settings(block_q, block_kv, "softmax", linear, None, "bhsd")
+            s = Settings(block_q=block_q, block_kv=block_kv, linear=linear)
             for gated in (False, True):
-                specs += kernels_for_call(dim, "bfloat16", s, arch, gated=gated)
+                specs += kernels_for(arch, dim, "bfloat16", s, gated=gated)
     return list(dict.fromkeys(specs))
-
-
-spec_name = kernel_name
-"""The record's key for a kernel spec (see `sla_tl.warm.kernel_name`)."""
 
 
 def device_flags(kernel) -> list[str]:
@@ -196,16 +196,15 @@ def cache_key(source: str, host_source: str, arch: str, flags: list[str]) -> str
 def kernel_facts(spec: KernelSpec) -> KernelFacts:
     """`spec`'s static facts: from the facts cache, else by compiling it (the TileLang
     kernel itself comes from TileLang's cache where it is there) and reading the result."""
-    name = spec_name(spec)
-    kernel = getattr(kernels, spec.getter)(*spec.args)
+    name = spec.name
+    kernel = kernels.compiled(spec)
     source, host_source = kernel.get_kernel_source(), kernel.get_host_source()
-    arch = next(a for a in spec.args if isinstance(a, str) and a.startswith("sm_"))
     flags = device_flags(kernel)
-    key = cache_key(source, host_source, arch, flags)
+    key = cache_key(source, host_source, spec.arch, flags)
     cached = static_cache.load(key, functools.partial(facts_from_json, name))
     if cached is not None:
         return cached
-    build = cuda_tools.build(source, arch, flags)
+    build = cuda_tools.build(source, spec.arch, flags)
     facts = read_facts(name, source, host_source, build.ptxas_report, build.sass)
     static_cache.store(key, facts_to_json(facts))
     return facts
@@ -234,7 +233,15 @@ def collect(specs: list[KernelSpec], workers: int | None = None,
     return [facts for facts, _ in results]
 
 
-RECORD_PATH = os.path.join(os.path.dirname(sm90.__file__), "resources.json")
+RECORD_FILE = "resources.json"
+
+
+def record_path(arch: str) -> str:
+    """The committed record of an arch's kernels: `resources.json` in its kernel folder."""
+    package = importlib.import_module(f"{__package__}.schedules.{arch_named(arch).name}")
+    return str(Path(package.__file__).with_name(RECORD_FILE))
+
+
 # A schedule may use this many more registers than recorded before the check fails.
 REGISTER_MARGIN = 8
 # The main loop may grow by this share of its recorded instructions before the check fails
@@ -244,7 +251,7 @@ LOOP_MARGIN = 0.05
 EXACT_FIELDS = ("shared_bytes", "threads", "wgmma", "tma", "hgmma", "setmaxnreg")
 
 
-def load_record(path: str = RECORD_PATH) -> dict[str, KernelFacts]:
+def load_record(path: str) -> dict[str, KernelFacts]:
     """The committed static facts, by kernel name; ValueError naming the file if it cannot
     be read (rewrite it with `sla-tl kernels --write-record`)."""
     try:
@@ -261,7 +268,7 @@ def load_record(path: str = RECORD_PATH) -> dict[str, KernelFacts]:
                          "`sla-tl kernels --write-record`)") from None
 
 
-def write_record(facts: list[KernelFacts], path: str = RECORD_PATH) -> None:
+def write_record(facts: list[KernelFacts], path: str) -> None:
     """Write `facts` as the committed record."""
     with open(path, "w") as f:
         json.dump({x.name: facts_to_json(x) for x in facts}, f, indent=1, sort_keys=True)

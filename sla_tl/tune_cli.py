@@ -6,10 +6,11 @@ import argparse
 
 import torch
 
-from . import config_store, kernel_cache, kernels
+from . import config_store, kernel_cache, parallel
+from .plan import kernels_for
 from .settings import Settings
+from .targets import model_slug, normalise_arch
 from .validation import check_positive_int
-from .warm import compile_in_parallel, kernels_for_call
 
 
 def _shapes(given: list[str] | None) -> list[tuple[int, ...]] | None:
@@ -58,33 +59,31 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def warm(args: argparse.Namespace) -> int:
-    """Compile the shipped default kernels and every tuned schedule of the GPU models."""
+    """Compile the shipped default kernels and the tuned schedules of a GPU model (`--gpu`,
+    else the GPU in hand, else every model in the store) into the arch's kernel cache."""
     from .static_check import shipped_kernels
 
-    arch = kernels.normalise_arch(args.arch)
+    arch = normalise_arch(args.arch)
     if args.workers is not None:
         check_positive_int("--workers", args.workers)
+    if args.gpu is not None:
+        model_slug(args.gpu)  # a name that cannot be a GPU model's is refused
+    directory = kernel_cache.require(arch)
     store = config_store.active_store()
     if args.gpu is not None:
-        kernel_cache.model_slug(args.gpu)  # a name that cannot be a directory is refused
-        models = [args.gpu]
+        models = {args.gpu}
     elif torch.cuda.is_available():
-        models = [torch.cuda.get_device_name()]
+        models = {torch.cuda.get_device_name()}
     else:
-        models = sorted({e.key.gpu for e in store.entries() if e.key.arch == arch and e.key.gpu})
-    if not models:
-        raise ValueError("no GPU in hand and no tuned schedule in the store: pass --gpu MODEL")
-    for gpu in models:
-        kernel_cache.use_gpu_model(gpu)
-        specs = shipped_kernels(arch)
-        for entry in store.entries():
-            k = entry.key
-            if k.gpu == gpu and k.arch == arch:
-                s = Settings(k.block_q, k.block_kv, k.feature_map, k.linear, None, k.layout)
-                specs += kernels_for_call(k.dim, k.dtype, s, arch, schedule=entry.schedule)
-        # Fresh processes: this one's caches would serve the previous model's kernels
-        # without writing them into this model's directory.
-        compile_in_parallel(specs, args.workers, progress=True, fresh=True)
-        print(f"{gpu}: {len(set(specs))} kernels in {kernel_cache.directory_for(gpu)}")
+        models = {e.key.gpu for e in store.entries() if e.key.arch == arch}
+    specs = shipped_kernels(arch)
+    tuned = [e for e in store.entries() if e.key.gpu in models and e.key.arch == arch]
+    for entry in tuned:
+        k = entry.key
+        s = Settings(block_q=k.block_q, block_kv=k.block_kv, feature_map=k.feature_map,
+                     linear=k.linear, layout=k.layout)
+        specs += kernels_for(arch, k.dim, k.dtype, s, schedule=entry.schedule)
+    parallel.compile_in_parallel(specs, args.workers, progress=True)
+    print(f"{len(set(specs))} kernels ({len(tuned)} tuned schedules of "
+          f"{', '.join(sorted(models)) or 'no GPU model'}) in {directory}")
     return 0
-

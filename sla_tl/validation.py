@@ -2,8 +2,10 @@
 
 Checks read metadata only (shapes, dtypes, devices), never tensor values, so they
 never synchronise with the GPU and are safe inside CUDA-graph capture and tracing
-(a routing's values are checked by `routing_check`). A new tensor argument needs one
-`check_like` call with its expected shape and dtype.
+(a routing's values are checked by `routing_check`). Each operator runs one of
+`check_route`, `check_attention` and `check_backward` once per call (its fake
+implementation the same one). A new tensor argument needs one `check_like` call with
+its expected shape and dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from .routing import Routing
 from .settings import ForwardOutputs, Settings
 from .spec import (
     BLOCK_MULTIPLE,
+    DEFAULT_FEATURE_MAP,
+    DEFAULT_LINEAR,
     FEATURE_MAPS,
     HEAD_DIMS,
     LAYOUTS,
@@ -241,3 +245,41 @@ def check_routing(
         width = getattr(routing, name).shape[-1]
         if width > n_kv:
             raise ValueError(f"{name} is {width} wide but there are only {n_kv} key blocks")
+
+
+# ---------------------------------------------------------------- one pass per operator
+
+
+def check_route(q: object, k: object, topk: object, k_low: object, block_q: object,
+                block_kv: object, layout: object) -> None:
+    """Everything `sla::route` takes."""
+    check_choice("layout", layout, LAYOUTS)
+    check_qkv(q, k, k, layout)
+    check_ratio("topk", topk)
+    check_ratio("k_low", k_low)
+    check_settings(block_q, block_kv, DEFAULT_FEATURE_MAP, DEFAULT_LINEAR, None)
+
+
+def check_attention(q: object, k: object, v: object, proj_weight: object, proj_bias: object,
+                    gate: object, s: Settings, routing: Routing | None = None,
+                    ratios: tuple[object, object] | None = None) -> None:
+    """Everything an attention forward takes: q, k, v, the settings, the projection, the
+    gate, and a given `routing` (its shapes) or the routing `ratios` (topk, k_low)."""
+    check_qkv(q, k, v, s.layout)
+    check_settings(s.block_q, s.block_kv, s.feature_map, s.linear, s.scale)
+    check_projection(proj_weight, proj_bias, q)
+    check_gate(gate, q, s.layout)
+    if routing is not None:
+        check_routing(routing, q, k, s.block_q, s.block_kv, s.layout)
+    if ratios is not None:
+        check_ratio("topk", ratios[0])
+        check_ratio("k_low", ratios[1])
+
+
+def check_backward(grad_out: object, q: object, k: object, v: object, saved: ForwardOutputs,
+                   routing: Routing, proj_weight: object, proj_bias: object, gate: object,
+                   s: Settings) -> None:
+    """Everything `sla::attention_bwd` takes: a forward's arguments, its outputs and the
+    output's gradient."""
+    check_attention(q, k, v, proj_weight, proj_bias, gate, s, routing=routing)
+    check_saved(grad_out, saved, q, s)

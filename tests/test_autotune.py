@@ -14,8 +14,8 @@ from sla_tl.autotune.api import tune
 from sla_tl.autotune.candidates import build_candidates, enumerate_candidates, prune_reason
 from sla_tl.autotune.storage import open_storage
 from sla_tl.autotune.study import tune_algorithm, tune_schedule
-from sla_tl.kernels import normalise_arch
 from sla_tl.settings import Settings
+from sla_tl.targets import normalise_arch
 
 from . import autotune_workers as workers
 from .autotune_workers import CANDIDATES, KEY, synthetic_latency, synthetic_outputs
@@ -173,7 +173,7 @@ def test_algorithm_study_returns_front_and_fastest_point_within_budget(sqlite_ur
 
 
 def _fake_compiler(spec) -> tuple[str | None, int | None]:
-    knobs = dict(spec.args[-1])
+    knobs = dict(spec.knobs)
     if knobs.get("num_stages") == 3:
         return "RuntimeError: ptxas error: Registers are spilled to local memory", None
     if knobs.get("q_slice") == 128:
@@ -184,7 +184,7 @@ def _fake_compiler(spec) -> tuple[str | None, int | None]:
 
 
 def test_pruning_marks_failures_before_anything_is_timed():
-    s = Settings(128, 64, "softmax", "marginal", None, "bhsd")
+    s = Settings(block_q=128, block_kv=64)
     found = build_candidates(128, "bfloat16", s, "sm_90a", backward=True,
                              compiler=_fake_compiler, workers=1)
     reasons = {(c.kernel, c.label): c.pruned for c in found}
@@ -200,15 +200,17 @@ def test_pruning_marks_failures_before_anything_is_timed():
 
 
 def test_prune_reasons():
-    assert prune_reason(None, 1000) is None
-    assert prune_reason(None, 228 * 1024).startswith("overflows shared memory")
-    assert prune_reason("ptxas: 40 bytes spill stores", None) == "spills registers"
-    assert prune_reason("too much shared memory requested", None) == "overflows shared memory"
+    limit = 227 * 1024
+    assert prune_reason(None, 1000, limit) is None
+    assert prune_reason(None, 228 * 1024, limit).startswith("overflows shared memory")
+    assert prune_reason("ptxas: 40 bytes spill stores", None, limit) == "spills registers"
+    assert prune_reason("too much shared memory requested", None,
+                        limit) == "overflows shared memory"
 
 
 def test_candidates_cover_the_search_space():
-    s = Settings(128, 64, "softmax", "marginal", None, "bhsd")
-    dkdv = enumerate_candidates("backward_dkdv", 128, s)
+    s = Settings(block_q=128, block_kv=64)
+    dkdv = enumerate_candidates("sm_90a", "backward_dkdv", 128, s)
     assert len(dkdv) == len({tuple(sorted(c.items())) for c in dkdv}) == 2 * 3 * 2
     assert all(c["q_slice"] <= 128 for c in dkdv)
 
@@ -217,20 +219,20 @@ def test_real_compile_prunes_a_schedule_that_cannot_be_built():
     """One real candidate, compiled for sm_90a here: with 128-key blocks, dK/dV's linear part
     cannot run before the loop (code there runs on every warp, and 12 warps cannot split
     its 128x128 GEMM)."""
-    s = Settings(64, 128, "softmax", "marginal", None, "bhsd")
+    s = Settings(block_q=64, block_kv=128)
     knobs = {"linear_first": True, "num_stages": 2, "q_slice": 64}
     spec = candidates_module.kernel_spec("backward_dkdv", knobs, 128, "bfloat16", s, "sm_90a")
-    reason = prune_reason(*candidates_module._compile_one(spec))
+    reason = prune_reason(*candidates_module._compile_one(spec), 227 * 1024)
     assert reason is not None and "No valid warp partition" in reason, reason
 
 
 def test_real_compile_keeps_a_schedule_that_builds():
     """A small real candidate (the key pass at D=64) compiles and is not pruned."""
-    s = Settings(64, 64, "softmax", "marginal", None, "bhsd")
+    s = Settings(block_q=64, block_kv=64)
     spec = candidates_module.kernel_spec("key_pass", {"group": 4}, 64, "bfloat16", s, "sm_90a")
     error, shared_bytes = candidates_module._compile_one(spec)
     assert error is None and shared_bytes > 0
-    assert prune_reason(error, shared_bytes) is None
+    assert prune_reason(error, shared_bytes, 227 * 1024) is None
 
 
 def test_tune_refuses_to_time_without_the_gpu_in_hand():

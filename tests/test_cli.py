@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sla_tl import cli, warm
+from sla_tl import cli, parallel
 from sla_tl.benchmarks import bench
+from sla_tl.kernels import KernelSpec
 
 COMMAND = Path(sys.executable).with_name("sla-tl")
 
@@ -48,18 +49,19 @@ def test_every_option_has_help_and_shows_its_default(name):
             assert shown in text, f"{name} {action.option_strings} does not show {shown}"
 
 
-def _square(spec: warm.KernelSpec) -> int:
-    return spec.args[0] ** 2
+def _square(spec: KernelSpec) -> int:
+    return dict(spec.args)["dim"] ** 2
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_one_progress_line_per_kernel_with_its_name(capsys, workers):
-    specs = [warm.KernelSpec("pool_kernel", (n, 64, "bfloat16", "bhsd", "sm_90a"))
-             for n in (3, 4, 5)]
-    assert warm.map_in_parallel(_square, specs + specs[:1], workers, progress=True) == [9, 16, 25]
+    specs = [KernelSpec("pool", (("dim", n), ("block", 64), ("dtype", "bfloat16"),
+                                 ("layout", "bhsd")), "sm_90a") for n in (3, 4, 5)]
+    assert parallel.map_in_parallel(_square, specs + specs[:1], workers, progress=True) == [
+        9, 16, 25]
     lines = capsys.readouterr().err.splitlines()
     assert sorted(line.split()[0] for line in lines) == ["[1/3]", "[2/3]", "[3/3]"]
-    assert sorted(line.split()[1] for line in lines) == sorted(warm.kernel_name(s) for s in specs)
+    assert sorted(line.split()[1] for line in lines) == sorted(s.name for s in specs)
 
 
 def test_tilelang_logs_warnings_only_unless_asked(monkeypatch):

@@ -14,10 +14,10 @@ import pytest
 
 from sla_tl import kernels, static_check
 from sla_tl.benchmarks import dq_variants
-from sla_tl.schedules.sm90 import backward_dq as dq_schedule
-from sla_tl.schedules.sm90 import backward_dq_ws
-from sla_tl.warm import KernelSpec
+from sla_tl.kernels import KernelSpec
+from sla_tl.schedules.sm90 import backward_dq, backward_dq_ws
 
+ARCH = "sm_90a"
 SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
 
 
@@ -29,14 +29,14 @@ def _combos(space: dict[str, tuple]) -> list[dict]:
 
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
 def test_the_default_is_the_automatic_split_and_tuned_choices_keep_it(dim, block_q, block_kv):
-    default = kernels.default_knobs("backward_dq", dim, block_q, block_kv)
-    space = kernels.search_space("backward_dq", dim, block_q, block_kv)
+    default = kernels.default_knobs(ARCH, "backward_dq", dim, block_q, block_kv)
+    space = kernels.search_space(ARCH, "backward_dq", dim, block_q, block_kv)
     # The hand-written kernel has not run on a GPU yet: it is never the default, never tuned.
     assert default["warp_specialization"] == "auto"
     assert all(default[name] in choices for name, choices in space.items())
     assert all({**default, **knobs}["warp_specialization"] == "auto"
                for knobs in _combos(space))
-    for alternative in dq_schedule.alternatives(dim, block_q, block_kv):
+    for alternative in kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv):
         assert alternative["warp_specialization"] in ("manual", "pingpong"), alternative
         assert backward_dq_ws.fits(dim, block_q, block_kv, alternative["num_stages"])
 
@@ -44,7 +44,7 @@ def test_the_default_is_the_automatic_split_and_tuned_choices_keep_it(dim, block
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
 def test_hand_written_alternatives_exactly_where_they_fit(dim, block_q, block_kv):
     found = {(a["num_stages"], a["warp_specialization"])
-             for a in dq_schedule.alternatives(dim, block_q, block_kv)}
+             for a in kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv)}
     fitting = [n for n in (2, 3) if backward_dq_ws.fits(dim, block_q, block_kv, n)]
     assert found == {(n, v) for n in fitting for v in ("manual", "pingpong")}
     assert bool(found) == (block_q == backward_dq_ws.BLOCK_Q
@@ -69,15 +69,15 @@ def test_sizes_the_hand_written_dq_serves():
 @pytest.mark.parametrize("dtype,layout", [("bfloat16", "bhsd"), ("float16", "bshd")])
 def test_every_tuned_and_alternative_schedule_builds(dim, block_kv, dtype, layout):
     block_q = backward_dq_ws.BLOCK_Q
-    space = kernels.search_space("backward_dq", dim, block_q, block_kv)
-    schedules = _combos(space) + dq_schedule.alternatives(dim, block_q, block_kv)
-    default = kernels.default_knobs("backward_dq", dim, block_q, block_kv)
+    space = kernels.search_space(ARCH, "backward_dq", dim, block_q, block_kv)
+    schedules = _combos(space) + kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv)
+    default = kernels.default_knobs(ARCH, "backward_dq", dim, block_q, block_kv)
     assert any({**default, **s}["warp_specialization"] != "auto" for s in schedules) == (
         dim * block_kv <= backward_dq_ws.MAX_TILE)
     for knobs in schedules:
         merged = {**default, **knobs}
         if merged["warp_specialization"] == "auto":
-            program = dq_schedule.backward_dq(dim, block_q, block_kv, dtype, layout, dim**-0.5,
+            program = backward_dq.backward_dq(dim, block_q, block_kv, dtype, layout, dim**-0.5,
                                               merged["threads"], merged["num_stages"])
         else:
             program = backward_dq_ws.backward_dq_ws(
@@ -87,8 +87,13 @@ def test_every_tuned_and_alternative_schedule_builds(dim, block_kv, dtype, layou
 
 
 def _dq_kernel(block_q: int, block_kv: int, **knobs):
-    return kernels.backward_dq_kernel(128, block_q, block_kv, "bfloat16", "bhsd", 128**-0.5,
-                                      "sm_90a", kernels.freeze(knobs))
+    return kernels.compiled(_dq_spec(block_q, block_kv, **knobs))
+
+
+def _dq_spec(block_q: int, block_kv: int, **knobs) -> KernelSpec:
+    return KernelSpec("backward_dq", (("dim", 128), ("block_q", block_q), ("block_kv", block_kv),
+                                      ("dtype", "bfloat16"), ("layout", "bhsd"),
+                                      ("scale", 128**-0.5)), ARCH, kernels.freeze(knobs))
 
 
 def test_bad_dq_knobs_are_refused_by_name():
@@ -113,9 +118,7 @@ def test_bad_dq_knobs_are_refused_by_name():
 def test_the_wan_shapes_hand_written_dq_compiles_for_sm90a_without_spills():
     """The Wan2.1 shape's alternative (D=128, 128x64 blocks, pingpong), compiled for sm_90a
     here: ptxas refuses a spill, so this fails if the consumers' registers overflow."""
-    knobs = kernels.freeze({"warp_specialization": "pingpong", "num_stages": 3})
-    spec = KernelSpec("backward_dq_kernel",
-                      (128, 128, 64, "bfloat16", "bhsd", 128**-0.5, "sm_90a", knobs))
+    spec = _dq_spec(128, 64, warp_specialization="pingpong", num_stages=3)
     facts = static_check.kernel_facts(spec)
     assert facts.spill_bytes == 0
     assert facts.threads == backward_dq_ws.THREADS
@@ -126,14 +129,14 @@ def test_the_wan_shapes_hand_written_dq_compiles_for_sm90a_without_spills():
 
 
 def test_the_benchmark_times_the_default_first_then_every_choice_once():
-    found = dq_variants.schedules(128, 128, 64)
-    default = kernels.default_knobs("backward_dq", 128, 128, 64)
+    found = dq_variants.schedules(ARCH, 128, 128, 64)
+    default = kernels.default_knobs(ARCH, "backward_dq", 128, 128, 64)
     assert found[0] == {n: default[n] for n in found[0]}
     assert len({tuple(sorted(k.items())) for k in found}) == len(found)
-    space = kernels.search_space("backward_dq", 128, 128, 64)
-    assert len(found) == len(_combos(space)) + len(dq_schedule.alternatives(128, 128, 64))
-    assert found[-len(dq_schedule.alternatives(128, 128, 64)):] == dq_schedule.alternatives(
-        128, 128, 64)
+    space = kernels.search_space(ARCH, "backward_dq", 128, 128, 64)
+    alternatives = kernels.alternatives(ARCH, "backward_dq", 128, 128, 64)
+    assert len(found) == len(_combos(space)) + len(alternatives)
+    assert found[-len(alternatives):] == alternatives
 
 
 def test_dq_flops_count_three_gemms_per_computed_block_pair():

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sla_tl import kernels, reference, tilelang_backend
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
-from sla_tl.schedules.sm90 import backward_dkdv as dkdv_schedule
-from sla_tl.warm import KernelSpec, compile_in_parallel, kernels_for_call
 
 from .helpers import random_projection, random_qkv, relative_error
-from .test_gpu_kernels import Case
+from .test_gpu_kernels import ARCH, Case
 
 pytestmark = pytest.mark.gpu
 
@@ -34,11 +34,12 @@ CASES = [
 
 def dkdv_schedules(case: Case) -> list[dict]:
     """The tuner's choices for dK/dV (its search space), then the alternatives."""
-    space = kernels.search_space("backward_dkdv", case.dim, case.block_q, case.block_kv)
+    space = kernels.search_space(ARCH, "backward_dkdv", case.dim, case.block_q, case.block_kv)
     names = sorted(space)
     combos = [dict(zip(names, values, strict=True))
               for values in itertools.product(*(space[n] for n in names))]
-    return combos + dkdv_schedule.alternatives(case.dim, case.block_q, case.block_kv)
+    return combos + kernels.alternatives(ARCH, "backward_dkdv", case.dim, case.block_q,
+                                         case.block_kv)
 
 
 def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
@@ -58,10 +59,8 @@ def test_every_dkdv_schedule_matches_reference(case, generator):
     schedules = dkdv_schedules(case)
     compile_in_parallel([
         spec for knobs in schedules
-        for spec in kernels_for_call(case.dim, case.dtype, s, "sm_90a",
-                                     schedule={"backward_dkdv": knobs})
-    ] + [KernelSpec(x.getter, x.args) for x in kernels_for_call(case.dim, case.dtype, s,
-                                                                "sm_90a")])
+        for spec in kernels_for(ARCH, case.dim, case.dtype, s, schedule={"backward_dkdv": knobs})
+    ] + kernels_for(ARCH, case.dim, case.dtype, s))
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
@@ -75,8 +74,8 @@ def test_every_dkdv_schedule_matches_reference(case, generator):
     first_of_class: dict[str, tuple] = {}
     for knobs in schedules:
         dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-        tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s, dq,
-                                       lambda dk=dk, dv=dv: (dk, dv), {"backward_dkdv": knobs})
+        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+                                  {"backward_dkdv": knobs}, buffers=dict(dq=dq, dk=dk, dv=dv))
         torch.cuda.synchronize()
         for name, got, ref in (("dk", dk, expected[1]), ("dv", dv, expected[2])):
             assert not got.isnan().any(), f"{knobs}: {name} has NaN (unwritten elements)"

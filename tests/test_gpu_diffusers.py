@@ -12,8 +12,9 @@ pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 import sla_tl.diffusers as sla_diffusers  # noqa: E402  (needs diffusers)
+from sla_tl.parallel import compile_in_parallel  # noqa: E402
+from sla_tl.plan import kernels_for  # noqa: E402
 from sla_tl.settings import Settings  # noqa: E402
-from sla_tl.warm import compile_in_parallel, kernels_for_call  # noqa: E402
 
 from .helpers import relative_error  # noqa: E402
 
@@ -30,9 +31,9 @@ WAN_1_3B_LAYER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_he
 def compiled_kernels():
     """Compile the kernels of both presets used here in parallel, before the first test."""
     specs = [spec for block_q in (64, 128)
-             for spec in kernels_for_call(128, "bfloat16", Settings(block_q, 64, "softmax",
-                                                                    "global", None, "bshd"),
-                                          "sm_90a")]
+             for spec in kernels_for("sm_90a", 128, "bfloat16",
+                                     Settings(block_q=block_q, block_kv=64, linear="global",
+                                              layout="bshd"))]
     compile_in_parallel(specs)
 
 

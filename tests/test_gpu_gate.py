@@ -14,9 +14,10 @@ import torch
 
 import sla_tl
 from sla_tl import reference, tilelang_backend
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 from sla_tl.settings import ForwardOutputs, Settings
-from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .helpers import random_projection, random_qkv, relative_error
 
@@ -42,7 +43,8 @@ class Case(NamedTuple):
 
     @property
     def settings(self) -> Settings:
-        return Settings(self.block_q, self.block_kv, self.feature, self.linear, None, self.layout)
+        return Settings(block_q=self.block_q, block_kv=self.block_kv, feature_map=self.feature,
+                        linear=self.linear, layout=self.layout)
 
     def __str__(self) -> str:
         return "-".join(str(x) for x in self)
@@ -62,7 +64,7 @@ CASES = [
 def compiled_kernels():
     """Compile every kernel of this module (gated and plain) in parallel first."""
     specs = [s for c in CASES for gated in (False, True)
-             for s in kernels_for_call(c.dim, c.dtype, c.settings, "sm_90a", gated=gated)]
+             for s in kernels_for("sm_90a", c.dim, c.dtype, c.settings, gated=gated)]
     compile_in_parallel(specs)
 
 
@@ -102,7 +104,8 @@ def test_gated_forward_matches_reference(case, generator):
     routing = _route(case, q, k)
     poisoned = ForwardOutputs(*(t.fill_(float("nan")) for t in tilelang_backend.forward(
         q, k, v, routing, weight, bias, s, gate=gate)))
-    tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, poisoned, gate=gate)
+    tilelang_backend.forward(q, k, v, routing, weight, bias, s, gate=gate,
+                             buffers=poisoned._asdict())
     torch.cuda.synchronize()
     device = _device(case)
     expected = reference.attention_with_routing(
@@ -136,11 +139,11 @@ def test_gated_backward_matches_reference(case, generator):
     grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
     gate_grad = torch.full((case.batch, case.heads, case.lq), float("nan"), device="cuda")
-    returned = tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s,
-                                              dq, lambda: (dk, dv), gate=gate,
-                                              gate_grad=gate_grad)
-    assert returned[0] is dk and returned[1] is dv
-    d_weight, d_bias, d_gate = returned[2:]
+    returned = tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+                                         gate=gate, buffers=dict(dq=dq, dk=dk, dv=dv,
+                                                                 d_gate_rows=gate_grad))
+    assert returned[0] is dq and returned[1] is dk and returned[2] is dv
+    d_weight, d_bias, d_gate = returned[3:]
     torch.cuda.synchronize()
     assert d_gate.shape == gate.shape and d_gate.dtype == gate.dtype
     assert not gate_grad.isnan().any(), "dgate has NaN (unwritten or invalid elements)"

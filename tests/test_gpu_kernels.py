@@ -12,18 +12,19 @@ import pytest
 import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import CallShape, attention_plan, kernels_for, route_phase
 from sla_tl.routing import Routing
-from sla_tl.schedules.sm90 import backward_dq as dq_schedule
-from sla_tl.schedules.sm90 import forward as forward_schedule
 from sla_tl.schedules.sm90 import forward_ws
 from sla_tl.settings import ForwardOutputs, Settings
-from sla_tl.warm import KernelSpec, compile_in_parallel, kernels_for_call
+from sla_tl.targets import target_of
 
 from .helpers import random_projection, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
 TOLERANCE = 1e-2
+ARCH = "sm_90a"
 
 
 class Case(NamedTuple):
@@ -43,7 +44,8 @@ class Case(NamedTuple):
 
     @property
     def settings(self) -> Settings:
-        return Settings(self.block_q, self.block_kv, self.feature, self.linear, None, self.layout)
+        return Settings(block_q=self.block_q, block_kv=self.block_kv, feature_map=self.feature,
+                        linear=self.linear, layout=self.layout)
 
     def __str__(self) -> str:
         return "-".join(str(x) for x in self)
@@ -64,9 +66,10 @@ CASES = [
 @pytest.fixture(scope="module", autouse=True)
 def compiled_kernels():
     """Compile every kernel of this module in parallel before the first test needs one."""
-    specs = [s for c in CASES for s in kernels_for_call(c.dim, c.dtype, c.settings, "sm_90a")]
-    specs += [KernelSpec("key_pass_kernel", (d, bkv, dt, f, lay, True, "sm_90a"))
-              for d, bkv, dt, f, lay, _ in KEY_CASES]
+    specs = [s for c in CASES for s in kernels_for(ARCH, c.dim, c.dtype, c.settings)]
+    specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES for linear in ("marginal", "global")
+              for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, linear, lay),
+                                   backward=False)]
     compile_in_parallel(specs)
 
 
@@ -93,7 +96,9 @@ def test_forward_matches_reference(case, generator):
                                      case.layout)
     poisoned = ForwardOutputs(*(t.fill_(float("nan")) for t in tilelang_backend.forward(
         q, k, v, routing, weight, bias, s)))
-    tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, poisoned)
+    written = tilelang_backend.forward(q, k, v, routing, weight, bias, s,
+                                       buffers=poisoned._asdict())
+    assert all(a is b for a, b in zip(written, poisoned, strict=True))
     out, lse, o_lin, h_rows, z_rows = poisoned
     torch.cuda.synchronize()
 
@@ -161,10 +166,10 @@ def test_backward_matches_reference(case, generator):
     saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
     grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-    returned = tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s, dq,
-                                              lambda: (dk, dv))
-    assert returned[0] is dk and returned[1] is dv
-    d_weight, d_bias, d_gate = returned[2:]
+    returned = tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+                                         buffers=dict(dq=dq, dk=dk, dv=dv))
+    assert returned[0] is dq and returned[1] is dk and returned[2] is dv
+    d_weight, d_bias, d_gate = returned[3:]
     assert d_gate is None
     torch.cuda.synchronize()
 
@@ -182,6 +187,19 @@ def test_backward_matches_reference(case, generator):
         assert relative_error(mine, ref) < TOLERANCE, name
 
 
+def _key_settings(block_kv: int, feature: str, linear: str, layout: str) -> Settings:
+    return Settings(block_q=128, block_kv=block_kv, feature_map=feature, linear=linear,
+                    layout=layout)
+
+
+def _step_outputs(k: torch.Tensor, v: torch.Tensor, s: Settings, step: str) -> dict:
+    """The tensors one step of the forward's plan leaves, run alone on k and v."""
+    b, h, lk, d = k.shape if s.layout == "bhsd" else k.transpose(1, 2).shape
+    shape = CallShape(b, h, 1, lk, d, k.dtype, s, False, (1, 0))
+    phase = attention_plan(target_of(k.device), shape, {}).forward
+    return phase.run(dict(k=k, v=v), k.device, keep=True, only=[step])
+
+
 KEY_CASES = [  # dim, block_kv, dtype, feature, layout, lk: several pipelined blocks per CTA
     (64, 128, "bfloat16", "softmax", "bhsd", 2000),
     (64, 64, "bfloat16", "softmax", "bhsd", 2000),
@@ -196,21 +214,20 @@ def test_key_pass_matches_reference(generator, dim, block_kv, dtype, feature, la
     _, k, v = random_qkv(2, 3, 1, lk, dim, getattr(torch, dtype), generator, device="cuda")
     if layout == "bshd":
         k, v = (t.transpose(1, 2).contiguous() for t in (k, v))
-    arch = kernels.arch_of(k.device)
     kb, vb = (_bhsd64(t, layout, "cpu") for t in (k, v))
     n_kv = spec.num_blocks(lk, block_kv)
     phi_k = reference.feature_map(kb, feature)
     # "marginal" stores h per block, "global" per group of blocks; both store z per block.
-    h_block, z_block, _ = tilelang_backend._key_states(
-        k, v, Settings(128, block_kv, feature, "marginal", None, layout), arch)
+    found = _step_outputs(k, v, _key_settings(block_kv, feature, "marginal", layout), "key_pass")
+    h_block, z_block = found["h_block"], found["z_block"]
     for j in range(n_kv):
         rows = slice(j * block_kv, min(lk, (j + 1) * block_kv))
         h_j = phi_k[:, :, rows].transpose(-1, -2) @ vb[:, :, rows]
         assert relative_error(h_block[:, :, j], h_j) < TOLERANCE, f"h of block {j}"
         # z_j sums phi rounded to the input dtype (the GEMM's operand): ~1e-4 relative.
         assert relative_error(z_block[:, :, j], phi_k[:, :, rows].sum(dim=2)) < 1e-3, f"z {j}"
-    _, z_block, h_group = tilelang_backend._key_states(
-        k, v, Settings(128, block_kv, feature, "global", None, layout), arch)
+    found = _step_outputs(k, v, _key_settings(block_kv, feature, "global", layout), "key_pass")
+    z_block, h_group = found["z_block"], found["h_group"]
     assert relative_error(h_group.sum(dim=2), phi_k.transpose(-1, -2) @ vb) < TOLERANCE
     assert relative_error(z_block.sum(dim=2), phi_k.sum(dim=2)) < 1e-3
 
@@ -220,14 +237,18 @@ def test_pool_kernel_matches_reference(generator, block, layout, length):
     x, _, _ = random_qkv(2, 3, length, 1, 128, torch.bfloat16, generator, device="cuda")
     if layout == "bshd":
         x = x.transpose(1, 2).contiguous()
-    pooled = tilelang_backend._pool(x, block, layout, kernels.arch_of(x.device))
+    b, h, length, d = x.shape if layout == "bhsd" else x.transpose(1, 2).shape
+    s = Settings(block_q=block, block_kv=block, layout=layout)
+    phase = route_phase(target_of(x.device), CallShape(b, h, length, length, d, x.dtype, s,
+                                                       False, (1, 0)))
+    pooled = phase.run(dict(q=x, k=x), x.device, keep=True, only=["pool_q"])["pooled_q"]
     expected = reference.mean_pool(_bhsd64(x, layout, "cpu"), block)
     assert relative_error(pooled, expected) < 1e-5
 
 
 def _searched(kernel: str, case: Case) -> list[dict]:
     """Every combination of a kernel's searched knobs for a case (what the tuner may pick)."""
-    space = kernels.search_space(kernel, case.dim, case.block_q, case.block_kv)
+    space = kernels.search_space(ARCH, kernel, case.dim, case.block_q, case.block_kv)
     names = sorted(space)
     return [dict(zip(names, values, strict=True))
             for values in itertools.product(*(space[n] for n in names))]
@@ -236,8 +257,8 @@ def _searched(kernel: str, case: Case) -> list[dict]:
 def forward_schedules(case: Case) -> list[dict]:
     """Every forward schedule the autotuner may pick for a case (its search space), then the
     alternatives that round differently (candidates for the default)."""
-    return _searched("forward", case) + forward_schedule.alternatives(
-        case.dim, case.block_q, case.block_kv)
+    return _searched("forward", case) + kernels.alternatives(
+        ARCH, "forward", case.dim, case.block_q, case.block_kv)
 
 
 def _rounding_class(knobs: dict) -> tuple:
@@ -263,11 +284,10 @@ def test_every_forward_schedule_matches_reference(case, generator):
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     schedules = forward_schedules(case)
-    compile_in_parallel([KernelSpec("forward_kernel", spec.args) for knobs in schedules
-                         for spec in kernels_for_call(case.dim, case.dtype, s, "sm_90a",
-                                                      backward=False,
-                                                      schedule={"forward": knobs})
-                         if spec.getter == "forward_kernel"])
+    compile_in_parallel([spec for knobs in schedules
+                         for spec in kernels_for(ARCH, case.dim, case.dtype, s, backward=False,
+                                                 schedule={"forward": knobs})
+                         if spec.kind == "forward"])
     device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
     expected = reference.attention_with_routing(
         *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
@@ -278,8 +298,8 @@ def test_every_forward_schedule_matches_reference(case, generator):
     for knobs in schedules:
         outputs = ForwardOutputs(*(t.fill_(float("nan")) for t in tilelang_backend.forward(
             q, k, v, routing, weight, bias, s)))
-        tilelang_backend.forward_into(q, k, v, routing, weight, bias, s, outputs,
-                                      {"forward": knobs})
+        tilelang_backend.forward(q, k, v, routing, weight, bias, s, {"forward": knobs},
+                                 buffers=outputs._asdict())
         torch.cuda.synchronize()
         for name in ("out", "lse", "linear"):
             assert not getattr(outputs, name).isnan().any(), f"{knobs}: {name} has NaN"
@@ -295,8 +315,8 @@ def test_every_forward_schedule_matches_reference(case, generator):
 def dq_schedules(case: Case) -> list[dict]:
     """Every dQ schedule the autotuner may pick for a case (its search space), then the
     alternatives (the hand-written kernel, candidates for the default)."""
-    return _searched("backward_dq", case) + dq_schedule.alternatives(
-        case.dim, case.block_q, case.block_kv)
+    return _searched("backward_dq", case) + kernels.alternatives(
+        ARCH, "backward_dq", case.dim, case.block_q, case.block_kv)
 
 
 DQ_SCHEDULE_CASES = SCHEDULE_CASES + [
@@ -319,21 +339,21 @@ def test_every_dq_schedule_matches_reference(case, generator):
     grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
     schedules = dq_schedules(case)
     compile_in_parallel([spec for knobs in schedules
-                         for spec in kernels_for_call(case.dim, case.dtype, s, "sm_90a",
-                                                      schedule={"backward_dq": knobs})
-                         if spec.getter == "backward_dq_kernel"])
+                         for spec in kernels_for(ARCH, case.dim, case.dtype, s,
+                                                 schedule={"backward_dq": knobs})
+                         if spec.kind == "backward_dq"])
     device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
     expected = reference.attention_backward(
         *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
-    default = kernels.default_knobs("backward_dq", case.dim, case.block_q, case.block_kv)
+    default = kernels.default_knobs(ARCH, "backward_dq", case.dim, case.block_q, case.block_kv)
     first_of_class: dict[bool, tuple] = {}
     for knobs in schedules:
         dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
-        tilelang_backend.backward_into(grad, q, k, v, saved, routing, weight, bias, s, dq,
-                                       lambda dk=dk, dv=dv: (dk, dv), {"backward_dq": knobs})
+        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+                                  {"backward_dq": knobs}, buffers=dict(dq=dq, dk=dk, dv=dv))
         torch.cuda.synchronize()
         assert not dq.isnan().any(), f"{knobs}: dq has NaN (unwritten or invalid elements)"
         assert relative_error(_bhsd64(dq, case.layout, "cpu"), expected[0]) < TOLERANCE, knobs

@@ -7,8 +7,9 @@ import torch
 
 import sla_tl
 from sla_tl import reference
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import kernels_for
 from sla_tl.settings import Settings
-from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .helpers import random_projection, random_qkv, relative_error
 
@@ -25,8 +26,8 @@ def compiled_kernels():
         for dim in (64, 128)
         for dtype in ("bfloat16", "float16")
         for linear in ("marginal", "global")
-        for spec in kernels_for_call(dim, dtype, Settings(128, 64, "softmax", linear, None, "bhsd"),
-                                     "sm_90a")
+        for spec in kernels_for("sm_90a", dim, dtype, Settings(block_q=128, block_kv=64,
+                                                               linear=linear))
     ]
     compile_in_parallel(specs)
 

@@ -9,9 +9,10 @@ import torch
 
 import sla_tl
 from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.schedules.sm90 import backward_dq as dq_schedule
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import kernels_for
+from sla_tl.routing import reverse_lut
 from sla_tl.settings import Settings
-from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .helpers import random_projection, random_qkv
 
@@ -21,24 +22,30 @@ DIM, BLOCK_Q, BLOCK_KV, LENGTH = 128, 128, 64, 1000  # Mq = 8 query blocks, Nk =
 N_Q, N_KV = spec.num_blocks(LENGTH, BLOCK_Q), spec.num_blocks(LENGTH, BLOCK_KV)
 TOPK, K_LOW = 0.25, 0.25  # 4 critical and 4 negligible blocks per row
 DTYPE = "bfloat16"
-SCALE = DIM**-0.5
+ARCH = "sm_90a"
 FAULTY_ROWS = [(0, 1, 2), (1, 0, 5), (1, 2, 7)]
 # dQ's default and its hand-written alternatives, which bound the LUT on their own.
-DQ_SCHEDULES = [{}] + dq_schedule.alternatives(DIM, BLOCK_Q, BLOCK_KV)
+DQ_SCHEDULES = [{}] + kernels.alternatives(ARCH, "backward_dq", DIM, BLOCK_Q, BLOCK_KV)
 
 
 def _settings(linear: str) -> Settings:
-    return Settings(BLOCK_Q, BLOCK_KV, "softmax", linear, None, "bhsd")
+    return Settings(block_q=BLOCK_Q, block_kv=BLOCK_KV, linear=linear)
+
+
+def _kernel(kind: str, schedule: dict | None = None):
+    """The compiled kernel of one kind, as the plan of a marginal call launches it."""
+    specs = kernels_for(ARCH, DIM, DTYPE, _settings("marginal"), schedule=schedule)
+    return kernels.compiled(next(s for s in specs if s.kind == kind))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compiled_kernels():
     specs = [s for linear in ("marginal", "global")
-             for s in kernels_for_call(DIM, DTYPE, _settings(linear), "sm_90a")]
+             for s in kernels_for(ARCH, DIM, DTYPE, _settings(linear))]
     specs += [s for knobs in DQ_SCHEDULES[1:]
-              for s in kernels_for_call(DIM, DTYPE, _settings("marginal"), "sm_90a",
-                                        schedule={"backward_dq": knobs})
-              if s.getter == "backward_dq_kernel"]
+              for s in kernels_for(ARCH, DIM, DTYPE, _settings("marginal"),
+                                   schedule={"backward_dq": knobs})
+              if s.kind == "backward_dq"]
     compile_in_parallel(specs)
 
 
@@ -71,8 +78,7 @@ def _launch_forward(problem, lut, count, saved, active):
     q, k, v, w, b, _ = problem
     out, o_lin = (torch.full_like(q, float("nan")) for _ in range(2))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
-    kernel = kernels.forward_kernel(DIM, BLOCK_Q, BLOCK_KV, DTYPE, "softmax", "bhsd", SCALE,
-                                    "sm_90a")
+    kernel = _kernel("forward")
     kernel(q, k, v, lut.contiguous(), count.contiguous(), saved.h_rows, saved.z_rows, active,
            w.to(q.dtype).contiguous(), b.float().contiguous(), out, o_lin, lse)
     return out, o_lin, lse
@@ -103,8 +109,7 @@ def test_dq_kernel_bounds_forged_counts_and_entries(problem, generator, knobs):
     grad = torch.randn(q.shape, generator=generator).to(q)
     delta = torch.randn(q.shape[:3], generator=generator).cuda()
     width = routing.lut.shape[-1]
-    kernel = kernels.backward_dq_kernel(DIM, BLOCK_Q, BLOCK_KV, DTYPE, "bhsd", SCALE, "sm_90a",
-                                        kernels.freeze(knobs))
+    kernel = _kernel("backward_dq", {"backward_dq": knobs})
 
     def dq_for(lut, count):
         dq = torch.zeros_like(q)
@@ -125,11 +130,10 @@ def test_dkdv_kernel_bounds_a_forged_reverse_lut(problem, generator):
     saved = tilelang_backend.forward(q, k, v, routing, w, b, _settings("marginal"))
     grad = torch.randn(q.shape, generator=generator).to(q)
     delta = torch.randn(q.shape[:3], generator=generator).cuda()
-    reverse, reverse_count = tilelang_backend.reverse_lut(routing.lut, routing.lut_count, N_KV)
+    reverse, reverse_count = reverse_lut(routing.lut, routing.lut_count, N_KV)
     dh = (torch.randn(2, 3, N_KV, DIM, DIM, generator=generator) / DIM).to(q)
     dz = (torch.randn(2, 3, N_KV, DIM, generator=generator) / DIM).cuda()
-    kernel = kernels.backward_dkdv_kernel(DIM, BLOCK_Q, BLOCK_KV, DTYPE, "softmax", "bhsd",
-                                          SCALE, "sm_90a")
+    kernel = _kernel("backward_dkdv")
 
     def dkdv_for(rlut, rcount):
         dk, dv = torch.empty_like(k), torch.empty_like(v)

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from sla_tl import kernels, spec, tilelang_backend
+from sla_tl.kernels import KernelSpec
+from sla_tl.plan import CallShape, route_phase
 from sla_tl.routing import Routing
+from sla_tl.settings import Settings
+from sla_tl.targets import target_of
 
 from .helpers import random_qkv
 
@@ -37,8 +41,11 @@ def _expected(scores: torch.Tensor, n_crit: int, n_neg: int) -> tuple[torch.Tens
 def test_selection_kernel_matches_top_k_of_the_same_scores(generator, block_q, block_kv, lq,
                                                            lk, topk, k_low):
     q, k, _ = random_qkv(2, 3, lq, lk, 128, torch.bfloat16, generator, device="cuda")
-    pooled_q = tilelang_backend._pool(q, block_q, "bhsd", kernels.arch_of(q.device))
-    pooled_k = tilelang_backend._pool(k, block_kv, "bhsd", kernels.arch_of(q.device))
+    s = Settings(block_q=block_q, block_kv=block_kv)
+    shape = CallShape(2, 3, lq, lk, 128, q.dtype, s, False, (1, 0))
+    pooled = route_phase(target_of(q.device), shape).run(
+        dict(q=q, k=k), q.device, keep=True, only=["pool_q", "pool_k"])
+    pooled_q, pooled_k = pooled["pooled_q"], pooled["pooled_k"]
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     n_kv = scores.shape[-1]
     n_crit = spec.num_critical(topk, n_kv)
@@ -46,7 +53,7 @@ def test_selection_kernel_matches_top_k_of_the_same_scores(generator, block_q, b
     rows = scores.shape[:-1]
     got = Routing(*(torch.full(shape, -7, dtype=torch.int32, device="cuda") for shape in
                     ((*rows, n_crit), rows, (*rows, n_neg), rows)))
-    kernels.select_kernel(kernels.arch_of(q.device))(scores, *got)
+    kernels.compiled(KernelSpec("select", (), target_of(q.device).arch.target))(scores, *got)
     torch.cuda.synchronize()
     critical, negligible = _expected(scores, n_crit, n_neg)
     # Random scores have no ties, so the sets are the same block for block.

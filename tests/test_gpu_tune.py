@@ -11,7 +11,9 @@ from sla_tl import config_store, tilelang_backend
 from sla_tl.autotune.bit_identity import REFUSED, difference
 from sla_tl.autotune.measure import schedule_measurement
 from sla_tl.config_store import ConfigStore
+from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
+from sla_tl.targets import target_of
 
 from .helpers import random_projection, random_qkv, relative_error
 
@@ -32,9 +34,10 @@ def test_tune_stores_a_schedule_the_operator_runs(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     q, k, v = random_qkv(1, 4, 4000, 4000, 128, torch.bfloat16, generator, "cuda")
     weight, bias = random_projection(128, torch.float32, generator, "cuda")
-    s = Settings(128, 64, "softmax", "marginal", None, "bhsd")
+    s = Settings(block_q=128, block_kv=64)
     routing = tilelang_backend.route(q, k, 0.1, 0.0, 128, 64, "bhsd")
-    assert tilelang_backend.schedule_for_call(q, k, routing, s) == result.best
+    plan = attention_plan(target_of(q.device), call_shape(q, k, s, False, routing.widths))
+    assert plan.schedule == result.best
 
     tuned = torch.ops.sla.attention(q, k, v, weight, bias, 0.1, 0.0, 128, 64)
     default = tilelang_backend.forward(q, k, v, routing, weight, bias, s, schedule={}).out

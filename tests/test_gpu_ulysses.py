@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import kernels_for
 from sla_tl.settings import Settings
-from sla_tl.warm import compile_in_parallel, kernels_for_call
 
 from .rank_harness import run_on_ranks
 from .ulysses_scenarios import GPU_MATCHES, GPU_SCENARIOS
@@ -29,8 +30,8 @@ def nccl_ranks() -> dict[str, list[dict]]:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs at least 2 GPUs; {torch.cuda.device_count()} visible")
     # Compiled once here, so that the two ranks do not compile the same kernels at once.
-    compile_in_parallel([spec for layout in ("bshd", "bhsd") for spec in kernels_for_call(
-        128, "bfloat16", Settings(128, 64, "softmax", "marginal", None, layout), "sm_90a")])
+    compile_in_parallel([spec for layout in ("bshd", "bhsd") for spec in kernels_for(
+        "sm_90a", 128, "bfloat16", Settings(block_q=128, block_kv=64, layout=layout))])
     with pytest.MonkeyPatch.context() as patch:
         for name, value in NVLINK_MULTICAST_OFF.items():
             patch.setenv(name, value)

@@ -20,15 +20,20 @@ def _op_args(q, k, v, w, b, topk=0.3, k_low=0.2, layout="bhsd", **overrides):
             s["linear"], s["scale"], layout)
 
 
-def test_operators_are_registered_for_cpu_cuda_meta_and_autograd():
+def test_building_blocks_are_custom_ops_and_the_entries_their_compositions():
+    # The building blocks: one device-agnostic kernel (the backend of q's device, from
+    # sla_tl.dispatch), a fake kernel and, for the forwards, an autograd formula.
+    for name in ("route", "attention_fwd", "routed_attention_fwd", "attention_bwd"):
+        op = getattr(torch.ops.sla, name).default
+        for key in ("CompositeExplicitAutograd", "Meta", "Autograd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
+    # The entries decompose into one building block each, so autograd and torch.compile
+    # see the building block.
     for name in ("attention", "attention_lut"):
         op = getattr(torch.ops.sla, name).default
-        for key in ("CPU", "CUDA", "Meta", "Autograd"):
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
-    for name in ("route", "attention_fwd", "attention_bwd"):
-        op = getattr(torch.ops.sla, name).default
-        for key in ("CPU", "CUDA", "Meta"):
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(),
+                                                              "CompositeImplicitAutograd")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

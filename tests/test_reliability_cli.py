@@ -1,6 +1,6 @@
 """The command line: bad input is one line on stderr and exit status 2 for every
 subcommand, the throughput gate cannot be passed by bad numbers, and `sla-tl warm` fills
-every GPU model's kernel cache."""
+the arch's kernel cache with the shipped and every model's tuned kernels."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sla_tl import cli, config_store, kernel_cache, static_check
 from sla_tl.autotune import api as tune_api
 from sla_tl.benchmarks import bench, gate, suite
 from sla_tl.config_store import ConfigStore, Entry, TuneKey
-from sla_tl.warm import KernelSpec
+from sla_tl.kernels import KernelSpec
 
 from .test_bench import gated_row, make_doc, write
 
@@ -164,29 +164,37 @@ def test_an_unreadable_or_binary_result_is_named(tmp_path, capsys):
 # sla-tl warm
 
 
-def test_warm_with_one_worker_fills_every_models_kernel_cache(tmp_path, monkeypatch, capsys):
-    """Each model is compiled in fresh processes: in this one, the in-memory caches would
-    serve the second model from the first without writing its directory."""
+def _pool(block: int) -> KernelSpec:
+    """A small real kernel (routing's pooling)."""
+    return KernelSpec("pool", (("dim", 64), ("block", block), ("dtype", "bfloat16"),
+                               ("layout", "bhsd")), "sm_90a")
+
+
+def test_warm_compiles_the_shipped_and_every_models_tuned_kernels_into_one_directory(
+        tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLA_TL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("TILELANG_CACHE_DIR", "")  # restored after the test; warm sets it
-    monkeypatch.setattr(kernel_cache, "_USER_DIRECTORY", None)
-    small = [KernelSpec("pool_kernel", (64, 64, "bfloat16", "bhsd", "sm_90a"))]
-    monkeypatch.setattr(static_check, "shipped_kernels", lambda arch: list(small))
-    monkeypatch.setattr("sla_tl.tune_cli.kernels_for_call", lambda *args, **kw: [])
+    monkeypatch.delenv("TILELANG_CACHE_DIR", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(static_check, "shipped_kernels", lambda arch: [_pool(64)])
+    # A tuned entry's kernels, one per entry here: 80 rows for model A, 144 for model B.
+    monkeypatch.setattr("sla_tl.tune_cli.kernels_for",
+                        lambda arch, dim, dtype, s, schedule: [_pool(s.block_q + 16)])
     store = ConfigStore(tmp_path / config_store.STORE_FILE)
-    for gpu in ("Test GPU A", "Test GPU B"):
-        key = TuneKey(gpu, "sm_90a", "0.1.15", 1, 2, 256, 256, 64, "bfloat16", 64, 64, 0.25,
-                      0.0, "softmax", "marginal", "bhsd")
+    for gpu, block_q in (("Test GPU A", 64), ("Test GPU B", 128)):
+        key = TuneKey(gpu, "sm_90a", "0.1.15", 1, 2, 256, 256, 64, "bfloat16", block_q, 64,
+                      0.25, 0.0, "softmax", "marginal", "bhsd")
         store.record(Entry(key, {}, 1.0, 1.0, 1))
     config_store.active_store().reload()
     assert cli.main(["warm", "--workers", "1"]) == 0
+    directory = kernel_cache.kernel_directory("sm_90a")
+    assert directory == tmp_path / "kernels" / "sm_90a"
     out = capsys.readouterr().out
-    for model in ("Test-GPU-A", "Test-GPU-B"):
-        directory = tmp_path / "kernels" / model
-        assert f"{directory}" in out
-        compiled = [p for p in directory.rglob("*.so")]
-        assert compiled, f"nothing compiled into {directory}"
+    assert f"3 kernels (2 tuned schedules of Test GPU A, Test GPU B) in {directory}" in out
+    assert len(list(directory.rglob("*.so"))) >= 3, f"not compiled into {directory}"
     assert json.loads((tmp_path / config_store.STORE_FILE).read_text())["entries"]
+    capsys.readouterr()
+    assert cli.main(["warm", "--gpu", "Test GPU B", "--workers", "1"]) == 0
+    assert "2 kernels (1 tuned schedules of Test GPU B)" in capsys.readouterr().out
 
 
 def test_a_warning_is_one_line_too(tmp_path, monkeypatch, capsys):
@@ -194,10 +202,9 @@ def test_a_warning_is_one_line_too(tmp_path, monkeypatch, capsys):
     (tmp_path / config_store.STORE_FILE).write_text("garbage")
     config_store.active_store().reload()
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert cli.main(["warm"]) == 2
+    monkeypatch.setattr(static_check, "shipped_kernels", lambda arch: [])
+    assert cli.main(["warm"]) == 0
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) == 1, lines
     assert lines[0].startswith(f"sla-tl warm: warning: {tmp_path / config_store.STORE_FILE}: is "
                                "not JSON")
-    assert lines[1] == ("sla-tl warm: error: no GPU in hand and no tuned schedule in the store: "
-                        "pass --gpu MODEL")

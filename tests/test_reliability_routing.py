@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sla_tl
-from sla_tl import reference, routing_check, tilelang_backend
+from sla_tl import reference, routing_check
+from sla_tl import routing as routing_module
 from sla_tl.routing import Routing
 
 from .helpers import random_projection, random_qkv, relative_error
@@ -92,14 +93,14 @@ def test_forged_routing_is_refused_on_the_cpu(problem, kind):
 @pytest.mark.parametrize("kind", FORGERIES)
 def test_device_side_check_flags_exactly_the_forged_row(problem, kind):
     forged, _ = _forgeries(problem[-1])[kind]
-    listed = routing_check.listing(forged, N_KV, negligible=True)
-    faults = routing_check.row_faults(forged, listed, negligible=True)
+    listed = routing_module.listing(forged, N_KV, negligible=True)
+    faults = routing_module.row_faults(forged, listed, negligible=True)
     expected = torch.zeros_like(faults)
     expected[1, 2, 3] = True
     assert torch.equal(faults, expected)
     clean = problem[-1]
-    clean_listed = routing_check.listing(clean, N_KV, negligible=True)
-    assert not routing_check.row_faults(clean, clean_listed, negligible=True).any()
+    clean_listed = routing_module.listing(clean, N_KV, negligible=True)
+    assert not routing_module.row_faults(clean, clean_listed, negligible=True).any()
 
 
 def _random_forgery(routing: Routing, generator: torch.Generator) -> Routing:
@@ -117,7 +118,7 @@ def test_device_side_flags_agree_with_the_full_check_row_by_row(problem, generat
     negligible = linear == "marginal"
     for _ in range(5):
         forged = _random_forgery(problem[-1], generator)
-        faults = routing_check.row_faults(forged, routing_check.listing(forged, N_KV, negligible),
+        faults = routing_module.row_faults(forged, routing_module.listing(forged, N_KV, negligible),
                                           negligible)
         for row in torch.cartesian_prod(*(torch.arange(n) for n in faults.shape)).tolist():
             one_row = Routing(*(t[tuple(row)][None, None, None] for t in forged))
@@ -169,9 +170,9 @@ def test_block_maps_of_a_forged_routing_never_index_out_of_range(generator):
     out-of-range scatter would raise: forged entries are left out, never indexed."""
     lut = torch.tensor([[[[3, -1, 9, 3], [0, 1, 2, 6]]]], dtype=torch.int32)
     count = torch.tensor([[[4, 9]]], dtype=torch.int32)  # the second is above the width
-    listed = routing_check.tally([(lut, count)], N_KV)
+    listed = routing_module.tally([(lut, count)], N_KV)
     assert listed.per_block[0, 0, 0].tolist() == [0, 0, 0, 2, 0, 0, 0]
     assert listed.outside[0, 0].tolist() == [2, 0]
-    reverse, reverse_count = tilelang_backend.reverse_lut(lut, count, N_KV)
+    reverse, reverse_count = routing_module.reverse_lut(lut, count, N_KV)
     assert reverse_count[0, 0].tolist() == [1, 1, 1, 1, 0, 0, 1]
     assert reverse[0, 0, 3, 0].item() == 0 and reverse[0, 0, 0, 0].item() == 1

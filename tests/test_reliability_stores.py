@@ -16,6 +16,8 @@ from sqlalchemy.engine import make_url
 from sla_tl import config_store, kernel_cache, static_check
 from sla_tl.autotune.storage import default_url, open_storage
 from sla_tl.config_store import ConfigStore, Entry, StoreError, TunedConfigWarning, TuneKey
+from sla_tl.paths import cache_dir
+from sla_tl.targets import model_slug
 
 WAN = TuneKey("NVIDIA H200", "sm_90a", "0.1.15", 1, 12, 32760, 32760, 128, "bfloat16", 128, 64,
               0.05, 0.0, "softmax", "marginal", "bhsd")
@@ -180,24 +182,22 @@ def test_a_rewrite_keeps_the_stores_mode(tmp_path):
     ("NVIDIA H200", "NVIDIA-H200"), ("../../etc", "etc"), (".hidden", "hidden"),
     ("NVIDIA H100 80GB HBM3", "NVIDIA-H100-80GB-HBM3"), ("a/b\\c", "a-b-c"),
 ])
-def test_gpu_model_names_become_one_path_component(cache, name, slug):
-    assert kernel_cache.model_slug(name) == slug
-    if not kernel_cache._USER_DIRECTORY:
-        assert kernel_cache.directory_for(name) == cache / "kernels" / slug
+def test_gpu_model_names_become_one_path_component(name, slug):
+    assert model_slug(name) == slug
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "///", " - "])
 def test_a_gpu_model_name_that_cannot_be_a_directory_is_refused(name):
     with pytest.raises(ValueError, match=r"gpu must name a GPU model"):
-        kernel_cache.model_slug(name)
+        model_slug(name)
 
 
 def test_the_cache_directory_expands_a_tilde(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("SLA_TL_CACHE_DIR", "~/sla cache")
-    assert config_store.cache_dir() == tmp_path / "sla cache"
+    assert cache_dir() == tmp_path / "sla cache"
     monkeypatch.delenv("SLA_TL_CACHE_DIR")
-    assert config_store.cache_dir() == tmp_path / ".cache" / "sla_tl"
+    assert cache_dir() == tmp_path / ".cache" / "sla_tl"
 
 
 @pytest.mark.parametrize("odd", ["what?", "100%", "a#b", "x{y}", "sp ace"])
@@ -230,14 +230,17 @@ def test_a_damaged_kernel_record_is_named(tmp_path, content):
 
 
 def test_a_kernel_cache_that_cannot_be_made_never_stops_the_operators(tmp_path, monkeypatch):
+    from tilelang.env import env
+
     blocker = tmp_path / "a file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("SLA_TL_CACHE_DIR", str(blocker))
-    monkeypatch.setattr(kernel_cache, "_USER_DIRECTORY", None)
-    monkeypatch.setenv("TILELANG_CACHE_DIR", "")
-    monkeypatch.setenv("TILELANG_DISABLE_CACHE", "0")
+    monkeypatch.delenv("TILELANG_CACHE_DIR", raising=False)
     with pytest.raises(ValueError, match=rf"cannot use the kernel cache directory {blocker}"):
-        kernel_cache.use_gpu_model("NVIDIA H200")  # what warm and tune get
+        kernel_cache.require("sm_90a")  # what warm, tune and kernels get
     with pytest.warns(kernel_cache.KernelCacheWarning, match=r"compiling without a disk cache"):
-        kernel_cache.use_gpu_model_or_no_cache("NVIDIA H200")  # what the operators get
-    assert os.environ["TILELANG_DISABLE_CACHE"] == "1"
+        with kernel_cache.compiling_for("sm_90a") as directory:  # what the operators get
+            assert directory is None and env.is_cache_globally_disabled()
+    assert not env.is_cache_globally_disabled()
+    assert "TILELANG_DISABLE_CACHE" not in os.environ or os.environ[
+        "TILELANG_DISABLE_CACHE"] != "1"

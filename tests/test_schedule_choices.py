@@ -11,11 +11,11 @@ import itertools
 import pytest
 
 from sla_tl import kernels
-from sla_tl.schedules.sm90 import backward_dkdv as dkdv_schedule
+from sla_tl.kernels import KernelSpec
 from sla_tl.schedules.sm90 import backward_dkdv_ws as dkdv_ws
-from sla_tl.schedules.sm90 import forward as forward_schedule
-from sla_tl.schedules.sm90 import forward_ws
+from sla_tl.schedules.sm90 import forward, forward_ws
 
+ARCH = "sm_90a"
 SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
 
 
@@ -27,14 +27,14 @@ def _combos(space: dict[str, tuple]) -> list[dict]:
 
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
 def test_the_default_is_in_the_search_space_and_alternatives_are_not(dim, block_q, block_kv):
-    default = kernels.default_knobs("forward", dim, block_q, block_kv)
-    space = kernels.search_space("forward", dim, block_q, block_kv)
+    default = kernels.default_knobs(ARCH, "forward", dim, block_q, block_kv)
+    space = kernels.search_space(ARCH, "forward", dim, block_q, block_kv)
     assert all(default[name] in choices for name, choices in space.items())
     # Every searched combination keeps the default's rounding class.
     for knobs in _combos(space):
         assert (knobs["warp_specialization"] == "auto") == (
             default["warp_specialization"] == "auto")
-    for alternative in forward_schedule.alternatives(dim, block_q, block_kv):
+    for alternative in kernels.alternatives(ARCH, "forward", dim, block_q, block_kv):
         rounding = (alternative["warp_specialization"] == "auto",
                     alternative["entries_per_step"])
         assert rounding != (default["warp_specialization"] == "auto",
@@ -43,7 +43,7 @@ def test_the_default_is_in_the_search_space_and_alternatives_are_not(dim, block_
 
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
 def test_hand_written_default_exactly_where_two_stages_fit(dim, block_q, block_kv):
-    default = kernels.default_knobs("forward", dim, block_q, block_kv)
+    default = kernels.default_knobs(ARCH, "forward", dim, block_q, block_kv)
     fits = forward_ws.fits(dim, block_q, block_kv, 2)
     assert (default["warp_specialization"] == "manual") == fits
     if fits:
@@ -61,12 +61,12 @@ def test_shared_memory_of_the_wan_default_and_its_pair_alternative():
 @pytest.mark.parametrize("dim,block_q,block_kv", [(128, 128, 64), (64, 128, 64),
                                                   (64, 128, 128)])
 def test_every_tuned_and_alternative_schedule_builds(dim, block_q, block_kv):
-    space = kernels.search_space("forward", dim, block_q, block_kv)
-    schedules = _combos(space) + forward_schedule.alternatives(dim, block_q, block_kv)
+    space = kernels.search_space(ARCH, "forward", dim, block_q, block_kv)
+    schedules = _combos(space) + kernels.alternatives(ARCH, "forward", dim, block_q, block_kv)
     for knobs in schedules:
-        merged = {**kernels.default_knobs("forward", dim, block_q, block_kv), **knobs}
+        merged = {**kernels.default_knobs(ARCH, "forward", dim, block_q, block_kv), **knobs}
         if merged["warp_specialization"] == "auto":
-            program = forward_schedule.sla_forward(
+            program = forward.sla_forward(
                 dim, block_q, block_kv, "bfloat16", "softmax", "bhsd", dim**-0.5,
                 merged["threads"], merged["num_stages"])
         else:
@@ -82,24 +82,22 @@ def test_a_schedule_that_does_not_fit_is_refused_by_name():
     with pytest.raises(ValueError, match="entries_per_step"):
         forward_ws.sla_forward_ws(128, 64, "bfloat16", "softmax", "bhsd", 0.1, 2, True, 3)
     with pytest.raises(ValueError, match="needs block_q=128"):
-        kernels.forward_kernel(128, 64, 64, "bfloat16", "softmax", "bhsd", 0.1, "sm_90a",
-                               kernels.freeze({"warp_specialization": "manual"}))
+        kernels.compiled(_forward_spec(64, 64, warp_specialization="manual"))
     with pytest.raises(ValueError, match="hand-written forward only"):
-        kernels.forward_kernel(128, 64, 64, "bfloat16", "softmax", "bhsd", 0.1, "sm_90a",
-                               kernels.freeze({"entries_per_step": 2}))
+        kernels.compiled(_forward_spec(64, 64, entries_per_step=2))
 
 
 @pytest.mark.parametrize("dim,block_q", [(64, 64), (64, 128), (128, 64), (128, 128)])
 def test_every_dkdv_alternative_builds_and_is_outside_the_search_space(dim, block_q):
-    space = kernels.search_space("backward_dkdv", dim, block_q, 64)
+    space = kernels.search_space(ARCH, "backward_dkdv", dim, block_q, 64)
     assert "warp_specialization" not in space  # the tuner keeps TileLang's kernel
-    found = dkdv_schedule.alternatives(dim, block_q, 64)
+    found = kernels.alternatives(ARCH, "backward_dkdv", dim, block_q, 64)
     assert found, "64-key blocks have a hand-written dK/dV"
     for knobs in found:
         program = dkdv_ws.backward_dkdv_ws(dim, block_q, "bfloat16", "softmax", "bhsd",
                                            dim**-0.5, 2 * knobs["num_stages"])
         assert program is not None, knobs
-    assert dkdv_schedule.alternatives(dim, block_q, 128) == []
+    assert kernels.alternatives(ARCH, "backward_dkdv", dim, block_q, 128) == []
 
 
 def test_dkdv_shared_memory_and_refusals():
@@ -110,14 +108,24 @@ def test_dkdv_shared_memory_and_refusals():
     with pytest.raises(ValueError, match="does not fit"):
         dkdv_ws.backward_dkdv_ws(128, 128, "bfloat16", "softmax", "bhsd", 0.1, 6)
     with pytest.raises(ValueError, match="needs block_kv=64"):
-        kernels.backward_dkdv_kernel(128, 128, 128, "bfloat16", "softmax", "bhsd", 0.1,
-                                     "sm_90a",
-                                     kernels.freeze({"warp_specialization": "manual"}))
+        kernels.compiled(_dkdv_spec(128, warp_specialization="manual"))
     with pytest.raises(ValueError, match="linear_first=False"):
-        kernels.backward_dkdv_kernel(128, 128, 64, "bfloat16", "softmax", "bhsd", 0.1,
-                                     "sm_90a",
-                                     kernels.freeze({"warp_specialization": "manual",
-                                                     "linear_first": True}))
+        kernels.compiled(_dkdv_spec(64, warp_specialization="manual", linear_first=True))
     with pytest.raises(ValueError, match="warp_specialization must be one of"):
-        kernels.backward_dkdv_kernel(128, 128, 64, "bfloat16", "softmax", "bhsd", 0.1,
-                                     "sm_90a", kernels.freeze({"warp_specialization": "x"}))
+        kernels.compiled(_dkdv_spec(64, warp_specialization="x"))
+    with pytest.raises(ValueError, match="unknown schedule knobs for backward_dkdv"):
+        kernels.compiled(_dkdv_spec(64, entries_per_step=2))
+
+
+def _forward_spec(block_q: int, block_kv: int, **knobs) -> KernelSpec:
+    return KernelSpec("forward", (("dim", 128), ("block_q", block_q), ("block_kv", block_kv),
+                                  ("dtype", "bfloat16"), ("feature", "softmax"),
+                                  ("layout", "bhsd"), ("scale", 0.1)), ARCH,
+                      kernels.freeze(knobs))
+
+
+def _dkdv_spec(block_kv: int, **knobs) -> KernelSpec:
+    return KernelSpec("backward_dkdv", (("dim", 128), ("block_q", 128), ("block_kv", block_kv),
+                                        ("dtype", "bfloat16"), ("feature", "softmax"),
+                                        ("layout", "bhsd"), ("scale", 0.1)), ARCH,
+                      kernels.freeze(knobs))

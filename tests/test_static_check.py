@@ -10,9 +10,11 @@ import warnings
 import pytest
 
 from sla_tl import cuda_tools, kernels, static_cache, static_check
+from sla_tl.kernels import KernelSpec
+from sla_tl.plan import kernels_for
 from sla_tl.schedules import compile as schedules_compile
+from sla_tl.settings import Settings
 from sla_tl.static_check import KernelFacts
-from sla_tl.warm import KernelSpec
 
 from .test_sass import PIPELINED, listing
 
@@ -21,6 +23,7 @@ BASE = KernelFacts("forward:x", registers=168, spill_bytes=0, shared_bytes=23142
                    local_memory_ops=0, loop_instructions=427, groups_in_flight=1,
                    overlapped_exp2=32)
 RECORD = {BASE.name: BASE}
+RECORD_PATH = static_check.record_path("sm_90a")
 
 
 # The checks and their messages
@@ -176,17 +179,17 @@ def test_each_kernel_is_checked_with_the_flags_it_is_built_with(monkeypatch):
 
     monkeypatch.setattr(schedules_compile.tilelang, "compile",
                         lambda program, compile_flags, **options: Compiled(compile_flags))
-    key_pass = kernels.key_pass_kernel.__wrapped__(64, 64, "bfloat16", "softmax", "bhsd",
-                                                   True, "sm_90a")
-    forward = kernels.forward_kernel.__wrapped__(64, 64, 64, "bfloat16", "softmax", "bhsd",
-                                                 0.125, "sm_90a")
+    key_pass, forward = (kernels.compiled.__wrapped__(spec) for spec in kernels_for(
+        "sm_90a", 64, "bfloat16", Settings(block_q=64, block_kv=64), backward=False)
+        if spec.kind in ("key_pass", "forward"))
     assert "-ftz=true" not in static_check.device_flags(key_pass)
     assert static_check.device_flags(forward) == [*schedules_compile.FAST_ARITHMETIC,
                                                   *schedules_compile.NO_SPILLS]
 
 
 def test_a_compiled_tilelang_kernel_keeps_its_flags():
-    kernel = kernels.pool_kernel(64, 64, "bfloat16", "bhsd", "sm_90a")
+    kernel = kernels.compiled(kernels_for("sm_90a", 64, "bfloat16", Settings(block_q=64,
+                                                                             block_kv=64))[0])
     assert static_check.device_flags(kernel) == [*schedules_compile.FAST_ARITHMETIC,
                                                  *schedules_compile.NO_SPILLS]
 
@@ -209,8 +212,9 @@ class FakeKernel:
         return HOST
 
 
-SPEC = KernelSpec("forward_kernel", (128, 128, 64, "bfloat16", "softmax", "bhsd", 0.08,
-                                     "sm_90a"))
+SPEC = KernelSpec("forward", (("dim", 128), ("block_q", 128), ("block_kv", 64),
+                              ("dtype", "bfloat16"), ("feature", "softmax"), ("layout", "bhsd"),
+                              ("scale", 0.08)), "sm_90a")
 SPEC_NAME = "forward:128,128,64,bfloat16,softmax,bhsd,sm_90a"
 
 
@@ -225,7 +229,7 @@ def fake_tools(tmp_path, monkeypatch):
         builds.append((source, arch, list(flags)))
         return cuda_tools.Build(PTXAS_REPORT, listing(*PIPELINED))
 
-    monkeypatch.setattr(kernels, "forward_kernel", lambda *args: kernel)
+    monkeypatch.setattr(kernels, "compiled", lambda spec: kernel)
     monkeypatch.setattr(cuda_tools, "build", build)
     monkeypatch.setattr(cuda_tools, "version", lambda executable: "release 13.0, V13.0.88")
     monkeypatch.setattr(cuda_tools, "tool", lambda name: f"/opt/cuda/bin/{name}")
@@ -323,15 +327,15 @@ def test_facts_survive_the_json_round_trip():
 
 
 def test_record_covers_every_shipped_kernel():
-    record = static_check.load_record()
-    names = {static_check.spec_name(spec) for spec in static_check.shipped_kernels()}
+    record = static_check.load_record(RECORD_PATH)
+    names = {spec.name for spec in static_check.shipped_kernels("sm_90a")}
     assert names <= set(record), sorted(names - set(record))
     assert all(entry.spill_bytes == 0 and entry.local_memory_ops == 0
                for entry in record.values())
 
 
 def test_shipped_kernels_use_wgmma_and_tma_where_expected():
-    record = static_check.load_record()
+    record = static_check.load_record(RECORD_PATH)
     for name, entry in record.items():
         kind = name.split(":")[0].removeprefix("gated_")  # a gated variant is its kernel's kind
         assert entry.wgmma == entry.hgmma == (kind != "pool"), name
@@ -343,11 +347,11 @@ def test_shipped_kernels_use_wgmma_and_tma_where_expected():
 def test_the_hand_written_forward_overlaps_softmax_with_a_gemm():
     """The default forward at 128-row query blocks (two or more stages fit) is the
     hand-written one: its loop leaves a wgmma group in flight over the exponentials."""
-    record = static_check.load_record()
+    record = static_check.load_record(RECORD_PATH)
     for name, entry in record.items():
         if name.startswith(("forward:", "gated_forward:")):
             dim, block_q, block_kv = (int(v) for v in name.split(":")[1].split(",")[:3])
-            manual = kernels.default_knobs("forward", dim, block_q, block_kv)[
+            manual = kernels.default_knobs("sm_90a", "forward", dim, block_q, block_kv)[
                 "warp_specialization"] != "auto"
             assert (entry.groups_in_flight >= 1 and entry.overlapped_exp2 > 0) == manual, name
 
@@ -361,11 +365,11 @@ def test_the_command_prints_the_table_the_differences_and_each_failure(monkeypat
     lost = BASE._replace(groups_in_flight=0, overlapped_exp2=0, loop_instructions=460)
     monkeypatch.setattr(static_check, "shipped_kernels", lambda arch: [SPEC])
     monkeypatch.setattr(static_check, "collect", lambda specs, workers, progress: [lost])
-    monkeypatch.setattr(static_check, "load_record", lambda: RECORD)
+    monkeypatch.setattr(static_check, "load_record", lambda path: RECORD)
     assert cli.main(["kernels"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[0] == "kernel" and out[2].split()[0] == "forward:x"
-    assert out[out.index(f"differences from {static_check.RECORD_PATH}:") + 1:][:3] == [
+    assert out[out.index(f"differences from {RECORD_PATH}:") + 1:][:3] == [
         "  forward:x: loop_instructions 427 -> 460",
         "  forward:x: groups_in_flight 1 -> 0",
         "  forward:x: overlapped_exp2 32 -> 0",

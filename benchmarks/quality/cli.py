@@ -134,16 +134,17 @@ def _task(args: argparse.Namespace, size_name: str) -> tuple:
 
 def _prewarm(settings: ProtocolSettings, arms: list, head_dim: int) -> None:
     """Compile the arms' CUDA kernels in parallel processes before training starts."""
-    from sla_tl import kernel_cache
+    from sla_tl.parallel import compile_in_parallel
+    from sla_tl.plan import kernels_for
     from sla_tl.settings import Settings
-    from sla_tl.warm import compile_in_parallel, kernels_for_call
+    from sla_tl.targets import target_of
 
-    _, arch = kernel_cache.prepare(torch.device("cuda"))
+    arch = target_of(torch.device("cuda")).arch.target
     specs = []
     for arm in arms:
         if arm.sparse:
-            s = Settings(settings.block_q, settings.block_kv, "softmax", arm.linear, None, "bhsd")
-            specs += kernels_for_call(head_dim, "bfloat16", s, arch, gated=arm.gate)
+            s = Settings(block_q=settings.block_q, block_kv=settings.block_kv, linear=arm.linear)
+            specs += kernels_for(arch, head_dim, "bfloat16", s, gated=arm.gate)
     print(f"compiling {len(set(specs))} sla-tl kernels for {arch}", file=sys.stderr, flush=True)
     compile_in_parallel(specs)
 

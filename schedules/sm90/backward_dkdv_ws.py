@@ -35,13 +35,13 @@ import tilelang.language as T
 
 from ..common import DTYPES, LOG2E, rows, seq_shape
 from ..feature_maps import feature_map_macro, feature_map_vjp_macro
+from . import SHARED_MEMORY_BYTES
 
 BLOCK_KV = 64
 """Key rows per CTA: both consumers hold dK and dV of the same 64 keys."""
 SLICE = 64
 """Query rows per step (one wgmma N extent)."""
 THREADS = 384
-SHARED_MEMORY_BYTES = 227 * 1024
 
 # Named barrier ids above TileLang's own: the two consumers' rendezvous in the epilogue.
 _EXCHANGE_BARRIER = 8

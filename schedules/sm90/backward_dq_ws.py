@@ -36,7 +36,8 @@ guard (`_ORDER_GUARD`; ptxas would otherwise move most of them below it).
 import tilelang.language as T
 
 from ..common import DTYPES, LOG2E, rows, seq_shape
-from .forward_ws import _PINGPONG_BARRIER, SHARED_MEMORY_BYTES
+from . import SHARED_MEMORY_BYTES
+from .forward_ws import _PINGPONG_BARRIER
 
 BLOCK_Q = 128
 """Query rows per CTA: two consumer warpgroups of 64 rows."""

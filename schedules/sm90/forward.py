@@ -25,9 +25,7 @@ import tilelang.language as T
 
 from ..common import DTYPES, LINEAR_EPS, LOG2E, NAN, rows, seq_shape
 from ..feature_maps import feature_map_macro
-from . import forward_ws
-
-SHARED_MEMORY_BYTES = 227 * 1024
+from . import SHARED_MEMORY_BYTES, forward_ws
 
 WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
 """How the forward's warpgroups share the work: "auto" is TileLang's automatic

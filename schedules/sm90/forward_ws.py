@@ -36,11 +36,11 @@ import tilelang.language as T
 
 from ..common import DTYPES, LINEAR_EPS, LN2, LOG2E, NAN, rows, seq_shape
 from ..feature_maps import feature_map_macro
+from . import SHARED_MEMORY_BYTES
 
 BLOCK_Q = 128
 """Query rows per CTA: two consumer warpgroups of 64 rows."""
 THREADS = 384
-SHARED_MEMORY_BYTES = 227 * 1024
 
 # Named barriers 0 (__syncthreads) and the low ids are TileLang's own; the two consumers'
 # turn-taking barriers sit above them.
