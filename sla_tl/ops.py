@@ -209,7 +209,8 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, o_lin, h_rows, z_rows, lut,
 def _save(ctx, q, k, v, outputs, routing, proj_weight, proj_bias, gate, settings) -> None:
     ctx.save_for_backward(q, k, v, *outputs, *routing, proj_weight, proj_bias, gate)
     ctx.settings = settings
-    ctx.mark_non_differentiable(*outputs[1:], *routing)
+    if not isinstance(ctx, _EntryFunction):  # the building block's outputs past the first
+        ctx.mark_non_differentiable(*outputs[1:], *routing)
 
 
 def _gradients(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -248,6 +249,42 @@ def _routed_backward(ctx, grad_out, *_other_output_grads):
 routed_attention_fwd.register_autograd(_routed_backward, setup_context=_routed_setup_context)
 
 
+class _EntryFunction(torch.autograd.Function):
+    """The autograd of a user-facing operator in eager mode: its building block runs below
+    autograd, with the building block's own formula (`_FORMULAS`).
+
+    The building blocks' registered autograd (which torch.compile's graphs use) costs about
+    70 us a call on the host in torch 2.13: before `setup_context` it fills in the schema's
+    defaults, reading the 16 arguments' schema through pybind once per argument. A call that
+    only needs the first output does the same here without it."""
+
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        outputs = op(*inputs)  # autograd is off in here: the op's own formula is not run
+        ctx.op = op
+        _FORMULAS[op][0](ctx, inputs, outputs)
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, *_FORMULAS[ctx.op][1](ctx, grad_out))
+
+
+_FORMULAS = {
+    torch.ops.sla.attention_fwd.default: (_fwd_setup_context, _fwd_backward),
+    torch.ops.sla.routed_attention_fwd.default: (_routed_setup_context, _routed_backward),
+}
+"""A building block's (setup_context, backward)."""
+
+
+def _entry(op, *inputs) -> Tensor:
+    """The first output of a building block, differentiable."""
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad
+                                       for x in inputs):
+        return _EntryFunction.apply(op, *inputs)
+    return op(*inputs)[0]
+
+
 # ---------------------------------------------------------------- the user-facing operators
 
 
@@ -258,9 +295,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_bias: T
               scale: float | None = None, layout: str = spec.DEFAULT_LAYOUT,
               gate: Tensor | None = None) -> Tensor:
     """sla::attention: route, then SLA (see `sla_tl.attention`)."""
-    return torch.ops.sla.routed_attention_fwd(q, k, v, proj_weight, proj_bias, topk, k_low,
-                                              block_q, block_kv, feature_map, linear, scale,
-                                              layout, gate)[0]
+    return _entry(torch.ops.sla.routed_attention_fwd.default, q, k, v, proj_weight, proj_bias,
+                  topk, k_low, block_q, block_kv, feature_map, linear, scale, layout, gate)
 
 
 def attention_lut(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, lut_count: Tensor,
@@ -270,9 +306,9 @@ def attention_lut(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, lut_count: Tenso
                   linear: str = spec.DEFAULT_LINEAR, scale: float | None = None,
                   layout: str = spec.DEFAULT_LAYOUT, gate: Tensor | None = None) -> Tensor:
     """sla::attention_lut: SLA for a precomputed routing (see `sla_tl.attention_with_routing`)."""
-    return torch.ops.sla.attention_fwd(q, k, v, lut, lut_count, neg_lut, neg_count,
-                                       proj_weight, proj_bias, gate, block_q, block_kv,
-                                       feature_map, linear, scale, layout)[0]
+    return _entry(torch.ops.sla.attention_fwd.default, q, k, v, lut, lut_count, neg_lut,
+                  neg_count, proj_weight, proj_bias, gate, block_q, block_kv, feature_map,
+                  linear, scale, layout)
 
 
 for _composite in (attention, attention_lut):

@@ -9,8 +9,8 @@ knows (its block sizes) once per call shape.
 Every entry takes `schedule` (knobs overriding the tuned ones: the tuner's candidates, the
 benchmarks' and GPU tests' alternatives), `buffers` (tensors to write instead of allocating
 them, by the plan's names: tests poison them first), and, for a dry run on a machine
-without the GPU (`sla_tl.dry_run`), `target` and `launch` (kernel launches recorded, not
-run).
+without the GPU (`sla_tl.dry_run`), `target`, `launch` (kernel launches recorded, not
+run) and `watch` (a context around each step of the plan).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from . import spec
 from .kernels import Schedule
 from .layout import to_bhsd
-from .plan import Launcher, attention_plan, call_shape, route_phase
+from .plan import Launcher, Watcher, attention_plan, call_shape, route_phase
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
 from .targets import Target, target_of
@@ -33,7 +33,7 @@ Buffers = Mapping[str, torch.Tensor]
 def route(
     q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
     layout: str, selection: str = "sort", *, target: Target | None = None,
-    launch: Launcher | None = None,
+    launch: Launcher | None = None, watch: Watcher | None = None,
 ) -> Routing:
     """Pooled block scores (pooling kernels), then per-row top/bottom selection by
     `selection` ("sort" or "kernel", see `plan.SELECTIONS`)."""
@@ -44,7 +44,7 @@ def route(
     shape = call_shape(q, k, Settings(block_q=block_q, block_kv=block_kv, layout=layout),
                        False, widths)
     phase = route_phase(target or target_of(q.device), shape, selection)
-    return Routing(*phase.run({"q": q, "k": k}, q.device, launch).values())
+    return Routing(*phase.run({"q": q, "k": k}, q.device, launch, watch=watch).values())
 
 
 def forward(
@@ -52,7 +52,7 @@ def forward(
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
     schedule: Schedule | None = None, gate: torch.Tensor | None = None, *,
     buffers: Buffers | None = None, keep_routing: bool = True, target: Target | None = None,
-    launch: Launcher | None = None,
+    launch: Launcher | None = None, watch: Watcher | None = None,
 ) -> ForwardOutputs:
     """The SLA output and what the backward reuses (see `ForwardOutputs`); `gate` scales
     the projection term per row. `keep_routing`: what the forward derives from the routing
@@ -64,7 +64,7 @@ def forward(
     tensors = dict(q=q, k=k, v=v, **routing._asdict(), proj_weight=proj_weight,
                    proj_bias=proj_bias, **({} if gate is None else {"gate": gate}),
                    **(buffers or {}))
-    return ForwardOutputs(**plan.forward.run(tensors, q.device, launch))
+    return ForwardOutputs(**plan.forward.run(tensors, q.device, launch, watch=watch))
 
 
 def backward(
@@ -72,7 +72,7 @@ def backward(
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
     s: Settings, schedule: Schedule | None = None, gate: torch.Tensor | None = None, *,
     buffers: Buffers | None = None, keep_routing: bool = True, target: Target | None = None,
-    launch: Launcher | None = None,
+    launch: Launcher | None = None, watch: Watcher | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dq, dk, dv, dproj_weight, dproj_bias, dgate): query pass, dQ over the LUT, dK/dV
     over the reverse LUT; the projection's gradients are two small torch GEMMs; dgate (from
@@ -88,6 +88,6 @@ def backward(
     tensors = dict(grad_out=grad_out, q=q, k=k, v=v, **saved._asdict(), **routing._asdict(),
                    proj_weight=proj_weight, proj_bias=proj_bias,
                    **({} if gate is None else {"gate": gate}), **(buffers or {}))
-    grads = plan.backward.run(tensors, q.device, launch)
+    grads = plan.backward.run(tensors, q.device, launch, watch=watch)
     return (grads["dq"], grads["dk"], grads["dv"], grads["d_weight"], grads["d_bias"],
             grads.get("d_gate"))

@@ -1,0 +1,373 @@
+"""The host cost of a CUDA call, on a machine without the GPU: the call's plan run on meta
+tensors, its kernel launches recorded, not run.
+
+    python -m sla_tl.dry_run [--shape 1,12,32760,128] [--block-q 128] [--block-kv 64] ...
+
+It runs the CUDA backend's own path (`sla_tl.tilelang_backend`: plan lookup, buffers, the
+torch steps) for one arch, and reports, per forward (routing, then the forward, as
+`sla::attention` runs them) and per backward:
+
+- launches: the plan's kernel steps, and the aten ops of its torch steps that would launch
+  a CUDA kernel (views and allocations launch none), counted with a TorchDispatchMode, step
+  by step;
+- host syncs: aten ops that would wait for the GPU (there must be none: the operators are
+  captured in CUDA graphs);
+- the Python function calls of the path per call (deterministic, so a test can hold them
+  where the time would be noise);
+- the host time of the path per call, measured without the counting on CPU tensors of the
+  smallest call with the same plan (one batch entry and head, one block of each size, the
+  smallest head dim): the
+  Python and dispatch of each step, each torch op's work on those few elements standing in
+  for its launch on the GPU (meta tensors would not do: many of their ops run Python shape
+  functions, slower than a launch). The kernels' own host cost is not in it.
+
+The goals are at most 6 launches per forward and per backward and at most 0.1 ms of host
+time per call (README, "Host cost"); the tests hold today's numbers (tests/test_dry_run.py).
+The operator layer around the backend (the custom ops' dispatch and the checks of their
+arguments) is not in these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import dispatch, spec, tilelang_backend
+from .kernels import KernelSpec
+from .plan import Step
+from .routing import Routing
+from .settings import Settings
+from .targets import Target, arch_named
+
+META = torch.device("meta")
+
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty",
+                          "new_empty_strided", "_unsafe_view"})
+"""aten ops that allocate or re-view memory without launching anything."""
+_HOST_SYNCS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero",
+                         "equal", "allclose"})
+"""aten ops whose result the host must wait for."""
+
+
+def _kind(func: torch._ops.OpOverload) -> str:
+    """"launch", "sync" or "none" for an aten op run on meta tensors."""
+    name = func.overloadpacket.__name__
+    if name in _HOST_SYNCS:
+        return "sync"
+    if func.is_view or name in _ALLOCATIONS:
+        return "none"
+    return "launch"
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts, per plan step, the aten ops that would launch or synchronise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = "(outside the plan)"
+        self.launches: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        self.kernels: list[KernelSpec] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = _kind(func)
+        if kind == "launch":
+            self.launches[self.step] += 1
+        elif kind == "sync":
+            self.syncs[f"{self.step}: {func.overloadpacket.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def watch(self, step: Step) -> Iterator[None]:
+        before, self.step = self.step, step.name
+        try:
+            yield
+        finally:
+            self.step = before
+
+    def launch(self, step: Step, args: list) -> None:
+        self.launches[f"{step.name} (kernel)"] += 1
+        self.kernels.append(step.kernel)
+
+
+class PhaseCount(NamedTuple):
+    """What one phase of a call launches."""
+
+    kernel_specs: list[KernelSpec]
+    """The kernels launched, in order."""
+    kernels: int
+    torch_ops: int
+    by_step: dict[str, int]
+    """Launches of each step (a kernel step: "name (kernel)")."""
+    syncs: dict[str, int]
+    """Host synchronisations by step and op (none expected)."""
+
+    @property
+    def launches(self) -> int:
+        """Kernels and torch ops together."""
+        return self.kernels + self.torch_ops
+
+
+class HostBudget(NamedTuple):
+    """The dry run's figures for one call."""
+
+    forward: PhaseCount
+    backward: PhaseCount
+    forward_python_calls: int
+    backward_python_calls: int
+    """Python function calls of one forward and one backward through the operators
+    (`smallest` call)."""
+    forward_us: float
+    """Median host microseconds of a forward through the operators (routing included unless
+    the routing is fixed), on the smallest call with the same plan (`smallest`)."""
+    backward_us: float
+
+
+class Call(NamedTuple):
+    """The call a dry run measures."""
+
+    batch: int = 1
+    heads: int = 12
+    length: int = 32760
+    dim: int = 128
+    settings: Settings = Settings(block_q=128, block_kv=64)
+    topk: float = 0.05
+    k_low: float = 0.0
+    gated: bool = False
+    fixed_routing: bool = False
+    """One routing given to every call (`attention_with_routing` with a routing used again),
+    instead of routing in each (`sla::attention`)."""
+    arch: str = "sm_90a"
+    dtype: torch.dtype = torch.bfloat16
+
+
+def _inputs(call: Call, device: torch.device) -> dict[str, torch.Tensor | None]:
+    s = call.settings
+    seq = ((call.batch, call.heads, call.length, call.dim) if s.layout == "bhsd"
+           else (call.batch, call.length, call.heads, call.dim))
+    rows = seq[:3]
+
+    def tensor(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(shape, device=device).to(dtype)
+
+    return dict(q=tensor(*seq, dtype=call.dtype), k=tensor(*seq, dtype=call.dtype),
+                v=tensor(*seq, dtype=call.dtype), grad=tensor(*seq, dtype=call.dtype),
+                weight=tensor(call.dim, call.dim), bias=tensor(call.dim),
+                gate=tensor(*rows) if call.gated else None)
+
+
+class _Runner:
+    """One call's forward and backward through the CUDA backend, on meta or CPU tensors."""
+
+    def __init__(self, call: Call, device: torch.device) -> None:
+        self.call = call
+        self.target = Target("(dry run)", arch_named(call.arch))
+        self.inputs = _inputs(call, device)
+        self.fixed = self.route(None) if call.fixed_routing else None
+
+    def route(self, recorder: _Recorder | None) -> Routing:
+        c, x = self.call, self.inputs
+        s = c.settings
+        return tilelang_backend.route(x["q"], x["k"], c.topk, c.k_low, s.block_q, s.block_kv,
+                                      s.layout, target=self.target,
+                                      launch=recorder.launch if recorder else _no_launch,
+                                      watch=recorder.watch if recorder else None)
+
+    def forward(self, recorder: _Recorder | None = None):
+        x = self.inputs
+        routing = self.fixed if self.fixed is not None else self.route(recorder)
+        saved = tilelang_backend.forward(
+            x["q"], x["k"], x["v"], routing, x["weight"], x["bias"], self.call.settings,
+            gate=x["gate"], keep_routing=self.fixed is not None, target=self.target,
+            launch=recorder.launch if recorder else _no_launch,
+            watch=recorder.watch if recorder else None)
+        return saved, routing
+
+    def backward(self, saved, routing: Routing, recorder: _Recorder | None = None) -> None:
+        x = self.inputs
+        tilelang_backend.backward(
+            x["grad"], x["q"], x["k"], x["v"], saved, routing, x["weight"], x["bias"],
+            self.call.settings, gate=x["gate"], target=self.target,
+            launch=recorder.launch if recorder else _no_launch,
+            watch=recorder.watch if recorder else None)
+
+
+def _no_launch(step: Step, args: list) -> None:
+    """A kernel launch left out (the timed runs)."""
+
+
+def _count(recorder: _Recorder) -> PhaseCount:
+    kernels = sum(n for name, n in recorder.launches.items() if name.endswith("(kernel)"))
+    total = sum(recorder.launches.values())
+    return PhaseCount(recorder.kernels, kernels, total - kernels, dict(recorder.launches),
+                      dict(recorder.syncs))
+
+
+WAN_1_3B = Call()
+"""The Wan2.1-1.3B attention call of the benchmarks (bf16, 128x64 blocks, topk 0.05)."""
+
+
+def smallest(call: Call) -> Call:
+    """The smallest call whose plan runs the same steps: one batch entry and head, one block
+    each way, the smallest head dim (the host's work does not depend on the sizes)."""
+    s = call.settings
+    return call._replace(batch=1, heads=1, length=max(s.block_q, s.block_kv),
+                         dim=min(spec.HEAD_DIMS))
+
+
+class _CudaPathOnCpu:
+    """A backend for CPU tensors that runs the CUDA backend's path for `target`, its kernel
+    launches left out: the operators' host path, on a machine without the GPU."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    def route(self, *args):
+        return tilelang_backend.route(*args, target=self.target, launch=_no_launch)
+
+    def forward(self, *args, **options):
+        return tilelang_backend.forward(*args, **options, target=self.target,
+                                        launch=_no_launch)
+
+    def backward(self, *args, **options):
+        return tilelang_backend.backward(*args, **options, target=self.target,
+                                         launch=_no_launch)
+
+
+@contextlib.contextmanager
+def _operators_on_cpu(target: Target) -> Iterator[None]:
+    """The operators' CPU implementation replaced by the CUDA path while entered."""
+    reference = dispatch.BACKENDS["cpu"]
+    dispatch.BACKENDS["cpu"] = _CudaPathOnCpu(target)
+    try:
+        yield
+    finally:
+        dispatch.BACKENDS["cpu"] = reference
+
+
+class _OperatorCall:
+    """One call of the operators (`sla::attention`, or `sla::attention_lut` with a fixed
+    routing) and its backward through autograd, on CPU tensors."""
+
+    def __init__(self, call: Call) -> None:
+        runner = _Runner(call, torch.device("cpu"))
+        self.inputs, self.fixed, self.call = runner.inputs, runner.fixed, call
+        for name in ("q", "k", "v"):
+            self.inputs[name].requires_grad_()
+
+    def forward(self) -> torch.Tensor:
+        x, c = self.inputs, self.call
+        settings = c.settings.op_args()
+        if self.fixed is None:
+            return torch.ops.sla.attention(x["q"], x["k"], x["v"], x["weight"], x["bias"],
+                                           c.topk, c.k_low, *settings, x["gate"])
+        return torch.ops.sla.attention_lut(x["q"], x["k"], x["v"], *self.fixed, x["weight"],
+                                           x["bias"], *settings, x["gate"])
+
+    def backward(self, out: torch.Tensor) -> None:
+        out.backward(self.inputs["grad"])
+
+
+def measure(call: Call = WAN_1_3B, repeats: int = 50) -> HostBudget:
+    """Launches of one forward and one backward of `call` through the CUDA backend (on
+    meta tensors); the Python calls of one, and the median host time of `repeats`, through
+    the operators on `smallest(call)` (CPU tensors, the CUDA path standing in for the CPU's;
+    each backward after its own forward, so with its own routing unless it is fixed)."""
+    runner = _Runner(call, META)
+    runner.backward(*runner.forward())  # plans built, routings kept where they would be
+    with _Recorder() as forward:
+        saved, routing = runner.forward(forward)
+    with _Recorder() as backward:
+        runner.backward(saved, routing, backward)
+    timed = _OperatorCall(smallest(call))
+    with _operators_on_cpu(Target("(dry run)", arch_named(call.arch))):
+        timed.backward(timed.forward())
+        with _PythonCalls() as forward_calls:
+            out = timed.forward()
+        with _PythonCalls() as backward_calls:
+            timed.backward(out)
+        forward_s, backward_s = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = timed.forward()
+            middle = time.perf_counter()
+            timed.backward(out)
+            forward_s.append(middle - start)
+            backward_s.append(time.perf_counter() - middle)
+    return HostBudget(_count(forward), _count(backward), forward_calls.count,
+                      backward_calls.count, statistics.median(forward_s) * 1e6,
+                      statistics.median(backward_s) * 1e6)
+
+
+class _PythonCalls:
+    """Counts the Python function calls made while it is entered (one thread)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _profile(self, frame, event: str, arg) -> None:
+        if event == "call":
+            self.count += 1
+
+    def __enter__(self) -> _PythonCalls:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(None)
+        self.count -= 1  # __exit__ itself
+
+
+def _report(call: Call, budget: HostBudget) -> list[str]:
+    s = call.settings
+    lines = [f"dry run on {call.arch}: B={call.batch} H={call.heads} L={call.length} "
+             f"D={call.dim} {str(call.dtype).removeprefix('torch.')}, blocks "
+             f"{s.block_q}x{s.block_kv}, topk {call.topk}, k_low {call.k_low}, {s.linear}"
+             f"{', gated' if call.gated else ''}"
+             f"{', fixed routing' if call.fixed_routing else ', routed in each call'}"]
+    for name, count, calls, us in (
+            ("forward", budget.forward, budget.forward_python_calls, budget.forward_us),
+            ("backward", budget.backward, budget.backward_python_calls, budget.backward_us)):
+        lines.append(f"{name}: {count.launches} launches ({count.kernels} kernels, "
+                     f"{count.torch_ops} torch ops), {us:.0f} us of host time per call, "
+                     f"{calls} Python calls (goals: 6 launches, 100 us)")
+        lines += [f"  {step:<28} {n}" for step, n in count.by_step.items()]
+        lines += [f"  host sync! {what} x{n}" for what, n in count.syncs.items()]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the dry run's figures for one call."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1,12,32760,128", help="B,H,L,D")
+    parser.add_argument("--block-q", type=int, default=128, help="query block size")
+    parser.add_argument("--block-kv", type=int, default=64, help="key block size")
+    parser.add_argument("--topk", type=float, default=0.05, help="critical share")
+    parser.add_argument("--k-low", type=float, default=0.0, help="negligible share")
+    parser.add_argument("--linear", default="marginal", choices=spec.LINEAR_MODES,
+                        help="linear branch over the marginal or all blocks")
+    parser.add_argument("--gate", action="store_true", help="with SALAD's gate")
+    parser.add_argument("--fixed-routing", action="store_true",
+                        help="one routing given to every call")
+    parser.add_argument("--arch", default="sm_90a", help="the arch whose plan to run")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls")
+    args = parser.parse_args(argv)
+    batch, heads, length, dim = (int(n) for n in args.shape.split(","))
+    call = Call(batch, heads, length, dim,
+                Settings(block_q=args.block_q, block_kv=args.block_kv, linear=args.linear),
+                args.topk, args.k_low, args.gate, args.fixed_routing, args.arch)
+    print("\n".join(_report(call, measure(call, args.repeats))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
