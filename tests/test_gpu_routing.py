@@ -7,6 +7,8 @@ import torch
 
 from sla_tl import kernels, spec, tilelang_backend
 from sla_tl.routing import Routing
+from sla_tl.schedules.compile import compile_program
+from sla_tl.schedules.sm90 import select
 
 from .helpers import random_qkv
 
@@ -64,3 +66,31 @@ def test_route_with_the_selection_kernel_picks_the_same_blocks_as_the_sort(gener
     assert agree > 0.99, agree
     assert torch.equal(by_sort.lut_count, by_kernel.lut_count)
     assert torch.equal(by_sort.neg_count, by_kernel.neg_count)
+
+
+@pytest.mark.parametrize("block_map_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("topk,k_low", [(0.1, 0.2), (0.3, 0.0), (1.0, 0.0)])
+def test_selection_kernel_writes_the_marginal_block_map_and_flags(generator, block_map_dtype,
+                                                                  topk, k_low):
+    q, k, _ = random_qkv(2, 3, 1500, 2100, 64, torch.float16, generator, device="cuda")
+    arch = kernels.arch_of(q.device)
+    scores = (tilelang_backend._pool(q, 128, "bhsd", arch)
+              @ tilelang_backend._pool(k, 64, "bhsd", arch).transpose(-1, -2))
+    n_kv = scores.shape[-1]
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    rows = scores.shape[:-1]
+    got = Routing(*(torch.full(shape, -7, dtype=torch.int32, device="cuda") for shape in
+                    ((*rows, n_crit), rows, (*rows, n_neg), rows)))
+    dtype = getattr(torch, block_map_dtype)
+    marginal = torch.full(scores.shape, float("nan"), dtype=dtype, device="cuda")
+    active = torch.full(rows, -7, dtype=torch.int32, device="cuda")
+    kernel = compile_program(select.top_bottom_select(block_map_dtype), arch)
+    kernel(scores, *got, marginal, active)
+    torch.cuda.synchronize()
+    excluded = torch.zeros(scores.shape, dtype=torch.bool, device="cuda")
+    excluded.scatter_(-1, got.lut.long(), True)
+    if n_neg:
+        excluded.scatter_(-1, got.neg_lut.long(), True)
+    assert torch.equal(marginal, (~excluded).to(dtype))
+    assert (active == int(n_crit + n_neg < n_kv)).all()
