@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sla_tl import kernels, spec, tilelang_backend
+from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.routing import Routing
 from sla_tl.schedules.compile import compile_program
-from sla_tl.schedules.sm90 import select
+from sla_tl.schedules.sm90 import key_pass, select
 
-from .helpers import random_qkv
+from .helpers import random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -94,3 +94,32 @@ def test_selection_kernel_writes_the_marginal_block_map_and_flags(generator, blo
         excluded.scatter_(-1, got.neg_lut.long(), True)
     assert torch.equal(marginal, (~excluded).to(dtype))
     assert (active == int(n_crit + n_neg < n_kv)).all()
+
+
+@pytest.mark.parametrize("dim,block_kv,lk", [(128, 64, 2000), (64, 128, 777), (128, 64, 64)])
+def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
+    """The key pass with routing's pooled K: the means of the key blocks, and the same
+    linear states, bit for bit, as the key pass without it."""
+    _, k, v = random_qkv(2, 3, 1, lk, dim, torch.bfloat16, generator, device="cuda")
+    arch = kernels.arch_of(k.device)
+    n_kv = spec.num_blocks(lk, block_kv)
+    threads = 128 if dim == 64 else 256
+
+    def run(pool_keys: bool) -> list[torch.Tensor]:
+        program = key_pass.key_pass(dim, block_kv, "bfloat16", "softmax", "bhsd", True, 8,
+                                    threads, pool_keys=pool_keys)
+        kernel = compile_program(program, arch, fast_arithmetic=False)
+        outs = [torch.full((2, 3, n_kv, dim, dim), float("nan"), dtype=torch.bfloat16,
+                           device="cuda"),
+                torch.full((2, 3, n_kv, dim), float("nan"), device="cuda"),
+                torch.full((2, 3, 1, dim, dim), float("nan"), device="cuda")]
+        if pool_keys:
+            outs.append(torch.full((2, 3, n_kv, dim), float("nan"), device="cuda"))
+        kernel(k, v, *outs)
+        torch.cuda.synchronize()
+        return outs
+
+    plain, pooled = run(False), run(True)
+    assert torch.equal(plain[0], pooled[0]) and torch.equal(plain[1], pooled[1])
+    expected = reference.mean_pool(k.double().cpu(), block_kv)
+    assert relative_error(pooled[3], expected) < 1e-5
