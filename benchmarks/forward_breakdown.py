@@ -1,12 +1,13 @@
 """Where the forward's time goes, step by step of its plan, beside cuDNN SDPA.
 
-    python -m sla_tl.benchmarks.forward_breakdown [--topk 0.05] [--out result.json]
+    python -m sla_tl.benchmarks.forward_breakdown [--topk 0.05] [--selection kernel]
+        [--fusion pooled_keys ... | --all-fusions] [--out result.json]
 
 All parts are timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16),
-block_q=128, block_kv=64, on fresh random inputs: routing (its plan's steps and the whole
-of it), each step of the forward's plan alone (kernels and torch steps, on the tensors of
-one earlier run), and the whole forward with its routing. A routing is derived afresh in
-every step, as in a call that routes (`sla::attention`).
+block_q=128, block_kv=64, on fresh random inputs: each step of the plan of a call that
+routes (`sla::attention`: routing, then the forward, with the fusions asked for; see
+`sla_tl.plan`) alone, on the tensors of one earlier run, and the whole of it. A routing is
+derived afresh in every step, as in such a call.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import spec, tilelang_backend
-from sla_tl.plan import attention_plan, call_shape, route_phase
+from sla_tl import plan, spec, tilelang_backend
+from sla_tl.plan import call_shape, routed_plan
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
 from sla_tl.timing import median_ms
@@ -37,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-kv", type=int, default=64)
+    parser.add_argument("--selection", default="sort", choices=plan.SELECTIONS)
+    parser.add_argument("--fusion", action="append", choices=tuple(plan.FUSIONS),
+                        help="a fusion to run, repeatable (default: the default fusions)")
+    parser.add_argument("--all-fusions", action="store_true", help="every fusion there is")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.all_fusions:
+        args.fusion = list(plan.FUSIONS)
     b, h, length, d = 1, args.heads, args.length, 128
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
@@ -50,45 +57,38 @@ def main(argv: list[str] | None = None) -> int:
                    for _ in range(3))
         weight = torch.randn(d, d, device="cuda") / d**0.5
         bias = torch.randn(d, device="cuda") * 0.1
-        routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
-        sets.append((q, k, v, weight, bias, routing))
-    target = target_of(device)
-    shape = call_shape(sets[0][0], sets[0][1], s, False, sets[0][5].widths)
-    routing_phase = route_phase(target, shape)
-    forward = attention_plan(target, shape, keep_routing=False).forward
-    route_runs = kept_runs(routing_phase, [dict(q=x[0], k=x[1]) for x in sets], device)
-    forward_runs = kept_runs(forward, [dict(q=q, k=k, v=v, **r._asdict(), proj_weight=w,
-                                            proj_bias=bias)
-                                       for q, k, v, w, bias, r in sets], device)
+        sets.append((q, k, v, weight, bias))
+    n_kv = spec.num_blocks(length, bkv)
+    n_crit = spec.num_critical(args.topk, n_kv)
+    shape = call_shape(sets[0][0], sets[0][1], s, False, (n_crit, 0))
+    routed = routed_plan(target_of(device), shape, selection=args.selection,
+                         fusions=args.fusion).forward
+    runs = kept_runs(routed, [dict(q=q, k=k, v=v, proj_weight=w, proj_bias=bias)
+                              for q, k, v, w, bias in sets], device)
 
     def sdpa(q, k, v, *_):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             F.scaled_dot_product_attention(q, k, v)
 
-    def route(q, k, *_):
-        tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
-
-    def whole(q, k, v, weight, bias, _):
-        routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
-        tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
+    def whole(q, k, v, weight, bias):
+        tilelang_backend.routed_forward(q, k, v, weight, bias, args.topk, 0.0, s,
+                                        selection=args.selection, fusions=args.fusion)
 
     with torch.no_grad():
         timings = {"sdpa_cudnn": median_ms(sdpa, sets, args.repeats)}
-        timings.update({f"route.{name}": ms for name, ms in
-                        step_times_ms(routing_phase, route_runs, args.repeats).items()})
-        timings["route"] = median_ms(route, sets, args.repeats)
-        timings.update({f"forward.{name}": ms for name, ms in
-                        step_times_ms(forward, forward_runs, args.repeats).items()})
+        timings.update({f"step.{name}": ms for name, ms in
+                        step_times_ms(routed, runs, args.repeats).items()})
         timings["whole_forward"] = median_ms(whole, sets, args.repeats)
-    n_kv = spec.num_blocks(length, bkv)
-    density = spec.num_critical(args.topk, n_kv) / n_kv
+    density = n_crit / n_kv
     sparse_flops = 4.0 * b * h * length * length * d * density
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
-          f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
+          f"linear={args.linear} blocks {bq}x{bkv} selection={args.selection} fusions="
+          f"{','.join(plan.DEFAULT_FUSIONS if args.fusion is None else args.fusion) or 'none'} "
+          f"on {torch.cuda.get_device_name()}")
     for name, ms in timings.items():
         print(f"  {name:<30} {ms:8.3f} ms")
     cudnn_tflops = 4.0 * b * h * length**2 * d / timings["sdpa_cudnn"] / 1e9
-    fused_tflops = sparse_flops / timings["forward.forward"] / 1e9
+    fused_tflops = sparse_flops / timings["step.forward"] / 1e9
     print(f"  cuDNN dense {cudnn_tflops:.0f} TFLOP/s; fused kernel {fused_tflops:.0f} TFLOP/s "
           f"per computed block ({fused_tflops / cudnn_tflops:.0%} of cuDNN); "
           f"speedup of the whole forward {timings['sdpa_cudnn'] / timings['whole_forward']:.1f}x")

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The whole GPU check, for a GPU machine with torch but without tilelang/optuna:
 #   1. unpack the bundled packages and install this project (device_env.sh);
-#   2. tests:       the tests marked `gpu`;
-#   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape;
+#   2. tests:       the tests marked `gpu` (each stopped after $TEST_TIMEOUT s, default 240:
+#                   a kernel that hangs fails its test instead of the whole call);
+#   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape (the forward
+#                   also with the selection kernel and every fusion of sla_tl.plan.FUSIONS);
 #   4. bench:       `sla-tl bench` over $SECTIONS of the suite (default all) with JSON and plot;
 #   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
 # Not by default: baseline: a new baseline, cuDNN and sla-tl over the suite, kernel timing,
 #                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
 #                 ulysses:  Ulysses sequence parallelism on every visible GPU (2 or more) against
 #                           one GPU at the Wan2.1-14B 720p shape, at $OUT/ulysses.json.
+#                 variants: every forward and dQ schedule and alternative timed alone
+#                           (`forward_variants`, also with K and V L2-resident, `dq_variants`);
 #                 quality:  `sla-tl quality --size gpu` for the seeds in $QUALITY_SEEDS (default
 #                           0; ~5 minutes a seed), at $OUT/quality_seeds_<seeds>.json; merge the
 #                           parts with `sla-tl quality --from A.json B.json ... --plot q.png`.
@@ -29,10 +33,19 @@ step() {  # step NAME COMMAND...: run it if NAME is in $STEPS, log to $OUT/NAME.
 }
 breakdowns() {
   python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" &&
+    python3 -m sla_tl.benchmarks.forward_breakdown --selection kernel --all-fusions \
+      --out "$OUT/forward_breakdown_fused.json" &&
     python3 -m sla_tl.benchmarks.backward_breakdown --out "$OUT/backward_breakdown.json"
 }
-step tests python3 -m pytest -m gpu -q -p no:cacheprovider tests
+step tests python3 -m pytest -m gpu -q -p no:cacheprovider --timeout "${TEST_TIMEOUT:-240}" tests
+variants() {
+  python3 -m sla_tl.benchmarks.forward_variants --out "$OUT/forward_variants.json" &&
+    python3 -m sla_tl.benchmarks.forward_variants --lut shared \
+      --out "$OUT/forward_variants_shared.json" &&
+    python3 -m sla_tl.benchmarks.dq_variants --out "$OUT/dq_variants.json"
+}
 step breakdowns breakdowns
+step variants variants
 step bench python3 -m sla_tl.cli bench --sections "${SECTIONS:-shapes,sparsity,length}" \
   --out "$OUT/bench.json" --plot "$OUT/bench.png" "$@"
 step baseline python3 -m sla_tl.cli bench --timing kernels --systems sdpa_cudnn,sla_tl \

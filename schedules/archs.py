@@ -1,12 +1,14 @@
 """The arch registry: what each kernel folder `schedules/<arch>/` declares, and finding it.
 
-An arch is a package of this folder whose `__init__.py` declares `ARCH`, an `Arch`: its
-TileLang target, the compute capabilities it serves, the spellings users may give, its
-shared memory per CTA, the block sizes its kernels are built for and its kernel table.
-Adding an arch is its folder plus its name in `ARCH_PACKAGES` (and its package in
-pyproject.toml, so that it ships).
+An arch is a package of this folder (found by looking: every subpackage is one) whose
+`__init__.py` declares `ARCH`, an `Arch`: its TileLang target, the compute capabilities it
+serves, the spellings users may give, its shared memory per CTA, the block sizes its
+kernels are built for and its kernel table. Adding an arch is its folder, plus its package
+in pyproject.toml's `packages` so that it ships (tests/test_packaging.py holds the two
+together). An arch whose table is empty is known but refused wherever it is named, and a
+kernel a table lacks is refused by the plan that needs it, each with an error naming it.
 
-Nothing here imports TileLang or the rest of sla_tl; an arch's package (its kernels) is
+Nothing here imports TileLang or the rest of sla_tl; the arch packages (their kernels) are
 imported on first use.
 """
 
@@ -15,12 +17,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
-
-ARCH_PACKAGES: tuple[str, ...] = ("sm90",)
-"""The kernel folders of this directory, one per arch."""
 
 
 class KernelDef(NamedTuple):
@@ -82,35 +82,47 @@ class Arch(NamedTuple):
                      if d.tuning is not None and (d.tuned_as or kind) == kind)
 
 
+def arch_packages() -> tuple[str, ...]:
+    """The kernel folders of this directory (its subpackages), by name."""
+    here = importlib.import_module(__package__)
+    return tuple(sorted(found.name for found in pkgutil.iter_modules(here.__path__)
+                        if found.ispkg))
+
+
 def _load(package: str) -> Arch:
     module = importlib.import_module(f"{__package__}.{package}")
     arch = getattr(module, "ARCH", None)
     if not isinstance(arch, Arch):
-        raise NotImplementedError(f"the kernel folder {package} declares no ARCH")
-    if not arch.kernels:
-        raise NotImplementedError(f"arch {arch.name} declares no kernels")
+        raise NotImplementedError(f"the kernel folder {package} declares no ARCH (a "
+                                  f"schedules.archs.Arch in its __init__.py)")
     return arch
 
 
 @functools.cache
 def all_archs() -> tuple[Arch, ...]:
-    """Every registered arch, in `ARCH_PACKAGES` order."""
-    return tuple(_load(package) for package in ARCH_PACKAGES)
+    """Every arch a kernel folder declares, those without kernels too."""
+    return tuple(_load(package) for package in arch_packages())
+
+
+def with_kernels() -> tuple[Arch, ...]:
+    """The archs whose kernel tables are not empty: those a call may use."""
+    return tuple(arch for arch in all_archs() if arch.kernels)
 
 
 def spellings() -> tuple[str, ...]:
-    """Every name an arch may be given by."""
-    return tuple(name for arch in all_archs() for name in arch.spellings)
+    """Every name an arch with kernels may be given by."""
+    return tuple(name for arch in with_kernels() for name in arch.spellings)
 
 
 def named(name: object) -> Arch | None:
-    """The arch a user's name (e.g. "sm90", "sm_90" or "sm_90a") stands for, if any."""
+    """The arch a user's name (e.g. "sm90", "sm_90" or "sm_90a") stands for, if a kernel
+    folder declares it (with kernels or not)."""
     return next((arch for arch in all_archs() if name in arch.spellings), None)
 
 
 def for_capability(capability: tuple[int, int]) -> Arch | None:
-    """The arch whose kernels run on GPUs of a compute capability, if any."""
-    return next((arch for arch in all_archs() if capability in arch.capabilities), None)
+    """The arch with kernels that run on GPUs of a compute capability, if any."""
+    return next((arch for arch in with_kernels() if capability in arch.capabilities), None)
 
 
 def sizes_for(function: Callable[..., Any], args: Mapping[str, Any]) -> dict[str, Any]:

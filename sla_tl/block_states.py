@@ -13,7 +13,9 @@ import torch
 
 
 def _apply(weights: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    """out = weights @ blocks, batched over B*H, with the blocks' trailing dims flattened."""
+    """out = weights @ blocks, batched over B*H (weights (B, H, M, N)), with the blocks'
+    trailing dims flattened."""
+    weights = weights.flatten(0, 1)
     flat_out = out.view(weights.shape[0], weights.shape[1], -1)
     torch.bmm(weights, blocks.flatten(0, 1).flatten(2).to(weights.dtype), out=flat_out)
 
@@ -21,7 +23,7 @@ def _apply(weights: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> No
 def query_states(h_block: torch.Tensor, z_block: torch.Tensor, marginal: torch.Tensor,
                  h_rows: torch.Tensor, z_rows: torch.Tensor) -> None:
     """Write H_i (B, H, Mq, D, D) and Z_i (B, H, Mq, D) of every query block ("marginal")
-    from the key blocks' h_j and z_j and the (B*H, Mq, Nk) marginal map."""
+    from the key blocks' h_j and z_j and the (B, H, Mq, Nk) marginal map."""
     _apply(marginal, h_block, h_rows)
     _apply(marginal.to(z_block.dtype), z_block, z_rows)
 

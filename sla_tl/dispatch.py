@@ -1,7 +1,7 @@
 """Which implementation serves each device type: the one place that chooses.
 
-The op layer (`sla_tl.ops`) registers, for each device type here, the backend's
-`route`, `forward` and `backward` as that device's kernels.
+The op layer (`sla_tl.ops`) runs, for the inputs' device type, its backend's `route`,
+`forward` (a given routing), `routed_forward` (routing, then the forward) and `backward`.
 """
 
 from __future__ import annotations

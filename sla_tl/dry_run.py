@@ -41,9 +41,9 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import dispatch, spec, tilelang_backend
+from . import dispatch, plan, spec, tilelang_backend
 from .kernels import KernelSpec
-from .plan import Step
+from .phases import Step
 from .routing import Routing
 from .settings import Settings
 from .targets import Target, arch_named
@@ -146,6 +146,10 @@ class Call(NamedTuple):
     fixed_routing: bool = False
     """One routing given to every call (`attention_with_routing` with a routing used again),
     instead of routing in each (`sla::attention`)."""
+    selection: str = "sort"
+    """How a routed call selects its blocks (`plan.SELECTIONS`)."""
+    fusions: tuple[str, ...] | None = None
+    """The fusions a routed call runs (`plan.FUSIONS`; None: `plan.DEFAULT_FUSIONS`)."""
     arch: str = "sm_90a"
     dtype: torch.dtype = torch.bfloat16
 
@@ -178,31 +182,38 @@ class _Runner:
         c, x = self.call, self.inputs
         s = c.settings
         return tilelang_backend.route(x["q"], x["k"], c.topk, c.k_low, s.block_q, s.block_kv,
-                                      s.layout, target=self.target,
-                                      launch=recorder.launch if recorder else _no_launch,
-                                      watch=recorder.watch if recorder else None)
+                                      s.layout, c.selection, target=self.target,
+                                      **_recording(recorder))
 
     def forward(self, recorder: _Recorder | None = None):
-        x = self.inputs
-        routing = self.fixed if self.fixed is not None else self.route(recorder)
+        c, x = self.call, self.inputs
+        if self.fixed is None:
+            return tilelang_backend.routed_forward(
+                x["q"], x["k"], x["v"], x["weight"], x["bias"], c.topk, c.k_low, c.settings,
+                gate=x["gate"], selection=c.selection, fusions=c.fusions, target=self.target,
+                **_recording(recorder))
         saved = tilelang_backend.forward(
-            x["q"], x["k"], x["v"], routing, x["weight"], x["bias"], self.call.settings,
-            gate=x["gate"], keep_routing=self.fixed is not None, target=self.target,
-            launch=recorder.launch if recorder else _no_launch,
-            watch=recorder.watch if recorder else None)
-        return saved, routing
+            x["q"], x["k"], x["v"], self.fixed, x["weight"], x["bias"], c.settings,
+            gate=x["gate"], target=self.target, **_recording(recorder))
+        return saved, self.fixed
 
     def backward(self, saved, routing: Routing, recorder: _Recorder | None = None) -> None:
         x = self.inputs
         tilelang_backend.backward(
             x["grad"], x["q"], x["k"], x["v"], saved, routing, x["weight"], x["bias"],
-            self.call.settings, gate=x["gate"], target=self.target,
-            launch=recorder.launch if recorder else _no_launch,
-            watch=recorder.watch if recorder else None)
+            self.call.settings, gate=x["gate"], target=self.target, **_recording(recorder))
 
 
 def _no_launch(step: Step, args: list) -> None:
     """A kernel launch left out (the timed runs)."""
+
+
+def _recording(recorder: _Recorder | None) -> dict:
+    """The backend's `launch` and `watch` for a run `recorder` counts (None: a timed run,
+    its launches left out)."""
+    if recorder is None:
+        return dict(launch=_no_launch)
+    return dict(launch=recorder.launch, watch=recorder.watch)
 
 
 def _count(recorder: _Recorder) -> PhaseCount:
@@ -225,14 +236,21 @@ def smallest(call: Call) -> Call:
 
 
 class _CudaPathOnCpu:
-    """A backend for CPU tensors that runs the CUDA backend's path for `target`, its kernel
-    launches left out: the operators' host path, on a machine without the GPU."""
+    """A backend for CPU tensors that runs the CUDA backend's path of `call`'s arch (and its
+    selection and fusions), its kernel launches left out: the operators' host path, on a
+    machine without the GPU."""
 
-    def __init__(self, target: Target) -> None:
-        self.target = target
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.target = Target("(dry run)", arch_named(call.arch))
 
     def route(self, *args):
         return tilelang_backend.route(*args, target=self.target, launch=_no_launch)
+
+    def routed_forward(self, *args, **options):
+        return tilelang_backend.routed_forward(
+            *args, **options, selection=self.call.selection, fusions=self.call.fusions,
+            target=self.target, launch=_no_launch)
 
     def forward(self, *args, **options):
         return tilelang_backend.forward(*args, **options, target=self.target,
@@ -244,10 +262,10 @@ class _CudaPathOnCpu:
 
 
 @contextlib.contextmanager
-def _operators_on_cpu(target: Target) -> Iterator[None]:
+def _operators_on_cpu(call: Call) -> Iterator[None]:
     """The operators' CPU implementation replaced by the CUDA path while entered."""
     reference = dispatch.BACKENDS["cpu"]
-    dispatch.BACKENDS["cpu"] = _CudaPathOnCpu(target)
+    dispatch.BACKENDS["cpu"] = _CudaPathOnCpu(call)
     try:
         yield
     finally:
@@ -289,7 +307,7 @@ def measure(call: Call = WAN_1_3B, repeats: int = 50) -> HostBudget:
     with _Recorder() as backward:
         runner.backward(saved, routing, backward)
     timed = _OperatorCall(smallest(call))
-    with _operators_on_cpu(Target("(dry run)", arch_named(call.arch))):
+    with _operators_on_cpu(call):
         timed.backward(timed.forward())
         with _PythonCalls() as forward_calls:
             out = timed.forward()
@@ -333,7 +351,8 @@ def _report(call: Call, budget: HostBudget) -> list[str]:
              f"D={call.dim} {str(call.dtype).removeprefix('torch.')}, blocks "
              f"{s.block_q}x{s.block_kv}, topk {call.topk}, k_low {call.k_low}, {s.linear}"
              f"{', gated' if call.gated else ''}"
-             f"{', fixed routing' if call.fixed_routing else ', routed in each call'}"]
+             f"{', fixed routing' if call.fixed_routing else ', routed in each call'}"
+             f"{'' if call.fixed_routing else _routed(call)}"]
     for name, count, calls, us in (
             ("forward", budget.forward, budget.forward_python_calls, budget.forward_us),
             ("backward", budget.backward, budget.backward_python_calls, budget.backward_us)):
@@ -343,6 +362,11 @@ def _report(call: Call, budget: HostBudget) -> list[str]:
         lines += [f"  {step:<28} {n}" for step, n in count.by_step.items()]
         lines += [f"  host sync! {what} x{n}" for what, n in count.syncs.items()]
     return lines
+
+
+def _routed(call: Call) -> str:
+    fusions = plan.DEFAULT_FUSIONS if call.fusions is None else call.fusions
+    return f" (selection {call.selection}, fusions: {', '.join(fusions) or 'none'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,13 +382,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", action="store_true", help="with SALAD's gate")
     parser.add_argument("--fixed-routing", action="store_true",
                         help="one routing given to every call")
+    parser.add_argument("--selection", default="sort", choices=plan.SELECTIONS,
+                        help="how a routed call selects its blocks")
+    parser.add_argument("--fusion", action="append", choices=tuple(plan.FUSIONS),
+                        help="a fusion the routed call runs, repeatable (default: the "
+                        "default fusions)")
     parser.add_argument("--arch", default="sm_90a", help="the arch whose plan to run")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls")
     args = parser.parse_args(argv)
     batch, heads, length, dim = (int(n) for n in args.shape.split(","))
-    call = Call(batch, heads, length, dim,
-                Settings(block_q=args.block_q, block_kv=args.block_kv, linear=args.linear),
-                args.topk, args.k_low, args.gate, args.fixed_routing, args.arch)
+    call = Call(batch=batch, heads=heads, length=length, dim=dim,
+                settings=Settings(block_q=args.block_q, block_kv=args.block_kv,
+                                  linear=args.linear),
+                topk=args.topk, k_low=args.k_low, gated=args.gate,
+                fixed_routing=args.fixed_routing, selection=args.selection,
+                fusions=None if args.fusion is None else tuple(args.fusion), arch=args.arch)
     print("\n".join(_report(call, measure(call, args.repeats))))
     return 0
 

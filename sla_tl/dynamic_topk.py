@@ -46,12 +46,6 @@ def _topk_value(topk: torch.Tensor) -> float:
     return value
 
 
-def _settings(block_q: int, block_kv: int, feature_map: str, linear: str, scale: float | None,
-              layout: str) -> Settings:
-    return Settings(block_q=block_q, block_kv=block_kv, feature_map=feature_map, linear=linear,
-                    scale=scale, layout=layout)
-
-
 def _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s: Settings) -> None:
     check_attention(q, k, v, proj_weight, proj_bias, None, s)
     check_ratio("k_low", k_low)
@@ -64,17 +58,16 @@ def _attention_dynamic_topk(
     proj_bias: torch.Tensor, topk: torch.Tensor, k_low: float, block_q: int, block_kv: int,
     feature_map: str, linear: str, scale: float | None, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s)
-    backend = BACKENDS[q.device.type]
-    routing = backend.route(q, k, _topk_value(topk), k_low, block_q, block_kv, layout)
-    return tuple(backend.forward(q, k, v, routing, proj_weight, proj_bias, s,
-                                 keep_routing=False))
+    outputs, _routing = BACKENDS[q.device.type].routed_forward(
+        q, k, v, proj_weight, proj_bias, _topk_value(topk), k_low, s)
+    return tuple(outputs)
 
 
 @_attention_dynamic_topk.register_fake
 def _attention_dynamic_topk_fake(q, k, v, proj_weight, proj_bias, topk, k_low, *settings):
-    s = _settings(*settings)
+    s = Settings.from_op_args(*settings)
     _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s)
     return tuple(ops.forward_outputs_like(q, s))
 
@@ -86,7 +79,7 @@ def _attention_dynamic_topk_backward(
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, topk: torch.Tensor, k_low: float,
     block_q: int, block_kv: int, feature_map: str, linear: str, scale: float | None, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     saved = ForwardOutputs(out, lse, o_lin, h_rows, z_rows)
     _check_call(q, k, v, proj_weight, proj_bias, topk, k_low, s)
     check_saved(grad_out, saved, q, s)

@@ -91,12 +91,6 @@ def _no_gate_grad(q: Tensor) -> Tensor:
     return q.new_empty((0,), dtype=torch.float32)
 
 
-def _settings(block_q: int, block_kv: int, feature_map: str, linear: str, scale: float | None,
-              layout: str) -> Settings:
-    return Settings(block_q=block_q, block_kv=block_kv, feature_map=feature_map, linear=linear,
-                    scale=scale, layout=layout)
-
-
 # ---------------------------------------------------------------- sla::route
 
 
@@ -124,7 +118,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, lut_count: Tenso
                   linear: str, scale: float | None, layout: str,
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward for a given routing: (out, lse, o_lin, h_rows, z_rows)."""
-    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     check_attention(q, k, v, proj_weight, proj_bias, gate, s, routing=routing)
     return tuple(BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s,
@@ -134,7 +128,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, lut_count: Tenso
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, lut, lut_count, neg_lut, neg_count, proj_weight, proj_bias,
                         gate, *settings):
-    s = _settings(*settings)
+    s = Settings.from_op_args(*settings)
     check_attention(q, k, v, proj_weight, proj_bias, gate, s,
                     routing=Routing(lut, lut_count, neg_lut, neg_count))
     return tuple(forward_outputs_like(q, s))
@@ -152,20 +146,17 @@ def routed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor,
                                     Tensor, Tensor]:
     """Routing then the forward: (out, lse, o_lin, h_rows, z_rows, lut, lut_count, neg_lut,
     neg_count)."""
-    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     check_attention(q, k, v, proj_weight, proj_bias, gate, s, ratios=(topk, k_low))
-    backend = BACKENDS[q.device.type]
-    routing = backend.route(q, k, topk, k_low, block_q, block_kv, layout)
-    # The routing is this call's own: nothing derived from it is kept for another call.
-    outputs = backend.forward(q, k, v, routing, proj_weight, proj_bias, s, gate=gate,
-                              keep_routing=False)
+    outputs, routing = BACKENDS[q.device.type].routed_forward(q, k, v, proj_weight, proj_bias,
+                                                              topk, k_low, s, gate=gate)
     return (*outputs, *routing)
 
 
 @routed_attention_fwd.register_fake
 def _routed_attention_fwd_fake(q, k, v, proj_weight, proj_bias, topk, k_low, block_q,
                                block_kv, feature_map, linear, scale, layout, gate):
-    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     check_attention(q, k, v, proj_weight, proj_bias, gate, s, ratios=(topk, k_low))
     return (*forward_outputs_like(q, s),
             *routing_like(q, k, topk, k_low, block_q, block_kv, layout))
@@ -184,7 +175,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   linear: str, scale: float | None, layout: str,
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, d_weight, d_bias, d_gate) from the forward's outputs."""
-    s = _settings(block_q, block_kv, feature_map, linear, scale, layout)
+    s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     saved = ForwardOutputs(out, lse, o_lin, h_rows, z_rows)
     check_backward(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, gate, s)
@@ -198,7 +189,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, o_lin, h_rows, z_rows, lut,
                         neg_lut, neg_count, proj_weight, proj_bias, gate, *settings):
     check_backward(grad_out, q, k, v, ForwardOutputs(out, lse, o_lin, h_rows, z_rows),
                    Routing(lut, lut_count, neg_lut, neg_count), proj_weight, proj_bias, gate,
-                   _settings(*settings))
+                   Settings.from_op_args(*settings))
     return (*gradients_like(q, k, v, proj_weight, proj_bias),
             _no_gate_grad(q) if gate is None else _empty_like_input(gate))
 

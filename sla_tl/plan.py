@@ -1,31 +1,31 @@
 """The plan of a CUDA call: which kernels and torch steps run, in which order, on which
 buffers. One object per call shape, resolved once and kept.
 
-A call's work comes in phases (`Phase`): routing, the forward, the backward. A phase is an
-ordered list of steps (`Step`), each one kernel launch (a `KernelSpec`: kind, compile
-arguments and schedule knobs) or one group of torch ops, naming the tensors it reads, the
-buffers it fills in place and the tensors it makes. The buffers a phase allocates are
-declared with their shapes; each is allocated right before the first step that fills it
-and dropped after the last step that reads it (so, e.g., the backward's dK and dV are not
-allocated until the query blocks' states are gone).
+A call's work comes in phases (`sla_tl.phases`): routing, the forward, the backward; a
+call that routes (`sla::attention`) runs its routing and its forward as one phase, so that
+a kernel of one may take over work of the other (see "Fusions" below).
 
 Everything that needs to know which kernels a call runs reads them from a plan: the CUDA
 backend executes it, `sla-tl warm`, the static gate (`sla-tl kernels`) and the tuner's
 candidates enumerate `kernels_for` (a plan's kernels), and the dry run (`sla_tl.dry_run`)
-counts its launches. Replacing a group of torch ops by one kernel is one change here: the
-step that ran them becomes a kernel step with the same reads and outputs.
+counts its launches.
 
-A plan is resolved once per call shape (`attention_plan`, `route_phase`): the target (GPU
-model and arch), the schedule (an override, else the tuned one from the config store), the
-kernels' compile arguments and every buffer's shape; the compiled kernels are fetched on a
-phase's first run and kept with it.
+A plan is resolved once per call shape (`attention_plan`, `routed_plan`, `route_phase`):
+the target (GPU model and arch), the schedule (an override, else the tuned one from the
+config store), the kernels' compile arguments and every buffer's shape; the compiled
+kernels are fetched on a phase's first run and kept with it.
+
+Fusions: a kernel variant that does the work of a group of steps is a `Fusion` in
+`FUSIONS`, a rewrite of the routed forward's step list (the group's steps go, the kernel
+step takes their outputs). A plan built with `fusions` runs them; `DEFAULT_FUSIONS` are the
+ones every call runs. Replacing a group of torch ops by a new kernel is one entry there
+(and its kernel's line in the arch's kernel table).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 import tilelang
@@ -34,156 +34,21 @@ import torch
 from . import block_states, config_store, kernels, routing, spec
 from .kernels import KernelSpec, Schedule
 from .layout import from_bhsd, to_bhsd
+from .phases import Buffer, Phase, Step, kernel_step, torch_step
 from .routing import Routing
-from .settings import Settings
-from .targets import Target, check_block_sizes
+from .settings import ForwardOutputs, Settings
+from .targets import Target, arch_named, check_block_sizes
 
 SELECTIONS = ("sort", "kernel")
 """How routing picks each row's blocks from the pooled scores: "sort" (torch: a row sort,
 the default) or "kernel" (one selection kernel on the unsmoothed scores; it replaces ~10
 small torch launches and is a candidate for the default)."""
 
+ROUTING = Routing._fields
+"""The routing's tensors as a plan names them, in the operators' order."""
 
-class Buffer(NamedTuple):
-    """A tensor a phase allocates."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-class Step(NamedTuple):
-    """One step of a phase: a kernel launch, or a group of torch ops."""
-
-    name: str
-    kernel: KernelSpec | None
-    """The kernel launched (None: `function` runs)."""
-    function: Callable[..., object] | None
-    """Torch ops: called with the tensors of `reads` then `fills`; returns those of `makes`
-    (one tensor, or a tuple for several)."""
-    reads: tuple[str, ...]
-    fills: tuple[str, ...] = ()
-    """Buffers the step writes in place (a kernel's outputs come last in its arguments)."""
-    makes: tuple[str, ...] = ()
-    """Tensors a torch step returns."""
-
-
-def kernel_step(name: str, spec: KernelSpec, reads: Sequence[str],
-                fills: Sequence[str]) -> Step:
-    """A step launching `spec` on `reads` then `fills` (its arguments, in order)."""
-    return Step(name, spec, None, tuple(reads), tuple(fills))
-
-
-def torch_step(name: str, function: Callable[..., object], reads: Sequence[str],
-               fills: Sequence[str] = (), makes: Sequence[str] = ()) -> Step:
-    """A step running torch ops."""
-    return Step(name, None, function, tuple(reads), tuple(fills), tuple(makes))
-
-
-Launcher = Callable[[Step, list], None]
-"""Runs one kernel step on its argument tensors."""
-
-Watcher = Callable[[Step], contextlib.AbstractContextManager]
-"""A context around each step (a dry run attributes what it sees to the step)."""
-
-
-class Phase:
-    """An ordered list of steps with the buffers it allocates (see the module docstring)."""
-
-    def __init__(self, name: str, inputs: Sequence[str], outputs: Sequence[str],
-                 steps: Sequence[Step], buffers: Mapping[str, Buffer]) -> None:
-        self.name = name
-        self.inputs = tuple(inputs)
-        self.outputs = tuple(outputs)
-        self.steps = tuple(steps)
-        self.buffers = dict(buffers)
-        self._released = _released_after(self.steps, self.outputs)
-        self._compiled: list = [None] * len(self.steps)
-        missing = {f for s in self.steps for f in s.fills} - set(self.buffers)
-        if missing:
-            raise ValueError(f"{name}: buffers without a shape: {sorted(missing)}")
-
-    def kernels(self) -> list[KernelSpec]:
-        """The kernels this phase launches, in order."""
-        return [s.kernel for s in self.steps if s.kernel is not None]
-
-    def step(self, name: str) -> Step:
-        """The step called `name`."""
-        return next(s for s in self.steps if s.name == name)
-
-    def _launch(self, index: int, args: list) -> None:
-        """Launch the kernel of step `index`, compiled on first use (kept with the phase)."""
-        kernel = self._compiled[index]
-        if kernel is None:
-            kernel = self._compiled[index] = kernels.compiled(self.steps[index].kernel)
-        kernel(*args)
-
-    def run(self, tensors: Mapping[str, torch.Tensor], device: torch.device,
-            launch: Launcher | None = None, keep: bool = False,
-            only: Collection[str] | None = None,
-            watch: Watcher | None = None) -> dict[str, torch.Tensor]:
-        """Run every step on `tensors` (the inputs, and any buffer given instead of being
-        allocated, e.g. outputs poisoned by a test). Returns the outputs, or with `keep`
-        every tensor the phase saw. `launch` replaces the kernel launches and `watch` wraps
-        each step (a dry run); `only` names the steps to run (with `keep`: a test of one
-        kernel on its own)."""
-        env = dict(tensors)
-        for index, step in enumerate(self.steps):
-            if only is not None and step.name not in only:
-                continue
-            if watch is not None:
-                with watch(step):
-                    self._run_step(index, step, env, device, launch)
-            else:
-                self._run_step(index, step, env, device, launch)
-            if not keep:
-                for name in self._released[index]:
-                    env.pop(name, None)
-        return env if keep else {name: env[name] for name in self.outputs}
-
-    def _run_step(self, index: int, step: Step, env: dict, device: torch.device,
-                  launch: Launcher | None) -> None:
-        for name in step.fills:
-            if name not in env:
-                buffer = self.buffers[name]
-                env[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
-        args = [env[name] for name in step.reads]
-        args += [env[name] for name in step.fills]
-        if step.kernel is None:
-            made = step.function(*args)
-            if len(step.makes) == 1:
-                env[step.makes[0]] = made
-            elif step.makes:
-                env.update(zip(step.makes, made, strict=True))
-        elif launch is None:
-            self._launch(index, args)
-        else:
-            launch(step, args)
-
-    def run_step(self, name: str, env: Mapping[str, torch.Tensor],
-                 launch: Launcher | None = None) -> object:
-        """Run one step on the tensors of a kept run (`run(..., keep=True)`), e.g. to time
-        it alone; returns what a torch step makes."""
-        index = next(i for i, s in enumerate(self.steps) if s.name == name)
-        step = self.steps[index]
-        args = [env[n] for n in step.reads] + [env[n] for n in step.fills]
-        if step.kernel is None:
-            return step.function(*args)
-        if launch is None:
-            return self._launch(index, args)
-        return launch(step, args)
-
-
-def _released_after(steps: Sequence[Step], outputs: Sequence[str]) -> list[tuple[str, ...]]:
-    """Per step, the tensors no later step reads (and that are not outputs): dropped after it."""
-    last: dict[str, int] = {}
-    for index, step in enumerate(steps):
-        for name in (*step.reads, *step.fills, *step.makes):
-            last[name] = index
-    released: list[list[str]] = [[] for _ in steps]
-    for name, index in last.items():
-        if name not in outputs:
-            released[index].append(name)
-    return [tuple(names) for names in released]
+PLANS_KEPT = 256
+"""Plans kept per kind (the least recently used go first): one per call shape."""
 
 
 # ---------------------------------------------------------------- call shapes
@@ -237,28 +102,19 @@ def call_shape(q: torch.Tensor, k: torch.Tensor, s: Settings, gated: bool,
 # ---------------------------------------------------------------- routing
 
 
-ROUTING = Routing._fields
-
-
-PLANS_KEPT = 256
-"""Plans kept per kind (the least recently used go first): one per call shape."""
-
-
-@functools.lru_cache(maxsize=PLANS_KEPT)
-def route_phase(target: Target, shape: CallShape, selection: str = "sort") -> Phase:
-    """Routing of a call: pooled block scores (pooling kernels), then each row's critical
-    and negligible blocks (`shape.widths` of them) by `selection`."""
+def _route_steps(target: Target, shape: CallShape,
+                 selection: str) -> tuple[list[Step], dict[str, Buffer]]:
+    """Pooled block scores (pooling kernels), then each row's critical and negligible
+    blocks (`shape.widths` of them) by `selection`: the steps making `ROUTING`."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
     s = shape.settings
-    check_block_sizes(target.arch, s.block_q, s.block_kv)
-    arch = target.arch.target
     b, h, n_q, n_kv, d = shape.batch, shape.heads, shape.n_q, shape.n_kv, shape.dim
     n_crit, n_neg = shape.widths
 
     def pool(block: int) -> KernelSpec:
-        return KernelSpec("pool", (("dim", d), ("block", block), ("dtype", shape.dtype_name),
-                                   ("layout", s.layout)), arch)
+        return _spec(target, "pool", dict(dim=d, block=block, dtype=shape.dtype_name,
+                                          layout=s.layout))
 
     buffers = {"pooled_q": Buffer((b, h, n_q, d), torch.float32),
                "pooled_k": Buffer((b, h, n_kv, d), torch.float32)}
@@ -269,39 +125,138 @@ def route_phase(target: Target, shape: CallShape, selection: str = "sort") -> Ph
             "select", functools.partial(routing.select_by_sort, lk=shape.lk, block_kv=s.block_kv,
                                         n_crit=n_crit, n_neg=n_neg),
             ["pooled_q", "pooled_k"], makes=ROUTING))
-    else:
-        select = KernelSpec("select", (), arch)
-        limit = target.arch.kernel("select").limits.get("key_blocks")
-        if limit is not None and n_kv > limit:
-            raise ValueError(f"selection='kernel' takes at most {limit} key blocks; got {n_kv} "
-                             "(use selection='sort')")
-        rows = (b, h, n_q)
-        buffers.update(lut=Buffer((*rows, n_crit), torch.int32),
-                       lut_count=Buffer(rows, torch.int32),
-                       neg_lut=Buffer((*rows, n_neg), torch.int32),
-                       neg_count=Buffer(rows, torch.int32))
-        steps += [torch_step("scores", routing.raw_scores, ["pooled_q", "pooled_k"],
-                             makes=["scores"]),
-                  kernel_step("select", select, ["scores"], ROUTING)]
+        return steps, buffers
+    limit = target.arch.kernel("select").limits.get("key_blocks")
+    if limit is not None and n_kv > limit:
+        raise ValueError(f"selection='kernel' takes at most {limit} key blocks; got {n_kv} "
+                         "(use selection='sort')")
+    rows = (b, h, n_q)
+    buffers.update(lut=Buffer((*rows, n_crit), torch.int32),
+                   lut_count=Buffer(rows, torch.int32),
+                   neg_lut=Buffer((*rows, n_neg), torch.int32),
+                   neg_count=Buffer(rows, torch.int32))
+    steps += [torch_step("scores", routing.raw_scores, ["pooled_q", "pooled_k"],
+                         makes=["scores"]),
+              kernel_step("select", _spec(target, "select", {}), ["scores"], ROUTING)]
+    return steps, buffers
+
+
+@functools.lru_cache(maxsize=PLANS_KEPT)
+def route_phase(target: Target, shape: CallShape, selection: str = "sort") -> Phase:
+    """Routing alone (`sla::route`): see `_route_steps`."""
+    s = shape.settings
+    check_block_sizes(target.arch, s.block_q, s.block_kv)
+    steps, buffers = _route_steps(target, shape, selection)
     return Phase("route", ["q", "k"], ROUTING, steps, buffers)
+
+
+# ---------------------------------------------------------------- fusions
+
+
+class Fusion(NamedTuple):
+    """A kernel variant that does the work of a group of the routed forward's steps."""
+
+    summary: str
+    """What it takes over, for the docs and the dry run's report."""
+    refusal: Callable[[CallShape, str], str | None]
+    """Why it cannot serve a call of this shape and selection (None: it can)."""
+    rewrite: Callable[[list[Step], dict[str, Buffer], CallShape], None]
+    """Rewrites the routed forward's steps and buffers in place."""
+
+
+def _index(steps: list[Step], name: str) -> int:
+    return next(i for i, step in enumerate(steps) if step.name == name)
+
+
+def _with_args(step: Step, fills: tuple[str, ...], **args: object) -> Step:
+    """`step` with more compile arguments for its kernel and more buffers to fill."""
+    spec_ = step.kernel._replace(args=step.kernel.args + tuple(args.items()))
+    return step._replace(kernel=spec_, fills=step.fills + fills)
+
+
+def _pooled_keys(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
+    key_pass = steps.pop(_index(steps, "key_pass"))
+    del steps[_index(steps, "pool_k")]
+    # First: routing reads the pooled K it writes.
+    steps.insert(0, _with_args(key_pass, ("pooled_k",), pool_keys=True))
+
+
+def _selection_block_map(steps: list[Step], buffers: dict[str, Buffer],
+                         shape: CallShape) -> None:
+    index = _index(steps, "select")
+    steps[index] = _with_args(steps[index], ("marginal", "active"),
+                              block_map_dtype=shape.dtype_name)
+    del steps[_index(steps, "routing_flags")]
+    rows = (shape.batch, shape.heads, shape.n_q)
+    buffers.update(marginal=Buffer((*rows, shape.n_kv), shape.dtype),
+                   active=Buffer(rows, torch.int32))
+
+
+def _needs_marginal_kernel_selection(shape: CallShape, selection: str) -> str | None:
+    if selection != "kernel":
+        return "needs selection='kernel'"
+    if shape.settings.linear != "marginal":
+        return "needs linear='marginal' (the global branch has no block map)"
+    return None
+
+
+FUSIONS: dict[str, Fusion] = {
+    "pooled_keys": Fusion(
+        "the key pass also writes routing's pooled K (the pool_k kernel goes)",
+        lambda shape, selection: None, _pooled_keys),
+    "selection_block_map": Fusion(
+        "the selection kernel also writes the marginal block map and the rows' flags (the "
+        "routing_flags torch ops go)",
+        _needs_marginal_kernel_selection, _selection_block_map),
+}
+"""The fusions a routed forward may run, by name, applied in this order."""
+
+DEFAULT_FUSIONS: tuple[str, ...] = ()
+"""The fusions every routed call runs. Their kernels have not run on a GPU yet: a plan runs
+them when asked (`fusions`), for the GPU tests and the benchmarks, until they join here."""
+
+
+def _in_order(fusions: Collection[str]) -> tuple[str, ...]:
+    """Fusions by name, in `FUSIONS`' order; ValueError naming one that is not there."""
+    for name in fusions:
+        if name not in FUSIONS:
+            raise ValueError(f"fusions must be among {', '.join(FUSIONS)}; got {name!r}")
+    return tuple(name for name in FUSIONS if name in fusions)
+
+
+def _check_fusions(fusions: tuple[str, ...], shape: CallShape, selection: str) -> None:
+    """ValueError naming a fusion that cannot serve this call."""
+    for name in fusions:
+        refusal = FUSIONS[name].refusal(shape, selection)
+        if refusal is not None:
+            raise ValueError(f"fusion {name!r} {refusal}")
 
 
 # ---------------------------------------------------------------- attention
 
 
 class AttentionPlan(NamedTuple):
-    """The forward and backward phases of a call with a given routing."""
+    """The forward and backward phases of a call."""
 
     target: Target
     shape: CallShape
     schedule: Schedule
     """The schedule knobs its kernels are built with, by tunable kernel."""
     forward: Phase
+    """The forward for a given routing, or (`routed_plan`) routing then the forward: its
+    outputs are then `ForwardOutputs`' fields followed by `ROUTING`."""
     backward: Phase
 
     def kernels(self, backward: bool = True) -> list[KernelSpec]:
         """Every kernel the forward (and the backward) launches, in order."""
         return self.forward.kernels() + (self.backward.kernels() if backward else [])
+
+
+class _Routed(NamedTuple):
+    """How a routed plan routes."""
+
+    selection: str
+    fusions: tuple[str, ...]
 
 
 def _frozen(schedule: Schedule | None) -> tuple | None:
@@ -312,33 +267,68 @@ def _frozen(schedule: Schedule | None) -> tuple | None:
 
 def attention_plan(target: Target, shape: CallShape, schedule: Schedule | None = None,
                    keep_routing: bool = True) -> AttentionPlan:
-    """The plan of a call: `schedule` overrides the stored one (the tuner's candidates, the
-    benchmarks' alternatives); `keep_routing`: what the forward and the backward derive
-    from the routing is kept with it, for later calls with the same routing (see
-    `sla_tl.routing`)."""
+    """The plan of a call with a given routing: `schedule` overrides the stored one (the
+    tuner's candidates, the benchmarks' alternatives); `keep_routing`: what the forward
+    and the backward derive from the routing is kept with it, for later calls with the
+    same routing (see `sla_tl.routing`)."""
+    return _resolved(target, shape, schedule, keep_routing, None)
+
+
+def routed_plan(target: Target, shape: CallShape, schedule: Schedule | None = None,
+                selection: str = "sort",
+                fusions: Collection[str] | None = None) -> AttentionPlan:
+    """The plan of a call that routes (`sla::attention`): routing by `selection`, then the
+    forward, as one phase, with `fusions` (None: `DEFAULT_FUSIONS`); `schedule` as for
+    `attention_plan`. The routing is the call's own, valid by construction: nothing
+    derived from it is kept for another call, and it is not checked."""
+    chosen = DEFAULT_FUSIONS if fusions is None else _in_order(fusions)
+    return _resolved(target, shape, schedule, False, _Routed(selection, chosen))
+
+
+def _resolved(target: Target, shape: CallShape, schedule: Schedule | None, keep_routing: bool,
+              routed: _Routed | None) -> AttentionPlan:
     if schedule is None:
         # The store's schedule: plans of a store are dropped when it is read again.
         store = config_store.active_store()
-        return _attention_plan(target, shape, None, keep_routing, store, store.generation)
-    return _attention_plan(target, shape, _frozen(schedule), keep_routing, None, 0)
+        return _attention_plan(target, shape, None, keep_routing, routed, store,
+                               store.generation)
+    return _attention_plan(target, shape, _frozen(schedule), keep_routing, routed, None, 0)
 
 
 @functools.lru_cache(maxsize=PLANS_KEPT)
 def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep_routing: bool,
-                    store: config_store.ConfigStore | None, generation: int) -> AttentionPlan:
+                    routed: _Routed | None, store: config_store.ConfigStore | None,
+                    generation: int) -> AttentionPlan:
     s = shape.settings
     check_block_sizes(target.arch, s.block_q, s.block_kv)
     if store is not None:
         schedule = store.lookup(shape.call_key(target)).schedule
     else:
         schedule = {kernel: dict(knobs) for kernel, knobs in frozen}
-    return AttentionPlan(target, shape, schedule, _forward(target, shape, schedule, keep_routing),
+    steps, buffers = _forward_steps(target, shape, schedule, keep_routing,
+                                    check_routing=routed is None)
+    inputs = ["q", "k", "v", *ROUTING, "proj_weight", "proj_bias", *(["gate"] * shape.gated)]
+    outputs = list(ForwardOutputs._fields)
+    name = "forward"
+    if routed is not None:
+        _check_fusions(routed.fusions, shape, routed.selection)
+        route_steps, route_buffers = _route_steps(target, shape, routed.selection)
+        steps, buffers = route_steps + steps, {**route_buffers, **buffers}
+        for fusion in routed.fusions:
+            FUSIONS[fusion].rewrite(steps, buffers, shape)
+        inputs = [name for name in inputs if name not in ROUTING]
+        outputs += ROUTING
+        name = "routed_forward"
+    forward = Phase(name, inputs, outputs, steps, buffers)
+    return AttentionPlan(target, shape, schedule, forward,
                          _backward(target, shape, schedule, keep_routing))
 
 
-def _spec(target: Target, kind: str, args: dict, schedule: Schedule,
-          tuned_as: str | None = None) -> KernelSpec:
-    knobs = kernels.knobs_of(schedule, tuned_as or kind)
+def _spec(target: Target, kind: str, args: dict, schedule: Schedule | None = None) -> KernelSpec:
+    """One kernel of the arch's table, with the knobs `schedule` sets for the kernel it is
+    tuned as; NotImplementedError naming a kernel the arch lacks."""
+    definition = target.arch.kernel(kind)
+    knobs = kernels.knobs_of(schedule, definition.tuned_as or kind)
     return KernelSpec(kind, tuple(args.items()), target.arch.target, knobs)
 
 
@@ -353,8 +343,10 @@ def _gate_rows(gate: torch.Tensor, layout: str) -> torch.Tensor:
     return to_bhsd(gate, layout).float().contiguous()
 
 
-def _forward(target: Target, shape: CallShape, schedule: Schedule,
-             keep_routing: bool) -> Phase:
+def _forward_steps(target: Target, shape: CallShape, schedule: Schedule, keep_routing: bool,
+                   check_routing: bool) -> tuple[list[Step], dict[str, Buffer]]:
+    """The forward's steps for a routing (`ROUTING`) and their buffers. `check_routing`:
+    the rows that break a rule of a valid routing get NaN (a routing from the caller)."""
     s = shape.settings
     b, h, lq, d = shape.batch, shape.heads, shape.lq, shape.dim
     n_kv = shape.n_kv
@@ -377,7 +369,7 @@ def _forward(target: Target, shape: CallShape, schedule: Schedule,
         "lse": Buffer((b, h, lq), torch.float32),
     }
     flags = functools.partial(_forward_flags, n_kv=n_kv, linear=s.linear, dtype=shape.dtype,
-                              keep=keep_routing)
+                              keep=keep_routing, check=check_routing)
     steps = [
         kernel_step("key_pass", key_pass, ["k", "v"], ["h_block", "z_block", "h_group"]),
         torch_step("routing_flags", flags, ROUTING, makes=["active", "marginal"]),
@@ -397,18 +389,16 @@ def _forward(target: Target, shape: CallShape, schedule: Schedule,
     forward = _spec(target, "gated_forward" if shape.gated else "forward",
                     dict(dim=d, block_q=s.block_q, block_kv=s.block_kv, dtype=dtype,
                          feature=s.feature_map, layout=s.layout,
-                         scale=spec.softmax_scale(d, s.scale)), schedule, "forward")
+                         scale=spec.softmax_scale(d, s.scale)), schedule)
     steps.append(kernel_step(
         "forward", forward, ["q", "k", "v", "lut", "lut_count", "h_rows", "z_rows", "active",
                              "weight_in", "bias_in", *gate], ["out", "linear", "lse"]))
-    inputs = ["q", "k", "v", *ROUTING, "proj_weight", "proj_bias", *(["gate"] * shape.gated)]
-    return Phase("forward", inputs, ["out", "lse", "linear", "h_rows", "z_rows"], steps,
-                 buffers)
+    return steps, buffers
 
 
 def _forward_flags(*tensors: torch.Tensor, n_kv: int, linear: str, dtype: torch.dtype,
-                   keep: bool) -> routing.ForwardFlags:
-    return routing.forward_flags(Routing(*tensors), n_kv, linear, dtype, keep)
+                   keep: bool, check: bool) -> routing.ForwardFlags:
+    return routing.forward_flags(Routing(*tensors), n_kv, linear, dtype, keep, check)
 
 
 def _backward_flags(*tensors: torch.Tensor, n_kv: int, linear: str, keep: bool) -> torch.Tensor:
@@ -510,15 +500,14 @@ def _backward(target: Target, shape: CallShape, schedule: Schedule,
 
 def kernels_for(arch: str, dim: int, dtype: str, settings: Settings, gated: bool = False,
                 backward: bool = True, schedule: Schedule | None = None,
-                selection: str = "sort") -> list[KernelSpec]:
+                selection: str = "sort", fusions: Collection[str] | None = None,
+                ) -> list[KernelSpec]:
     """Every kernel that routing, the forward and (with `backward`) the backward of a call
-    with these settings launch, in order, with `schedule`'s knobs where it sets any (the
-    defaults elsewhere; the tuned store is not read). What `sla-tl warm`, the static gate
-    and the tuner compile: the kernels a plan launches do not depend on the lengths."""
-    from .targets import arch_named
-
+    with these settings launch (its `routed_plan`), in order, with `schedule`'s knobs where
+    it sets any (the defaults elsewhere; the tuned store is not read). What `sla-tl warm`,
+    the static gate and the tuner compile: the kernels a plan launches do not depend on the
+    lengths (a call with a given routing launches the same ones but routing's)."""
     shape = CallShape(1, 1, settings.block_q, settings.block_kv, dim, getattr(torch, dtype),
                       settings, gated, (1, 0))
-    target = Target("", arch_named(arch))
-    plan = attention_plan(target, shape, schedule or {})
-    return route_phase(target, shape, selection).kernels() + plan.kernels(backward)
+    plan = routed_plan(Target("", arch_named(arch)), shape, schedule or {}, selection, fusions)
+    return plan.kernels(backward)

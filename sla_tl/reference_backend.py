@@ -47,10 +47,9 @@ def _run(
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
-    gate: torch.Tensor | None = None, keep_routing: bool = True,
+    gate: torch.Tensor | None = None,
 ) -> ForwardOutputs:
-    """The output and what the backward reuses, in the reference's arithmetic
-    (`keep_routing` is the CUDA backend's: the reference keeps nothing between calls)."""
+    """The output and what the backward reuses, in the reference's arithmetic."""
     with torch.no_grad():
         out, lse, linear = _run(q, k, v, routing, proj_weight, proj_bias, s, gate)
         h_rows, z_rows = reference.linear_states(
@@ -62,6 +61,16 @@ def forward(
         from_bhsd(linear, s.layout).contiguous(), h_rows.to(q.dtype).contiguous(),
         z_rows.float().contiguous(),
     )
+
+
+def routed_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor, topk: float, k_low: float, s: Settings,
+    gate: torch.Tensor | None = None,
+) -> tuple[ForwardOutputs, Routing]:
+    """Routing of the reference, then the forward on it: the outputs and the routing."""
+    routing = route(q, k, topk, k_low, s.block_q, s.block_kv, s.layout)
+    return forward(q, k, v, routing, proj_weight, proj_bias, s, gate), routing
 
 
 def backward(

@@ -114,9 +114,10 @@ def block_mask(lut: torch.Tensor, count: torch.Tensor, n_kv: int,
 
 
 def marginal_map(listed: Listing, dtype: torch.dtype) -> torch.Tensor:
-    """(B*H, Mq, Nk) in `dtype`: 1 where key block j is marginal for query block i, i.e.
-    listed in neither LUT (`listed` tallies both). Its 0/1 weights are exact in any dtype."""
-    return (listed.per_block == 0).flatten(0, 1).to(dtype)
+    """(B, H, Mq, Nk) in `dtype`: 1 where key block j is marginal for query block i, i.e.
+    listed in neither LUT (`listed` tallies both). Its 0/1 weights are exact in any dtype.
+    The selection kernel's variant with a block map writes the same map."""
+    return (listed.per_block == 0).to(dtype)
 
 
 def count_outside(count: torch.Tensor, width: int) -> torch.Tensor:
@@ -212,7 +213,7 @@ class KeyMajor(NamedTuple):
     reverse_count: torch.Tensor
     """`reverse_lut` of the critical blocks."""
     marginal_t: torch.Tensor | None
-    """The marginal map transposed, (B*H, Nk, Mq) ("marginal"); None in "global"."""
+    """The marginal map transposed, (B, H, Nk, Mq) ("marginal"); None in "global"."""
 
 
 class _Kept:
@@ -271,17 +272,19 @@ def _derived(routing: Routing, part: tuple, keep: bool, compute):
 
 
 def forward_flags(routing: Routing, n_kv: int, linear: str, dtype: torch.dtype,
-                  keep: bool) -> ForwardFlags:
+                  keep: bool, check: bool = True) -> ForwardFlags:
     """The forward's flags and marginal map of `routing` over `n_kv` key blocks: what is
-    kept for it, or computed now (and kept when `keep`)."""
+    kept for it, or computed now (and kept when `keep`). `check`: the rows that break a
+    rule of a valid routing are flagged (a routing from the caller); a routing the call
+    made itself is valid by construction."""
     def compute() -> ForwardFlags:
         marginal = linear == "marginal"
-        listed = listing(routing, n_kv, negligible=marginal)
-        faults = row_faults(routing, listed, negligible=marginal)
+        listed = listing(routing, n_kv, negligible=marginal) if check or marginal else None
+        faults = row_faults(routing, listed, negligible=marginal) if check else None
         return ForwardFlags(active_flags(routing, n_kv, linear, faults),
                             marginal_map(listed, dtype) if marginal else None)
 
-    return _derived(routing, ("forward", n_kv, linear, dtype), keep, compute)
+    return _derived(routing, ("forward", n_kv, linear, dtype, check), keep, compute)
 
 
 def backward_flags(routing: Routing, n_kv: int, linear: str, keep: bool) -> torch.Tensor:
@@ -298,10 +301,10 @@ def key_major(routing: Routing, n_kv: int, linear: str, dtype: torch.dtype,
     def compute() -> KeyMajor:
         marginal_t = None
         if linear == "marginal":
-            forward = _kept_part(routing, ("forward", n_kv, linear, dtype))
+            forward = _kept_part(routing, ("forward", n_kv, linear, dtype, True))
             marginal = forward.marginal if forward is not None else marginal_map(
                 listing(routing, n_kv, negligible=True), dtype)
-            marginal_t = marginal.transpose(1, 2)
+            marginal_t = marginal.transpose(-1, -2)
         return KeyMajor(*reverse_lut(routing.lut, routing.lut_count, n_kv), marginal_t)
 
     return _derived(routing, ("key", n_kv, linear, dtype), keep, compute)

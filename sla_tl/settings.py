@@ -28,6 +28,13 @@ class Settings:
         return (self.block_q, self.block_kv, self.feature_map, self.linear, self.scale,
                 self.layout)
 
+    @classmethod
+    def from_op_args(cls, block_q: int, block_kv: int, feature_map: str, linear: str,
+                     scale: float | None, layout: str) -> Settings:
+        """The settings from the operators' arguments (`op_args`' inverse)."""
+        return cls(block_q=block_q, block_kv=block_kv, feature_map=feature_map, linear=linear,
+                   scale=scale, layout=layout)
+
 
 class ForwardOutputs(NamedTuple):
     """What `sla::attention_fwd` returns: the output, and what the backward reuses."""

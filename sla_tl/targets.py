@@ -36,11 +36,15 @@ def model_slug(gpu: str) -> str:
 
 def arch_named(name: object) -> Arch:
     """The arch a user names ("sm90", "sm_90" or "sm_90a", ...); ValueError listing the
-    names there are kernels for."""
+    names there are kernels for, NotImplementedError for an arch whose folder declares no
+    kernels yet."""
     arch = archs.named(name)
     if arch is None:
         raise ValueError(f"arch must be one of {', '.join(archs.spellings())} (the archs with "
                          f"kernels); got {name!r}")
+    if not arch.kernels:
+        raise NotImplementedError(f"arch {arch.name} ({arch.target}) declares no kernels yet; "
+                                  f"the archs with kernels: {', '.join(archs.spellings())}")
     return arch
 
 
@@ -54,7 +58,7 @@ def arch_of_capability(capability: tuple[int, int], gpu: str) -> Arch:
     has kernels for it."""
     arch = archs.for_capability(capability)
     if arch is None:
-        served = ", ".join(f"sm_{m}{n}" for a in archs.all_archs() for m, n in a.capabilities)
+        served = ", ".join(f"sm_{m}{n}" for a in archs.with_kernels() for m, n in a.capabilities)
         raise NotImplementedError(
             f"sla-tl has kernels for {served} only; {gpu} is sm_{capability[0]}"
             f"{capability[1]}. Run on a GPU of those archs, or use the CPU reference.")

@@ -6,23 +6,25 @@ Takes and returns tensors in the user's layout, like every backend (see `dispatc
 are the operators' and checked by them (`sla_tl.ops`); the plan checks what only the arch
 knows (its block sizes) once per call shape.
 
-Every entry takes `schedule` (knobs overriding the tuned ones: the tuner's candidates, the
-benchmarks' and GPU tests' alternatives), `buffers` (tensors to write instead of allocating
-them, by the plan's names: tests poison them first), and, for a dry run on a machine
-without the GPU (`sla_tl.dry_run`), `target`, `launch` (kernel launches recorded, not
-run) and `watch` (a context around each step of the plan).
+Every attention entry takes `schedule` (knobs overriding the tuned ones: the tuner's
+candidates, the benchmarks' and GPU tests' alternatives) and `buffers` (tensors to write
+instead of allocating them, by the plan's names: tests poison them first); `routed_forward`
+also takes `selection` and `fusions` (see `sla_tl.plan`). For a dry run on a machine
+without the GPU (`sla_tl.dry_run`) every entry takes `target`, `launch` (kernel launches
+recorded, not run) and `watch` (a context around each step of the plan).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
 from . import spec
 from .kernels import Schedule
 from .layout import to_bhsd
-from .plan import Launcher, Watcher, attention_plan, call_shape, route_phase
+from .phases import Launcher, Watcher
+from .plan import attention_plan, call_shape, route_phase, routed_plan
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
 from .targets import Target, target_of
@@ -38,13 +40,37 @@ def route(
     """Pooled block scores (pooling kernels), then per-row top/bottom selection by
     `selection` ("sort" or "kernel", see `plan.SELECTIONS`)."""
     q, k = q.contiguous(), k.contiguous()
-    n_kv = spec.num_blocks(to_bhsd(k, layout).shape[2], block_kv)
-    n_crit = spec.num_critical(topk, n_kv)
-    widths = (n_crit, spec.num_negligible(k_low, n_kv, n_crit))
-    shape = call_shape(q, k, Settings(block_q=block_q, block_kv=block_kv, layout=layout),
-                       False, widths)
+    s = Settings(block_q=block_q, block_kv=block_kv, layout=layout)
+    shape = call_shape(q, k, s, False, _widths(k, topk, k_low, s))
     phase = route_phase(target or target_of(q.device), shape, selection)
     return Routing(*phase.run({"q": q, "k": k}, q.device, launch, watch=watch).values())
+
+
+def _widths(k: torch.Tensor, topk: float, k_low: float, s: Settings) -> tuple[int, int]:
+    """The widths (Kc, Kn) of the routing of these ratios."""
+    n_kv = spec.num_blocks(to_bhsd(k, s.layout).shape[2], s.block_kv)
+    n_crit = spec.num_critical(topk, n_kv)
+    return n_crit, spec.num_negligible(k_low, n_kv, n_crit)
+
+
+def routed_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor, topk: float, k_low: float, s: Settings,
+    schedule: Schedule | None = None, gate: torch.Tensor | None = None, *,
+    selection: str = "sort", fusions: Collection[str] | None = None,
+    buffers: Buffers | None = None, target: Target | None = None,
+    launch: Launcher | None = None, watch: Watcher | None = None,
+) -> tuple[ForwardOutputs, Routing]:
+    """Routing (by `selection`), then the forward on it, as one plan (`plan.routed_plan`,
+    with `fusions`): the forward's outputs and the routing."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    shape = call_shape(q, k, s, gate is not None, _widths(k, topk, k_low, s))
+    plan = routed_plan(target or target_of(q.device), shape, schedule, selection, fusions)
+    tensors = dict(q=q, k=k, v=v, proj_weight=proj_weight, proj_bias=proj_bias,
+                   **({} if gate is None else {"gate": gate}), **(buffers or {}))
+    made = plan.forward.run(tensors, q.device, launch, watch=watch)
+    return (ForwardOutputs(*(made[name] for name in ForwardOutputs._fields)),
+            Routing(*(made[name] for name in Routing._fields)))
 
 
 def forward(

@@ -15,7 +15,7 @@ B, H, N_Q, N_KV, D = 2, 3, 5, 9, 8
 
 
 def _map(routing: Routing, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The marginal map the CUDA path derives, (B*H, Mq, Nk)."""
+    """The marginal map the CUDA path derives, (B, H, Mq, Nk)."""
     return routing_module.marginal_map(routing_module.listing(routing, N_KV, True), dtype)
 
 
@@ -57,7 +57,7 @@ def test_key_states_sum_the_query_blocks_each_key_block_is_marginal_for(
     routing = _random_routing(n_crit, n_neg, generator)
     g_rows = torch.randn(B, H, N_Q, D, D, generator=generator, dtype=torch.float64)
     gz_rows = torch.randn(B, H, N_Q, D, generator=generator, dtype=torch.float64)
-    dh, dz = block_states.key_states(g_rows, gz_rows, _map(routing).transpose(1, 2), N_KV)
+    dh, dz = block_states.key_states(g_rows, gz_rows, _map(routing).transpose(-1, -2), N_KV)
     marginal = _marginal(routing)
     assert relative_error(dh, torch.einsum("bhij,bhide->bhjde", marginal, g_rows)) < 1e-12
     assert relative_error(dz, torch.einsum("bhij,bhid->bhjd", marginal, gz_rows)) < 1e-12

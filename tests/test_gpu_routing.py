@@ -1,18 +1,20 @@
-"""Routing's selection kernel on the GPU against torch's top-k on the same block scores."""
+"""Routing's selection kernel on the GPU against torch's top-k on the same block scores, and
+the routed forward's fusions (kernel variants taking over torch steps) against the plan
+without them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sla_tl import kernels, spec, tilelang_backend
+from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.kernels import KernelSpec
-from sla_tl.plan import CallShape, route_phase
+from sla_tl.plan import FUSIONS, CallShape, route_phase, routed_plan
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
 
-from .helpers import random_qkv
+from .helpers import random_projection, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -29,6 +31,17 @@ CASES = [
 ]
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int) -> torch.Tensor:
+    """Block scores of the pooling kernels' pooled q and k (unsmoothed, as the selection
+    kernel reads them)."""
+    b, h, lq, d = q.shape
+    shape = CallShape(b, h, lq, k.shape[2], d, q.dtype,
+                      Settings(block_q=block_q, block_kv=block_kv), False, (1, 0))
+    pooled = route_phase(target_of(q.device), shape).run(
+        dict(q=q, k=k), q.device, keep=True, only=["pool_q", "pool_k"])
+    return pooled["pooled_q"] @ pooled["pooled_k"].transpose(-1, -2)
+
+
 def _expected(scores: torch.Tensor, n_crit: int, n_neg: int) -> tuple[torch.Tensor, ...]:
     """Ascending indices of each row's n_crit largest and, of the rest, n_neg smallest."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -41,12 +54,7 @@ def _expected(scores: torch.Tensor, n_crit: int, n_neg: int) -> tuple[torch.Tens
 def test_selection_kernel_matches_top_k_of_the_same_scores(generator, block_q, block_kv, lq,
                                                            lk, topk, k_low):
     q, k, _ = random_qkv(2, 3, lq, lk, 128, torch.bfloat16, generator, device="cuda")
-    s = Settings(block_q=block_q, block_kv=block_kv)
-    shape = CallShape(2, 3, lq, lk, 128, q.dtype, s, False, (1, 0))
-    pooled = route_phase(target_of(q.device), shape).run(
-        dict(q=q, k=k), q.device, keep=True, only=["pool_q", "pool_k"])
-    pooled_q, pooled_k = pooled["pooled_q"], pooled["pooled_k"]
-    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    scores = _scores(q, k, block_q, block_kv)
     n_kv = scores.shape[-1]
     n_crit = spec.num_critical(topk, n_kv)
     n_neg = spec.num_negligible(k_low, n_kv, n_crit)
@@ -71,3 +79,80 @@ def test_route_with_the_selection_kernel_picks_the_same_blocks_as_the_sort(gener
     assert agree > 0.99, agree
     assert torch.equal(by_sort.lut_count, by_kernel.lut_count)
     assert torch.equal(by_sort.neg_count, by_kernel.neg_count)
+
+
+@pytest.mark.parametrize("block_map_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("topk,k_low", [(0.1, 0.2), (0.3, 0.0), (1.0, 0.0)])
+def test_selection_kernel_writes_the_marginal_block_map_and_flags(generator, block_map_dtype,
+                                                                  topk, k_low):
+    q, k, _ = random_qkv(2, 3, 1500, 2100, 64, torch.float16, generator, device="cuda")
+    scores = _scores(q, k, 128, 64)
+    n_kv = scores.shape[-1]
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    rows = scores.shape[:-1]
+    got = Routing(*(torch.full(shape, -7, dtype=torch.int32, device="cuda") for shape in
+                    ((*rows, n_crit), rows, (*rows, n_neg), rows)))
+    dtype = getattr(torch, block_map_dtype)
+    marginal = torch.full(scores.shape, float("nan"), dtype=dtype, device="cuda")
+    active = torch.full(rows, -7, dtype=torch.int32, device="cuda")
+    arch = target_of(q.device).arch.target
+    kernel = kernels.compiled(KernelSpec("select", (("block_map_dtype", block_map_dtype),), arch))
+    kernel(scores, *got, marginal, active)
+    torch.cuda.synchronize()
+    excluded = torch.zeros(scores.shape, dtype=torch.bool, device="cuda")
+    excluded.scatter_(-1, got.lut.long(), True)
+    if n_neg:
+        excluded.scatter_(-1, got.neg_lut.long(), True)
+    assert torch.equal(marginal, (~excluded).to(dtype))
+    assert (active == int(n_crit + n_neg < n_kv)).all()
+
+
+@pytest.mark.parametrize("dim,block_kv,lk", [(128, 64, 2000), (64, 128, 777), (128, 64, 64)])
+def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
+    """The key pass of the plan with the pooled_keys fusion: the means of the key blocks,
+    and the same linear states, bit for bit, as the key pass without it."""
+    _, k, v = random_qkv(2, 3, 1, lk, dim, torch.bfloat16, generator, device="cuda")
+    shape = CallShape(2, 3, 1, lk, dim, k.dtype, Settings(block_q=128, block_kv=block_kv),
+                      False, (1, 0))
+    n_kv = spec.num_blocks(lk, block_kv)
+
+    def run(fusions: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        phase = routed_plan(target_of(k.device), shape, {}, fusions=fusions).forward
+        poisoned = dict(h_block=torch.full((2, 3, n_kv, dim, dim), float("nan"),
+                                           dtype=torch.bfloat16, device="cuda"),
+                        z_block=torch.full((2, 3, n_kv, dim), float("nan"), device="cuda"),
+                        pooled_k=torch.full((2, 3, n_kv, dim), float("nan"), device="cuda"))
+        found = phase.run(dict(k=k, v=v, **poisoned), k.device, keep=True, only=["key_pass"])
+        torch.cuda.synchronize()
+        return found
+
+    plain, pooled = run(()), run(("pooled_keys",))
+    assert torch.equal(plain["h_block"], pooled["h_block"])
+    assert torch.equal(plain["z_block"], pooled["z_block"])
+    expected = reference.mean_pool(k.double().cpu(), block_kv)
+    assert relative_error(pooled["pooled_k"], expected) < 1e-5
+
+
+@pytest.mark.parametrize("fusions", [("pooled_keys",), ("selection_block_map",),
+                                     tuple(FUSIONS)])
+@pytest.mark.parametrize("lq,lk,topk,k_low", [(1500, 2100, 0.1, 0.2), (4096, 4096, 0.05, 0.0),
+                                              (700, 64, 0.05, 0.0)])
+def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, fusions, lq, lk, topk,
+                                                              k_low):
+    """A routed forward with fusions writes, bit for bit, what the forward without them
+    writes on the same routing, and routes as the plan without them does (up to rounding
+    near ties: the key pass pools K in its own order)."""
+    q, k, v = random_qkv(2, 3, lq, lk, 128, torch.bfloat16, generator, device="cuda")
+    weight, bias = random_projection(128, torch.float32, generator, device="cuda")
+    s = Settings(block_q=128, block_kv=64)
+    fused, routing = tilelang_backend.routed_forward(q, k, v, weight, bias, topk, k_low, s,
+                                                     selection="kernel", fusions=fusions)
+    _, plain_routing = tilelang_backend.routed_forward(q, k, v, weight, bias, topk, k_low, s,
+                                                       selection="kernel", fusions=())
+    again = tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
+    for name, a, b in zip(fused._fields, fused, again, strict=True):
+        assert torch.equal(a, b), name
+    assert (plain_routing.lut == routing.lut).float().mean().item() > 0.99
+    assert torch.equal(plain_routing.lut_count, routing.lut_count)
+    assert torch.equal(plain_routing.neg_count, routing.neg_count)

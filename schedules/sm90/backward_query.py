@@ -136,16 +136,16 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             for i, d in T.Parallel(block_q, dim):
                 work[i, d] = work[i, d] * z_s[d]
             T.reduce_sum(work, den, dim=1)
+            # One reciprocal per row: a per-element division compiles to an IEEE division
+            # call. `den` holds 1 / (phi(Q) . Z_i + eps) from here on.
             for i in T.Parallel(block_q):
-                den[i] = den[i] + LINEAR_EPS
-                dden[i] = T.if_then_else(active > 0, -dots[i] / den[i], 0)
+                den[i] = 1.0 / (den[i] + LINEAR_EPS)
+                dden[i] = T.if_then_else(active > 0, -dots[i] * den[i], 0)
             if gated:
-                for i, d in T.Parallel(block_q, dim):
-                    d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] * gate_rows[i] / den[i],
-                                                 0)
-            else:
-                for i, d in T.Parallel(block_q, dim):
-                    d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] / den[i], 0)
+                for i in T.Parallel(block_q):
+                    den[i] = den[i] * gate_rows[i]
+            for i, d in T.Parallel(block_q, dim):
+                d_lin[i, d] = T.if_then_else(active > 0, d_lin[i, d] * den[i], 0)
             T.copy(d_lin, dnum_s)
 
             # g_i = phi(Q)^T dden, G_i = phi(Q)^T dnum.

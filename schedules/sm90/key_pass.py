@@ -45,8 +45,13 @@ def key_pass(
     store_blocks: bool,
     group: int,
     threads: int,
+    pool_keys: bool = False,
 ):
-    """The key pass's TileLang program for one combination of compile-time settings."""
+    """The key pass's TileLang program for one combination of compile-time settings.
+
+    With `pool_keys` it also writes POOLED (B, H, Nk, D) float32, each key block's mean
+    row (routing's pooled K, over the rows the block has), from the tile it loads anyway.
+    """
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lk")
@@ -54,6 +59,8 @@ def key_pass(
     # one that is not written.
     n_kv, n_state, n_groups = T.dynamic("Nk"), T.dynamic("Ns"), T.dynamic("G")
     phi = feature_map_macro(feature)
+    # A parameter annotated with None is a compile-time constant, not a kernel argument.
+    pooled_tensor = T.Tensor([batch, heads, n_kv, dim], acc) if pool_keys else None
 
     @T.prim_func
     def main(
@@ -62,6 +69,7 @@ def key_pass(
         H_BLOCK: T.Tensor([batch, heads, n_state, dim, dim], dt),
         Z_BLOCK: T.Tensor([batch, heads, n_kv, dim], acc),
         H_GROUP: T.Tensor([batch, heads, n_groups, dim, dim], acc),
+        POOLED: pooled_tensor,
     ):
         with T.Kernel(T.ceildiv(n_kv, group), heads, batch, threads=threads) as (bx, by, bz):
             k_s = T.alloc_shared([block_kv, dim], dt)
@@ -85,6 +93,14 @@ def key_pass(
                 valid = T.min(block_kv, lk - j * block_kv)
                 T.copy(rows(K, bz, by, j * block_kv, block_kv, layout), k_s)
                 T.copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s)
+                if pool_keys:
+                    # Rows past Lk are zeros (TMA fills them), so the sum is the block's own.
+                    T.clear(col)
+                    for r in T.serial(block_kv):
+                        for d in T.Parallel(dim):
+                            col[d] += k_s[r, d]
+                    for d in T.Parallel(dim):
+                        POOLED[bz, by, j, d] = col[d] / valid
                 T.copy(k_s, keys)
                 phi(keys, row_max, row_sum, block_kv, dim)
                 for r, d in T.Parallel(block_kv, dim):

@@ -23,17 +23,19 @@ def pool(dim: int, block: int, dtype: str, layout: str):
     return mean_pool(dim, block, dtype, layout)
 
 
-def select():
-    """Routing's selection of critical and negligible blocks from the block scores."""
-    return top_bottom_select()
+def select(block_map_dtype: str | None = None):
+    """Routing's selection of critical and negligible blocks from the block scores; with
+    `block_map_dtype`, also the marginal block map (in that dtype) and the rows' flags."""
+    return top_bottom_select(block_map_dtype)
 
 
 def key_pass(dim: int, block_kv: int, dtype: str, feature: str, layout: str,
-             store_blocks: bool, knobs: Mapping):
-    """Per-key-block linear states (knobs `group`, `threads`)."""
+             store_blocks: bool, knobs: Mapping, pool_keys: bool = False):
+    """Per-key-block linear states (knobs `group`, `threads`); with `pool_keys`, also
+    routing's pooled K."""
     merged = merged_knobs("key_pass", key_pass_module, dict(dim=dim, block_kv=block_kv), knobs)
     return key_pass_module.key_pass(dim, block_kv, dtype, feature, layout, store_blocks,
-                                    **merged)
+                                    **merged, pool_keys=pool_keys)
 
 
 def _forward(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,

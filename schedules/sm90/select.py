@@ -6,7 +6,8 @@ the `Kc`-th largest score by a radix search over the scores' order-preserving 32
 as many of those equal to it as are needed, in ascending order (a ballot and a prefix count
 per 32 entries). The negligible blocks are the `Kn` smallest of the rest, found the same
 way on the reversed keys, with the critical blocks (remembered as one bit each in shared
-memory) ruled out. The widths Kc >= 1 and Kn >= 0 of LUT and NEG_LUT are the counts.
+memory) ruled out. The widths Kc >= 1 and Kn >= 0 of LUT and NEG_LUT are the counts. The
+variant with a block map also writes each row's marginal blocks and whether it has any.
 
 Ties at a threshold go to the lower block index; the reference breaks them by its sort.
 """
@@ -28,10 +29,21 @@ def _ordered(score):
                           bits | T.uint32(0x80000000))
 
 
-def top_bottom_select():
-    """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT."""
+def top_bottom_select(block_map_dtype: str | None = None):
+    """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT.
+
+    With `block_map_dtype` ("bfloat16", "float16" or "float32") it also writes what the
+    linear branch derives from the routing: MARGINAL (B, H, Mq, Nk), 1 where key block j is
+    neither critical nor negligible for the row (the weights of the query blocks' H_i and
+    Z_i sums, and transposed of the key blocks' dH_j, dZ_j), and ACTIVE (B, H, Mq) int32, 1
+    where the row has a marginal block.
+    """
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
+    with_map = block_map_dtype is not None
+    # A parameter annotated with None is a compile-time constant, not a kernel argument.
+    map_tensor = T.Tensor([batch, heads, n_q, n_kv], block_map_dtype) if with_map else None
+    active_tensor = T.Tensor([batch, heads, n_q], T.int32) if with_map else None
 
     @T.macro
     def warp_sum(value):
@@ -49,8 +61,8 @@ def top_bottom_select():
         return ordered
 
     @T.macro
-    def select(SCORES, OUT, COUNT_OUT, b, h, row, k, lane, negligible, critical_bits, warp,
-               threshold, counter, position, equal_seen):
+    def select(SCORES, OUT, COUNT_OUT, b, h, row, k, lane, negligible, critical_bits,
+               taken_bits, warp, threshold, counter, position, equal_seen):
         """OUT[b, h, row, :k] <- the k key blocks of largest key, ascending."""
         chunks = T.ceildiv(n_kv, 32)
         threshold[0] = T.uint32(0)
@@ -91,9 +103,8 @@ def top_bottom_select():
             taken = T.Cast("uint32", T.ballot(take))
             if take:
                 OUT[b, h, row, position[0] + T.Cast("int32", T.popcount(taken & below))] = j
-            if not negligible:
-                if lane == 0:
-                    critical_bits[warp, m] = taken
+            if lane == 0:
+                taken_bits[warp, m] = taken
             position[0] = position[0] + T.Cast("int32", T.popcount(taken))
             equal_seen[0] = equal_seen[0] + T.Cast("int32", T.popcount(equal))
         if lane == 0:
@@ -106,9 +117,12 @@ def top_bottom_select():
         COUNT: T.Tensor([batch, heads, n_q], T.int32),
         NEG_LUT: T.Tensor([batch, heads, n_q, neg_width], T.int32),
         NEG_COUNT: T.Tensor([batch, heads, n_q], T.int32),
+        MARGINAL: map_tensor,
+        ACTIVE: active_tensor,
     ):
         with T.Kernel(T.ceildiv(n_q, WARPS), heads, batch, threads=32 * WARPS) as (bx, by, bz):
             critical_bits = T.alloc_shared([WARPS, _WORDS], T.uint32)
+            negligible_bits = T.alloc_shared([WARPS, _WORDS], T.uint32)
             threshold = T.alloc_local([1], T.uint32)
             counter = T.alloc_local([1], T.int32)
             position = T.alloc_local([1], T.int32)
@@ -119,13 +133,27 @@ def top_bottom_select():
             row = bx * WARPS + warp
             if row < n_q:
                 select(SCORES, LUT, COUNT, bz, by, row, width, lane, False, critical_bits,
-                       warp, threshold, counter, position, equal_seen)
+                       critical_bits, warp, threshold, counter, position, equal_seen)
                 T.sync_warp()
                 if neg_width > 0:
                     select(SCORES, NEG_LUT, NEG_COUNT, bz, by, row, neg_width, lane, True,
-                           critical_bits, warp, threshold, counter, position, equal_seen)
+                           critical_bits, negligible_bits, warp, threshold, counter, position,
+                           equal_seen)
                 else:
                     if lane == 0:
                         NEG_COUNT[bz, by, row] = 0
+                if with_map:
+                    T.sync_warp()
+                    for m in T.serial(T.ceildiv(n_kv, 32)):
+                        j = m * 32 + lane
+                        excluded = critical_bits[warp, m] | T.if_then_else(
+                            neg_width > 0, negligible_bits[warp, m], T.uint32(0))
+                        if j < n_kv:
+                            MARGINAL[bz, by, row, j] = T.if_then_else(
+                                (excluded >> T.Cast("uint32", lane)) & T.uint32(1)
+                                == T.uint32(1), T.Cast(block_map_dtype, 0),
+                                T.Cast(block_map_dtype, 1))
+                    if lane == 0:
+                        ACTIVE[bz, by, row] = T.if_then_else(width + neg_width < n_kv, 1, 0)
 
     return main

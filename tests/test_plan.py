@@ -1,0 +1,95 @@
+"""A call's plan on the CPU: what it launches, its fusions (kernel variants taking over torch
+steps, reachable by name), and the errors for fusions that cannot serve a call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sla_tl import spec
+from sla_tl.plan import DEFAULT_FUSIONS, FUSIONS, CallShape, kernels_for, routed_plan
+from sla_tl.settings import Settings
+from sla_tl.targets import Target, arch_named
+
+TARGET = Target("", arch_named("sm_90a"))
+SETTINGS = Settings(block_q=128, block_kv=64)
+
+
+def _shape(settings: Settings = SETTINGS, lq: int = 1000, lk: int = 1500) -> CallShape:
+    """A call's shape with the routing widths of topk = k_low = 0.1."""
+    n_kv = spec.num_blocks(lk, settings.block_kv)
+    n_crit = spec.num_critical(0.1, n_kv)
+    return CallShape(2, 3, lq, lk, 64, torch.bfloat16, settings, False,
+                     (n_crit, spec.num_negligible(0.1, n_kv, n_crit)))
+
+
+def _steps(fusions, selection="kernel", settings=SETTINGS) -> list[str]:
+    phase = routed_plan(TARGET, _shape(settings), {}, selection, fusions).forward
+    return [step.name for step in phase.steps]
+
+
+def test_the_default_plan_runs_the_default_fusions():
+    assert _steps(None, "sort") == _steps(DEFAULT_FUSIONS, "sort")
+    assert set(DEFAULT_FUSIONS) <= set(FUSIONS)
+
+
+def test_each_fusion_takes_over_its_steps_and_nothing_else():
+    plain = _steps(())
+    assert plain == ["pool_q", "pool_k", "scores", "select", "key_pass", "routing_flags",
+                     "linear_states", "projection_operands", "forward"]
+    assert _steps(("pooled_keys",)) == ["key_pass", *(n for n in plain
+                                                      if n not in ("key_pass", "pool_k"))]
+    assert _steps(("selection_block_map",)) == [n for n in plain if n != "routing_flags"]
+    both = _steps(tuple(reversed(FUSIONS)))  # applied in FUSIONS' order whatever the order given
+    assert both == ["key_pass", "pool_q", "scores", "select", "linear_states",
+                    "projection_operands", "forward"]
+
+
+def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
+    fused = routed_plan(TARGET, _shape(), {}, "kernel", tuple(FUSIONS)).forward
+    key_pass, select = fused.step("key_pass"), fused.step("select")
+    assert dict(key_pass.kernel.args)["pool_keys"] is True
+    assert key_pass.fills[-1] == "pooled_k"
+    assert select.kernel.args == (("block_map_dtype", "bfloat16"),)
+    assert select.fills[-2:] == ("marginal", "active")
+    assert fused.buffers["marginal"].shape == (2, 3, 8, 24)
+    plain = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel", fusions=())
+    enumerated = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel",
+                             fusions=tuple(FUSIONS))
+    assert [s.kind for s in plain] == ["pool", "pool", "select", "key_pass", "forward",
+                                       "backward_query", "backward_dq", "backward_dkdv"]
+    assert [s.kind for s in enumerated] == ["key_pass", "pool", "select", "forward",
+                                            "backward_query", "backward_dq", "backward_dkdv"]
+    assert len(set(enumerated) - set(plain)) == 2  # the two variants
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_each_fusions_kernels_build_their_programs(fusion):
+    """Each variant a fusion launches is a program its arch builds (no compile: cheap)."""
+    plain = set(routed_plan(TARGET, _shape(), {}, "kernel", ()).forward.kernels())
+    variants = [s for s in routed_plan(TARGET, _shape(), {}, "kernel", (fusion,)).forward.kernels()
+                if s not in plain]
+    assert len(variants) == 1
+    for variant in variants:
+        definition = variant.definition()
+        knobs = {"knobs": dict(variant.knobs)} if definition.tuning else {}
+        assert definition.program(**dict(variant.args), **knobs) is not None
+
+
+def test_fusions_that_cannot_serve_a_call_are_refused_by_name():
+    with pytest.raises(ValueError, match="fusions must be among pooled_keys, selection_block_"):
+        routed_plan(TARGET, _shape(), {}, "kernel", ("pooled_everything",))
+    with pytest.raises(ValueError, match="fusion 'selection_block_map' needs selection='kernel'"):
+        routed_plan(TARGET, _shape(), {}, "sort", ("selection_block_map",))
+    with pytest.raises(ValueError, match="needs linear='marginal'"):
+        routed_plan(TARGET, _shape(Settings(block_q=128, block_kv=64, linear="global")), {},
+                    "kernel", ("selection_block_map",))
+    with pytest.raises(ValueError, match="selection must be one of"):
+        routed_plan(TARGET, _shape(), {}, "heap")
+
+
+def test_a_plan_is_resolved_once_per_call_shape():
+    first = routed_plan(TARGET, _shape(), {"forward": {"num_stages": 1}})
+    assert routed_plan(TARGET, _shape(), {"forward": {"num_stages": 1}}) is first
+    assert routed_plan(TARGET, _shape(lq=2000), {"forward": {"num_stages": 1}}) is not first
+    assert dict(first.forward.step("forward").kernel.knobs) == {"num_stages": 1}
