@@ -1,4 +1,4 @@
-"""Pieces shared by every schedule: targets, dtypes and layout-aware tile slicing."""
+"""Pieces shared by every kernel: targets, dtypes and layout-aware tile slicing."""
 
 from __future__ import annotations
 

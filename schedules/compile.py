@@ -1,4 +1,4 @@
-"""Compiling a schedule's TileLang program for a target arch."""
+"""Compiling a kernel's TileLang program for a target arch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Facts read from a kernel's SASS (the text `cuobjdump -sass` prints for a cubin).
 
-What the static gate needs to know about a Hopper schedule, beyond ptxas's resource report:
+What the static gate needs to know about a Hopper kernel, beyond ptxas's resource report:
 whether the tensor cores are used (HGMMA), the register split of a warp-specialised kernel
 (USETMAXREG), whether anything lives in local memory (LDL/STL), and, in the main loop, how
 long it is and whether the softmax's exponentials (MUFU.EX2) run while wgmma groups are

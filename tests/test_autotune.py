@@ -14,6 +14,7 @@ from sla_tl.autotune.api import tune
 from sla_tl.autotune.candidates import build_candidates, enumerate_candidates, prune_reason
 from sla_tl.autotune.storage import open_storage
 from sla_tl.autotune.study import tune_algorithm, tune_schedule
+from sla_tl.schedules.sm90 import SHARED_MEMORY_BYTES
 from sla_tl.settings import Settings
 from sla_tl.targets import normalise_arch
 
@@ -200,7 +201,7 @@ def test_pruning_marks_failures_before_anything_is_timed():
 
 
 def test_prune_reasons():
-    limit = 227 * 1024
+    limit = SHARED_MEMORY_BYTES
     assert prune_reason(None, 1000, limit) is None
     assert prune_reason(None, 228 * 1024, limit).startswith("overflows shared memory")
     assert prune_reason("ptxas: 40 bytes spill stores", None, limit) == "spills registers"
@@ -222,7 +223,7 @@ def test_real_compile_prunes_a_schedule_that_cannot_be_built():
     s = Settings(block_q=64, block_kv=128)
     knobs = {"linear_first": True, "num_stages": 2, "q_slice": 64}
     spec = candidates_module.kernel_spec("backward_dkdv", knobs, 128, "bfloat16", s, "sm_90a")
-    reason = prune_reason(*candidates_module._compile_one(spec), 227 * 1024)
+    reason = prune_reason(*candidates_module._compile_one(spec), SHARED_MEMORY_BYTES)
     assert reason is not None and "No valid warp partition" in reason, reason
 
 
@@ -232,7 +233,7 @@ def test_real_compile_keeps_a_schedule_that_builds():
     spec = candidates_module.kernel_spec("key_pass", {"group": 4}, 64, "bfloat16", s, "sm_90a")
     error, shared_bytes = candidates_module._compile_one(spec)
     assert error is None and shared_bytes > 0
-    assert prune_reason(error, shared_bytes, 227 * 1024) is None
+    assert prune_reason(error, shared_bytes, SHARED_MEMORY_BYTES) is None
 
 
 def test_tune_refuses_to_time_without_the_gpu_in_hand():

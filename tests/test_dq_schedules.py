@@ -16,6 +16,7 @@ from sla_tl import kernels, static_check
 from sla_tl.benchmarks import dq_variants
 from sla_tl.kernels import KernelSpec
 from sla_tl.schedules.sm90 import backward_dq, backward_dq_ws
+from sla_tl.spec import softmax_scale
 
 ARCH = "sm_90a"
 SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
@@ -74,14 +75,15 @@ def test_every_tuned_and_alternative_schedule_builds(dim, block_kv, dtype, layou
     default = kernels.default_knobs(ARCH, "backward_dq", dim, block_q, block_kv)
     assert any({**default, **s}["warp_specialization"] != "auto" for s in schedules) == (
         dim * block_kv <= backward_dq_ws.MAX_TILE)
+    scale = softmax_scale(dim, None)
     for knobs in schedules:
         merged = {**default, **knobs}
         if merged["warp_specialization"] == "auto":
-            program = backward_dq.backward_dq(dim, block_q, block_kv, dtype, layout, dim**-0.5,
+            program = backward_dq.backward_dq(dim, block_q, block_kv, dtype, layout, scale,
                                               merged["threads"], merged["num_stages"])
         else:
             program = backward_dq_ws.backward_dq_ws(
-                dim, block_kv, dtype, layout, dim**-0.5, merged["num_stages"],
+                dim, block_kv, dtype, layout, scale, merged["num_stages"],
                 merged["warp_specialization"] == "pingpong")
         assert program is not None, knobs
 
@@ -93,7 +95,8 @@ def _dq_kernel(block_q: int, block_kv: int, **knobs):
 def _dq_spec(block_q: int, block_kv: int, **knobs) -> KernelSpec:
     return KernelSpec("backward_dq", (("dim", 128), ("block_q", block_q), ("block_kv", block_kv),
                                       ("dtype", "bfloat16"), ("layout", "bhsd"),
-                                      ("scale", 128**-0.5)), ARCH, kernels.freeze(knobs))
+                                      ("scale", softmax_scale(128, None))), ARCH,
+                      kernels.freeze(knobs))
 
 
 def test_bad_dq_knobs_are_refused_by_name():

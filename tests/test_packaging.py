@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from sla_tl.static_check import RECORD_FILE
+
 ROOT = Path(__file__).parents[1]
 tomllib = pytest.importorskip("tomllib")
 
@@ -37,7 +39,7 @@ def test_every_source_package_is_packaged():
 
 def test_built_wheel_installs_and_imports_every_kernel_module(tmp_path):
     """Build the wheel, install it alone into a fresh environment that borrows this one's
-    dependencies, and import the library and every schedule module from it."""
+    dependencies, and import the library and every kernel module from it."""
     # Built from a copy of the files git would commit: a build/ folder left in the work tree
     # would slip its stale files into the wheel.
     source = tmp_path / "source"
@@ -64,13 +66,16 @@ def test_built_wheel_installs_and_imports_every_kernel_module(tmp_path):
     modules = sorted(
         "sla_tl.schedules." + ".".join(p.relative_to(ROOT / "schedules").with_suffix("").parts)
         for p in (ROOT / "schedules").rglob("*.py") if p.name != "__init__.py")
+    # Every arch's static record, and the benchmarks' baselines.
+    data_files = [str(p.relative_to(ROOT)) for p in (ROOT / "schedules").glob(f"*/{RECORD_FILE}")]
+    data_files.append("benchmarks/baselines/NVIDIA-H200.json")
     script = textwrap.dedent(f"""
         import importlib, os, sla_tl
         assert sla_tl.__file__.startswith({str(target)!r}), sla_tl.__file__
         for name in {modules!r}:
             importlib.import_module(name)
         here = os.path.dirname(sla_tl.__file__)
-        for data in ("schedules/sm90/resources.json", "benchmarks/baselines/NVIDIA-H200.json"):
+        for data in {data_files!r}:
             assert os.path.isfile(os.path.join(here, data)), data
         print(len({modules!r}), "kernel modules")
     """)

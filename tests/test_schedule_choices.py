@@ -12,8 +12,9 @@ import pytest
 
 from sla_tl import kernels
 from sla_tl.kernels import KernelSpec
+from sla_tl.schedules.sm90 import SHARED_MEMORY_BYTES, forward, forward_ws
 from sla_tl.schedules.sm90 import backward_dkdv_ws as dkdv_ws
-from sla_tl.schedules.sm90 import forward, forward_ws
+from sla_tl.spec import softmax_scale
 
 ARCH = "sm_90a"
 SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
@@ -63,15 +64,16 @@ def test_shared_memory_of_the_wan_default_and_its_pair_alternative():
 def test_every_tuned_and_alternative_schedule_builds(dim, block_q, block_kv):
     space = kernels.search_space(ARCH, "forward", dim, block_q, block_kv)
     schedules = _combos(space) + kernels.alternatives(ARCH, "forward", dim, block_q, block_kv)
+    scale = softmax_scale(dim, None)
     for knobs in schedules:
         merged = {**kernels.default_knobs(ARCH, "forward", dim, block_q, block_kv), **knobs}
         if merged["warp_specialization"] == "auto":
             program = forward.sla_forward(
-                dim, block_q, block_kv, "bfloat16", "softmax", "bhsd", dim**-0.5,
+                dim, block_q, block_kv, "bfloat16", "softmax", "bhsd", scale,
                 merged["threads"], merged["num_stages"])
         else:
             program = forward_ws.sla_forward_ws(
-                dim, block_kv, "bfloat16", "softmax", "bhsd", dim**-0.5, merged["num_stages"],
+                dim, block_kv, "bfloat16", "softmax", "bhsd", scale, merged["num_stages"],
                 merged["warp_specialization"] == "pingpong", merged["entries_per_step"])
         assert program is not None, knobs
 
@@ -95,14 +97,14 @@ def test_every_dkdv_alternative_builds_and_is_outside_the_search_space(dim, bloc
     assert found, "64-key blocks have a hand-written dK/dV"
     for knobs in found:
         program = dkdv_ws.backward_dkdv_ws(dim, block_q, "bfloat16", "softmax", "bhsd",
-                                           dim**-0.5, 2 * knobs["num_stages"])
+                                           softmax_scale(dim, None), 2 * knobs["num_stages"])
         assert program is not None, knobs
     assert kernels.alternatives(ARCH, "backward_dkdv", dim, block_q, 128) == []
 
 
 def test_dkdv_shared_memory_and_refusals():
     # D=128: a ring of four slices fills shared memory to the byte; six do not fit.
-    assert dkdv_ws.shared_bytes(128, 4) + 1024 == 227 * 1024
+    assert dkdv_ws.shared_bytes(128, 4) + 1024 == SHARED_MEMORY_BYTES
     assert not dkdv_ws.fits(128, 128, 64, 6)
     assert not dkdv_ws.fits(64, 128, 64, 2)  # the epilogue borrows three ring buffers
     with pytest.raises(ValueError, match="does not fit"):

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import sla_tl
+from sla_tl.spec import softmax_scale
 
 from .arms import ATTENTION_DTYPE, REFERENCE_ARM, Arm, arm_named, attention_factory
 from .dit import AttentionFactory
@@ -147,7 +148,7 @@ def kept_mass(q: torch.Tensor, k: torch.Tensor, settings: ProtocolSettings) -> t
     critical = torch.ops.sla.attention_fwd(q, k, k, *routing, zero_w, zero_b, None,
                                            settings.block_q, settings.block_kv, "softmax",
                                            "marginal", None, "bhsd")[1]
-    keys = k.float().transpose(-1, -2) * dim**-0.5
+    keys = k.float().transpose(-1, -2) * softmax_scale(dim, None)
     full = torch.cat([torch.logsumexp(rows.float() @ keys, dim=-1)
                       for rows in q.split(LSE_CHUNK, dim=2)], dim=-1)
     return torch.exp(critical - full)
