@@ -1,8 +1,11 @@
 """The linear branch's feature maps phi, as TileLang macros on float32 fragments.
 
 Each macro overwrites a fragment x [n_rows, dim] with phi(x), row by row (a row is
-one token; the map runs over the head dimension).
+one token; the map runs over the head dimension). `FEATURE_MAPS` holds each map with its
+gradient's macro, by the names of the torch table (`sla_tl.feature_maps`).
 """
+
+from typing import NamedTuple
 
 import tilelang.language as T
 
@@ -34,18 +37,6 @@ def _relu(x, row_max, row_sum, n_rows, dim):
         x[i, d] = T.max(x[i, d], 0.0)
 
 
-FEATURE_MAPS = {"softmax": _softmax, "elu": _elu_plus_one, "relu": _relu}
-
-
-def feature_map_macro(feature: str):
-    """The macro `(x, row_max, row_sum, n_rows, dim)` for phi; the two row buffers are
-    float32 fragments [n_rows] used as scratch by the softmax map."""
-    if feature not in FEATURE_MAPS:
-        raise ValueError(f"feature must be one of {tuple(FEATURE_MAPS)}; got {feature!r}")
-    return FEATURE_MAPS[feature]
-
-
-
 @T.macro
 def _softmax_vjp(x, grad, row_max, row_sum, n_rows, dim):
     # grad <- s * (grad - rowsum(grad * s)), s = softmax(x), written as (grad*s) - s*rowsum.
@@ -69,12 +60,33 @@ def _relu_vjp(x, grad, row_max, row_sum, n_rows, dim):
         grad[i, d] = T.if_then_else(x[i, d] > 0, grad[i, d], 0.0)
 
 
-FEATURE_MAP_VJPS = {"softmax": _softmax_vjp, "elu": _elu_plus_one_vjp, "relu": _relu_vjp}
+class FeatureMapMacros(NamedTuple):
+    """One feature map's macros: phi, and its gradient."""
+
+    phi: object
+    vjp: object
+
+
+FEATURE_MAPS = {
+    "softmax": FeatureMapMacros(_softmax, _softmax_vjp),
+    "elu": FeatureMapMacros(_elu_plus_one, _elu_plus_one_vjp),
+    "relu": FeatureMapMacros(_relu, _relu_vjp),
+}
+
+
+def _macros(feature: str) -> FeatureMapMacros:
+    if feature not in FEATURE_MAPS:
+        raise ValueError(f"feature must be one of {tuple(FEATURE_MAPS)}; got {feature!r}")
+    return FEATURE_MAPS[feature]
+
+
+def feature_map_macro(feature: str):
+    """The macro `(x, row_max, row_sum, n_rows, dim)` for phi; the two row buffers are
+    float32 fragments [n_rows] used as scratch by the softmax map."""
+    return _macros(feature).phi
 
 
 def feature_map_vjp_macro(feature: str):
     """The macro `(x, grad, row_max, row_sum, n_rows, dim)`: grad <- phi'(x)^T grad, row by
     row; x (raw inputs, float32) is overwritten as scratch."""
-    if feature not in FEATURE_MAP_VJPS:
-        raise ValueError(f"feature must be one of {tuple(FEATURE_MAP_VJPS)}; got {feature!r}")
-    return FEATURE_MAP_VJPS[feature]
+    return _macros(feature).vjp

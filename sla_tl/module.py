@@ -6,36 +6,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import presets, reference, spec
+from . import presets, spec
 from .api import attention
+from .feature_maps import FEATURE_MAPS
 from .layout import to_bhsd
 from .validation import check_block, check_choice, check_ratio, check_scale, check_tensors
 
-
-# The linear branch's feature maps as upstream modules expose them (`feature_map_q`,
-# `feature_map_k`). Module-level functions, so a module holding them deep-copies (EMA copies)
-# and pickles with its maps still recognisable.
-def softmax_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the head dimension."""
-    return reference.feature_map(x, "softmax")
-
-
-def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """elu(x) + 1."""
-    return reference.feature_map(x, "elu")
-
-
-def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)."""
-    return reference.feature_map(x, "relu")
-
-
-FEATURE_MAP_FUNCTIONS = {
-    "softmax": softmax_feature_map,
-    "elu": elu_feature_map,
-    "relu": relu_feature_map,
-}
-"""The function behind each name in `spec.FEATURE_MAPS` (the kernels compute these only)."""
+FEATURE_MAP_FUNCTIONS = {name: entry.phi for name, entry in FEATURE_MAPS.items()}
+"""The linear branch's feature maps as upstream modules expose them (`feature_map_q`,
+`feature_map_k`), by the names of `spec.FEATURE_MAPS` (the kernels compute these only).
+Module-level functions, so a module holding them deep-copies (EMA copies) and pickles with
+its maps still recognisable."""
 
 
 class SparseLinearAttention(nn.Module):

@@ -39,6 +39,7 @@ from . import spec
 from .dispatch import BACKENDS
 from .layout import to_bhsd
 from .routing import Routing
+from .routing import empty as empty_routing
 from .settings import ForwardOutputs, Settings
 from .validation import check_attention, check_backward, check_route
 
@@ -75,15 +76,10 @@ def routing_like(q: Tensor, k: Tensor, topk: float, k_low: float, block_q: int,
                  block_kv: int, layout: str) -> Routing:
     """Empty tensors shaped as `sla::route` returns them (fake kernels)."""
     b, h, lq, _ = to_bhsd(q, layout).shape
-    n_q = spec.num_blocks(lq, block_q)
     n_kv = spec.num_blocks(to_bhsd(k, layout).shape[2], block_kv)
     n_crit = spec.num_critical(topk, n_kv)
-    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
-    new = q.new_empty
-    return Routing(new((b, h, n_q, n_crit), dtype=torch.int32),
-                   new((b, h, n_q), dtype=torch.int32),
-                   new((b, h, n_q, n_neg), dtype=torch.int32),
-                   new((b, h, n_q), dtype=torch.int32))
+    widths = (n_crit, spec.num_negligible(k_low, n_kv, n_crit))
+    return empty_routing((b, h, spec.num_blocks(lq, block_q)), widths, q.device)
 
 
 def _no_gate_grad(q: Tensor) -> Tensor:

@@ -130,11 +130,8 @@ def _route_steps(target: Target, shape: CallShape,
     if limit is not None and n_kv > limit:
         raise ValueError(f"selection='kernel' takes at most {limit} key blocks; got {n_kv} "
                          "(use selection='sort')")
-    rows = (b, h, n_q)
-    buffers.update(lut=Buffer((*rows, n_crit), torch.int32),
-                   lut_count=Buffer(rows, torch.int32),
-                   neg_lut=Buffer((*rows, n_neg), torch.int32),
-                   neg_count=Buffer(rows, torch.int32))
+    buffers.update({name: Buffer(size, routing.DTYPE) for name, size in
+                    routing.field_shapes((b, h, n_q), shape.widths)._asdict().items()})
     steps += [torch_step("scores", routing.raw_scores, ["pooled_q", "pooled_k"],
                          makes=["scores"]),
               kernel_step("select", _spec(target, "select", {}), ["scores"], ROUTING)]

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .feature_maps import FEATURE_MAPS, FeatureMap
 from .routing import Routing, block_mask
 from .spec import LINEAR_EPS, num_blocks, num_critical, num_negligible, softmax_scale
 
@@ -75,13 +76,14 @@ def route(
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
     """The linear branch's feature map phi, applied over the head dimension."""
-    if name == "softmax":
-        return torch.softmax(x, dim=-1)
-    if name == "elu":
-        return F.elu(x) + 1.0
-    if name == "relu":
-        return torch.relu(x)
-    raise ValueError(f"feature_map must be one of softmax, elu, relu; got {name!r}")
+    return _feature_map(name).phi(x)
+
+
+def _feature_map(name: str) -> FeatureMap:
+    found = FEATURE_MAPS.get(name)
+    if found is None:
+        raise ValueError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}; got {name!r}")
+    return found
 
 
 def _expand(block_map: torch.Tensor, lq: int, lk: int, block_q: int, block_kv: int) -> torch.Tensor:
@@ -216,14 +218,7 @@ def attention_with_routing(
 
 def feature_map_vjp(x: torch.Tensor, grad: torch.Tensor, name: str) -> torch.Tensor:
     """Gradient with respect to x of `feature_map(x, name)`, given the gradient of its output."""
-    if name == "softmax":
-        s = torch.softmax(x, dim=-1)
-        return s * (grad - (grad * s).sum(dim=-1, keepdim=True))
-    if name == "elu":
-        return grad * torch.where(x > 0, torch.ones_like(x), torch.exp(x))
-    if name == "relu":
-        return grad * (x > 0)
-    raise ValueError(f"feature_map must be one of softmax, elu, relu; got {name!r}")
+    return _feature_map(name).vjp(x, grad)
 
 
 def _head_backward(qh, kh, vh, grad_o, grad_proj, crit, marg, weight, scale, feature):

@@ -2,9 +2,10 @@
 
 A routing (`Routing`) is four int32 tensors, query-block-major: each row (batch, head, query
 block) lists its critical key blocks (`lut`, the first `lut_count` entries) and its
-negligible ones (`neg_lut`, the first `neg_count`); every other key block is marginal. The
-operators take them as four arguments in this order (`*routing`) and `sla::route` returns
-them so (`Routing(*results)`). What makes one valid: `sla_tl.routing_check`.
+negligible ones (`neg_lut`, the first `neg_count`); every other key block is marginal
+(shapes: `field_shapes`). The operators take them as four arguments in this order
+(`*routing`) and `sla::route` returns them so (`Routing(*results)`). What makes one
+valid: `sla_tl.routing_check`.
 
 From a routing the kernels' glue derives, with torch ops and no host synchronisation:
 - the tally of the counted entries (`tally`, `listing`) and from it the block maps
@@ -59,6 +60,22 @@ class Routing(NamedTuple):
         """The same routing with dense tensors, as the kernels read them (no copy when they
         are dense already)."""
         return Routing(*(t.contiguous() for t in self))
+
+
+DTYPE = torch.int32
+"""The dtype of every field."""
+
+
+def field_shapes(rows: tuple[int, int, int], widths: tuple[int, int]) -> Routing:
+    """The shape of each field for rows (B, H, Mq) and widths (Kc, Kn)."""
+    n_crit, n_neg = widths
+    return Routing((*rows, n_crit), tuple(rows), (*rows, n_neg), tuple(rows))
+
+
+def empty(rows: tuple[int, int, int], widths: tuple[int, int], device: torch.device) -> Routing:
+    """An uninitialised routing of these rows and widths (fake kernels)."""
+    return Routing(*(torch.empty(shape, dtype=DTYPE, device=device)
+                     for shape in field_shapes(rows, widths)))
 
 
 # ---------------------------------------------------------------- tally and block maps

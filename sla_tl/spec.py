@@ -6,9 +6,10 @@ counts and per-row selection sizes from these functions, so they cannot disagree
 
 from __future__ import annotations
 
+from . import feature_maps
 from .schedules.constants import LINEAR_EPS  # noqa: F401  (one definition, shared with the kernels)
 
-FEATURE_MAPS: tuple[str, ...] = ("softmax", "elu", "relu")
+FEATURE_MAPS: tuple[str, ...] = tuple(feature_maps.FEATURE_MAPS)
 LINEAR_MODES: tuple[str, ...] = ("marginal", "global")
 LAYOUTS: tuple[str, ...] = ("bhsd", "bshd")
 HEAD_DIMS: tuple[int, ...] = (64, 128)

@@ -15,7 +15,8 @@ import numbers
 
 import torch
 
-from .routing import Routing
+from .routing import DTYPE as ROUTING_DTYPE
+from .routing import Routing, field_shapes
 from .settings import ForwardOutputs, Settings
 from .spec import (
     BLOCK_MULTIPLE,
@@ -219,6 +220,11 @@ def check_settings(
     check_scale(scale)
 
 
+# Each field's rank (a LUT's width is free up to Nk, checked below).
+_ROUTING_RANKS = tuple(len(shape) for shape in field_shapes((0, 0, 0), (0, 0)))
+_ROUTING_DTYPE_NAME = str(ROUTING_DTYPE).removeprefix("torch.")
+
+
 def check_routing(
     routing: Routing, q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, layout: str
 ) -> None:
@@ -228,16 +234,15 @@ def check_routing(
         q.shape[0], q.shape[2], q.shape[1])
     lk = k.shape[2] if layout == "bhsd" else k.shape[1]
     rows = (batch, heads, num_blocks(lq, block_q))
-    for name in Routing._fields:
-        x = _check_tensor(name, getattr(routing, name))
-        if x.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32; got {x.dtype}")
+    for name, x, rank in zip(Routing._fields, routing, _ROUTING_RANKS, strict=True):
+        x = _check_tensor(name, x)
+        if x.dtype != ROUTING_DTYPE:
+            raise TypeError(f"{name} must be {_ROUTING_DTYPE_NAME}; got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}; got {x.device}")
-        want_rank = 4 if name.endswith("lut") else 3
-        if x.dim() != want_rank or tuple(x.shape[:3]) != rows:
+        if x.dim() != rank or tuple(x.shape[:3]) != rows:
             raise ValueError(
-                f"{name} must have shape (B, H, Mq{', width' if want_rank == 4 else ''}) with "
+                f"{name} must have shape (B, H, Mq{', width' if rank == 4 else ''}) with "
                 f"(B, H, Mq) = {rows}; got {tuple(x.shape)}"
             )
     n_kv = num_blocks(lk, block_kv)

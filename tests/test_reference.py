@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sla_tl import reference
+from sla_tl import reference, spec
+from sla_tl.feature_maps import FEATURE_MAPS
 from sla_tl.routing import Routing, block_mask
+from sla_tl.schedules import feature_maps as kernel_feature_maps
 from sla_tl.spec import LINEAR_EPS, num_blocks
 
 from .helpers import random_projection, random_qkv, relative_error
@@ -201,3 +203,15 @@ def test_explicit_backward_matches_autograd(generator, feature, linear, gated):
         assert relative_error(d_gate, expected[5]) < 1e-12
     else:
         assert d_gate is None
+
+
+def test_the_kernels_and_the_reference_have_the_same_feature_maps():
+    assert tuple(kernel_feature_maps.FEATURE_MAPS) == spec.FEATURE_MAPS == tuple(FEATURE_MAPS)
+
+
+@pytest.mark.parametrize("feature", spec.FEATURE_MAPS)
+def test_each_feature_maps_gradient_is_its_maps(generator, feature):
+    x = torch.randn(3, 5, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 5, 16, generator=generator, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(FEATURE_MAPS[feature].phi(x), x, grad)
+    assert relative_error(FEATURE_MAPS[feature].vjp(x.detach(), grad), expected) < 1e-12
