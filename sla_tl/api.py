@@ -30,7 +30,7 @@ def _check_scalars(topk: object = spec.DEFAULT_TOPK, k_low: object = spec.DEFAUL
 
 def _check_routing_type(routing: object) -> None:
     if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a sla_tl.Routing (lut, lut_count, neg_lut, neg_count), "
+        raise TypeError(f"routing must be a sla_tl.Routing ({', '.join(Routing._fields)}), "
                         f"as sla_tl.route returns; got {type(routing).__name__}")
 
 

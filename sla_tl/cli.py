@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "check their registers, spills, shared memory, wgmma, TMA and SASS "
                          "(HGMMA, setmaxnreg, local memory, main loop length, softmax/wgmma "
                          "overlap) against the committed record")
-    report.add_argument("--arch", default="sm_90a", help="TileLang target arch")
+    report.add_argument("--arch", default=None,
+                        help="TileLang target arch (default: every arch with kernels)")
     _add_workers(report)
     report.add_argument("--write-record", action="store_true",
                         help="replace the committed record with these facts")
@@ -177,14 +178,22 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _kernels(arch: str, workers: int | None, write_record: bool) -> int:
-    from . import kernel_cache, static_cache, static_check
+def _kernels(arch: str | None, workers: int | None, write_record: bool) -> int:
+    """The static gate of one arch, or of every arch with kernels; the worst exit status."""
+    from .schedules import archs
     from .targets import normalise_arch
     from .validation import check_positive_int
 
-    arch = normalise_arch(arch)
     if workers is not None:
         check_positive_int("--workers", workers)
+    chosen = [normalise_arch(arch)] if arch is not None else [
+        a.target for a in archs.with_kernels()]
+    return max(_kernels_of(target, workers, write_record) for target in chosen)
+
+
+def _kernels_of(arch: str, workers: int | None, write_record: bool) -> int:
+    from . import kernel_cache, static_cache, static_check
+
     specs = list(dict.fromkeys(static_check.shipped_kernels(arch)))
     print(f"reading {len(specs)} kernels for {arch} (a line each as it is done; kernels are "
           f"compiled into {kernel_cache.require(arch)}, facts cached in "

@@ -4,27 +4,27 @@ tensors, its kernel launches recorded, not run.
     python -m sla_tl.dry_run [--shape 1,12,32760,128] [--block-q 128] [--block-kv 64] ...
 
 It runs the CUDA backend's own path (`sla_tl.tilelang_backend`: plan lookup, buffers, the
-torch steps) for one arch, and reports, per forward (routing, then the forward, as
-`sla::attention` runs them) and per backward:
+torch steps) for one arch, and reports, per forward (routing and the forward as one plan,
+as `sla::attention` runs them, or the forward alone for a fixed routing) and per backward:
 
 - launches: the plan's kernel steps, and the aten ops of its torch steps that would launch
   a CUDA kernel (views and allocations launch none), counted with a TorchDispatchMode, step
   by step;
 - host syncs: aten ops that would wait for the GPU (there must be none: the operators are
   captured in CUDA graphs);
-- the Python function calls of the path per call (deterministic, so a test can hold them
-  where the time would be noise);
-- the host time of the path per call, measured without the counting on CPU tensors of the
-  smallest call with the same plan (one batch entry and head, one block of each size, the
-  smallest head dim): the
-  Python and dispatch of each step, each torch op's work on those few elements standing in
-  for its launch on the GPU (meta tensors would not do: many of their ops run Python shape
-  functions, slower than a launch). The kernels' own host cost is not in it.
+- the Python function calls of one call through the operators (`sla::attention`, or
+  `sla::attention_lut` for a fixed routing, and the backward through autograd):
+  deterministic, so a test can hold them where the time would be noise;
+- the host time of that call, measured without the counting on CPU tensors of the smallest
+  call with the same plan (one batch entry and head, one block of each size, the smallest
+  head dim), the CUDA path standing in for the CPU's: the custom ops' dispatch, the checks
+  of their arguments, the plan lookup and each step's Python and dispatch, each torch op's
+  work on those few elements standing in for its launch on the GPU (meta tensors would not
+  do: many of their ops run Python shape functions, slower than a launch). The kernels'
+  own host cost (TileLang's argument checks and launch) is not in it.
 
 The goals are at most 6 launches per forward and per backward and at most 0.1 ms of host
 time per call (README, "Host cost"); the tests hold today's numbers (tests/test_dry_run.py).
-The operator layer around the backend (the custom ops' dispatch and the checks of their
-arguments) is not in these numbers.
 """
 
 from __future__ import annotations

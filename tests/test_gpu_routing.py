@@ -9,7 +9,8 @@ import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.kernels import KernelSpec
-from sla_tl.plan import FUSIONS, CallShape, route_phase, routed_plan
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.plan import FUSIONS, CallShape, kernels_for, route_phase, routed_plan
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -17,6 +18,25 @@ from sla_tl.targets import target_of
 from .helpers import random_projection, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
+
+ARCH = "sm_90a"
+FUSED_SETTINGS = Settings(block_q=128, block_kv=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile the kernels of this module's plans in parallel before the first test needs one."""
+    specs = [KernelSpec("select", (), ARCH)]
+    specs += [KernelSpec("select", (("block_map_dtype", dtype),), ARCH)
+              for dtype in ("bfloat16", "float32")]
+    for fusions in ((), tuple(FUSIONS)):
+        specs += kernels_for(ARCH, 128, "bfloat16", FUSED_SETTINGS, backward=False,
+                             selection="kernel", fusions=fusions)
+    for dim, block_kv in ((64, 128), (128, 64)):
+        for fusions in ((), ("pooled_keys",)):
+            specs += kernels_for(ARCH, dim, "bfloat16", Settings(block_q=128, block_kv=block_kv),
+                                 backward=False, fusions=fusions)
+    compile_in_parallel(specs)
 
 # (block_q, block_kv, lq, lk, topk, k_low): odd lengths, one critical block, all blocks,
 # Lq != Lk, more key blocks than a warp has lanes several times over, and the largest row.
@@ -145,7 +165,7 @@ def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, fusions
     near ties: the key pass pools K in its own order)."""
     q, k, v = random_qkv(2, 3, lq, lk, 128, torch.bfloat16, generator, device="cuda")
     weight, bias = random_projection(128, torch.float32, generator, device="cuda")
-    s = Settings(block_q=128, block_kv=64)
+    s = FUSED_SETTINGS
     fused, routing = tilelang_backend.routed_forward(q, k, v, weight, bias, topk, k_low, s,
                                                      selection="kernel", fusions=fusions)
     _, plain_routing = tilelang_backend.routed_forward(q, k, v, weight, bias, topk, k_low, s,
