@@ -41,12 +41,13 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import dispatch, plan, spec, tilelang_backend
+from . import dispatch, plan, spec, tilelang_backend, validation
 from .kernels import KernelSpec
 from .phases import Step
 from .routing import Routing
 from .settings import Settings
 from .targets import Target, arch_named
+from .validation import check_positive_int
 
 META = torch.device("meta")
 
@@ -152,6 +153,11 @@ class Call(NamedTuple):
     """The fusions a routed call runs (`plan.FUSIONS`; None: `plan.DEFAULT_FUSIONS`)."""
     arch: str = "sm_90a"
     dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def fusions_run(self) -> tuple[str, ...]:
+        """The fusions a routed call runs (`fusions`, else the default ones)."""
+        return plan.DEFAULT_FUSIONS if self.fusions is None else tuple(self.fusions)
 
 
 def _inputs(call: Call, device: torch.device) -> dict[str, torch.Tensor | None]:
@@ -295,11 +301,34 @@ class _OperatorCall:
         out.backward(self.inputs["grad"])
 
 
+def _check(call: Call) -> None:
+    """The operators' own checks of `call` (the smallest call with its plan is what the
+    timing runs, so they would not see its sizes)."""
+    for name in ("batch", "heads", "length"):
+        check_positive_int(name, getattr(call, name))
+    if call.dtype not in validation.KERNEL_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(validation.KERNEL_DTYPE_NAMES)}; "
+                        f"got {call.dtype}")
+    s = call.settings
+
+    def like(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype).expand(shape)  # metadata only: no memory
+
+    seq = ((call.batch, call.heads, call.length, call.dim) if s.layout == "bhsd"
+           else (call.batch, call.length, call.heads, call.dim))
+    q = like(*seq, dtype=call.dtype)
+    gate = like(*seq[:3]) if call.gated else None
+    validation.check_attention(q, q, q, like(call.dim, call.dim), like(call.dim), gate, s,
+                               ratios=(call.topk, call.k_low))
+
+
 def measure(call: Call = WAN_1_3B, repeats: int = 50) -> HostBudget:
     """Launches of one forward and one backward of `call` through the CUDA backend (on
     meta tensors); the Python calls of one, and the median host time of `repeats`, through
     the operators on `smallest(call)` (CPU tensors, the CUDA path standing in for the CPU's;
     each backward after its own forward, so with its own routing unless it is fixed)."""
+    check_positive_int("repeats", repeats)
+    _check(call)
     runner = _Runner(call, META)
     runner.backward(*runner.forward())  # plans built, routings kept where they would be
     with _Recorder() as forward:
@@ -351,8 +380,11 @@ def _report(call: Call, budget: HostBudget) -> list[str]:
              f"D={call.dim} {str(call.dtype).removeprefix('torch.')}, blocks "
              f"{s.block_q}x{s.block_kv}, topk {call.topk}, k_low {call.k_low}, {s.linear}"
              f"{', gated' if call.gated else ''}"
-             f"{', fixed routing' if call.fixed_routing else ', routed in each call'}"
-             f"{'' if call.fixed_routing else _routed(call)}"]
+             + (", fixed routing" if call.fixed_routing else
+                f", routed in each call (selection {call.selection}, fusions: "
+                f"{', '.join(call.fusions_run) or 'none'})")]
+    if not call.fixed_routing:
+        lines += [f"fusion {name}: {plan.FUSIONS[name].summary}" for name in call.fusions_run]
     for name, count, calls, us in (
             ("forward", budget.forward, budget.forward_python_calls, budget.forward_us),
             ("backward", budget.backward, budget.backward_python_calls, budget.backward_us)):
@@ -362,11 +394,6 @@ def _report(call: Call, budget: HostBudget) -> list[str]:
         lines += [f"  {step:<28} {n}" for step, n in count.by_step.items()]
         lines += [f"  host sync! {what} x{n}" for what, n in count.syncs.items()]
     return lines
-
-
-def _routed(call: Call) -> str:
-    fusions = plan.DEFAULT_FUSIONS if call.fusions is None else call.fusions
-    return f" (selection {call.selection}, fusions: {', '.join(fusions) or 'none'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,15 +417,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="sm_90a", help="the arch whose plan to run")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls")
     args = parser.parse_args(argv)
-    batch, heads, length, dim = (int(n) for n in args.shape.split(","))
-    call = Call(batch=batch, heads=heads, length=length, dim=dim,
-                settings=Settings(block_q=args.block_q, block_kv=args.block_kv,
-                                  linear=args.linear),
-                topk=args.topk, k_low=args.k_low, gated=args.gate,
-                fixed_routing=args.fixed_routing, selection=args.selection,
-                fusions=None if args.fusion is None else tuple(args.fusion), arch=args.arch)
-    print("\n".join(_report(call, measure(call, args.repeats))))
+    try:
+        batch, heads, length, dim = _shape(args.shape)
+        call = Call(batch=batch, heads=heads, length=length, dim=dim,
+                    settings=Settings(block_q=args.block_q, block_kv=args.block_kv,
+                                      linear=args.linear),
+                    topk=args.topk, k_low=args.k_low, gated=args.gate,
+                    fixed_routing=args.fixed_routing, selection=args.selection,
+                    fusions=None if args.fusion is None else tuple(args.fusion),
+                    arch=args.arch)
+        budget = measure(call, args.repeats)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(_report(call, budget)))
     return 0
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    """B,H,L,D from the command line; ValueError naming --shape."""
+    try:
+        batch, heads, length, dim = (int(n) for n in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shape must be four integers B,H,L,D; got {text!r}") from None
+    return batch, heads, length, dim
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ User-facing:
 Building blocks (what the autograd formula and `torch.compile` graphs are made of):
   sla::route                 block classification; not differentiable
   sla::attention_fwd         output, and what the backward reuses (see settings.ForwardOutputs)
-  sla::routed_attention_fwd  sla::route then sla::attention_fwd in one call: the same
+  sla::routed_attention_fwd  routing then the forward in one call (on CUDA one plan, so
+                             kernels can share work across the two): attention_fwd's
                              outputs, then the routing
   sla::attention_bwd         gradients for q, k, v, the projection and the gate
 
@@ -18,9 +19,13 @@ once (`sla_tl.validation`, metadata only), then runs the backend of the inputs' 
 `attention_bwd` (`register_autograd`). The user-facing operators are compositions of one
 building block each (registered as CompositeImplicitAutograd, so autograd and
 `torch.compile` see the building block): a custom op's registered backward sees only the
-op's own outputs, and the backward needs more than the one tensor these return. Their
-schemas, defaults included, are inferred from the Python signatures below, the one place
-the defaults are spelled.
+op's own outputs, and the backward needs more than the one tensor these return. A
+composition runs its building block through `_EntryFunction`, an autograd.Function with
+the building block's own formula: in eager mode it skips the registered autograd's
+per-call pass over the schema, and torch.compile traces it into the same graph of
+building blocks.
+Their schemas, defaults included, are inferred from the Python signatures below, the one
+place the defaults are spelled.
 
 Every attention operator takes an optional `gate` (SALAD's): O = O_s + g * proj(O_l), g of
 shape (B, H, Lq) in layout "bhsd", (B, Lq, H) in "bshd"; None means g = 1.
@@ -237,13 +242,13 @@ routed_attention_fwd.register_autograd(_routed_backward, setup_context=_routed_s
 
 
 class _EntryFunction(torch.autograd.Function):
-    """The autograd of a user-facing operator in eager mode: its building block runs below
-    autograd, with the building block's own formula (`_FORMULAS`).
+    """The autograd of a user-facing operator: its building block runs below autograd,
+    with the building block's own formula (`_FORMULAS`).
 
-    The building blocks' registered autograd (which torch.compile's graphs use) costs about
-    70 us a call on the host in torch 2.13: before `setup_context` it fills in the schema's
-    defaults, reading the 16 arguments' schema through pybind once per argument. A call that
-    only needs the first output does the same here without it."""
+    The building blocks' registered autograd (what a direct call of a building block uses)
+    costs about 70 us a call on the host in torch 2.13: before `setup_context` it fills in
+    the schema's defaults, reading the 16 arguments' schema through pybind once per
+    argument. A call that only needs the first output does the same here without it."""
 
     @staticmethod
     def forward(ctx, op, *inputs):

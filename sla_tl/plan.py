@@ -154,7 +154,7 @@ class Fusion(NamedTuple):
     """A kernel variant that does the work of a group of the routed forward's steps."""
 
     summary: str
-    """What it takes over, for the docs and the dry run's report."""
+    """What it takes over (the dry run's report prints it)."""
     refusal: Callable[[CallShape, str], str | None]
     """Why it cannot serve a call of this shape and selection (None: it can)."""
     rewrite: Callable[[list[Step], dict[str, Buffer], CallShape], None]
@@ -306,17 +306,17 @@ def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep
                                     check_routing=routed is None)
     inputs = ["q", "k", "v", *ROUTING, "proj_weight", "proj_bias", *(["gate"] * shape.gated)]
     outputs = list(ForwardOutputs._fields)
-    name = "forward"
+    phase_name = "forward"
     if routed is not None:
         _check_fusions(routed.fusions, shape, routed.selection)
         route_steps, route_buffers = _route_steps(target, shape, routed.selection)
         steps, buffers = route_steps + steps, {**route_buffers, **buffers}
         for fusion in routed.fusions:
             FUSIONS[fusion].rewrite(steps, buffers, shape)
-        inputs = [name for name in inputs if name not in ROUTING]
+        inputs = [tensor for tensor in inputs if tensor not in ROUTING]
         outputs += ROUTING
-        name = "routed_forward"
-    forward = Phase(name, inputs, outputs, steps, buffers)
+        phase_name = "routed_forward"
+    forward = Phase(phase_name, inputs, outputs, steps, buffers)
     return AttentionPlan(target, shape, schedule, forward,
                          _backward(target, shape, schedule, keep_routing))
 

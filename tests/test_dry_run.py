@@ -113,3 +113,18 @@ def test_the_command_prints_the_figures(capsys):
 def test_the_dry_run_takes_any_registered_arch_and_refuses_others():
     with pytest.raises(ValueError, match="arch must be one of"):
         dry_run.measure(Call(arch="sm_80"), repeats=1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "1,2,x,64"], "--shape must be four integers"),
+    (["--shape", "1,2,1024,96"], "head dim of q must be one of"),
+    (["--topk", "2"], "topk must be in [0, 1]"),
+    (["--block-q", "32"], "block_q must be one of (64, 128) on CUDA"),
+    (["--repeats", "0"], "repeats must be at least 1"),
+    (["--selection", "kernel", "--fusion", "selection_block_map", "--linear", "global"],
+     "needs linear='marginal'"),
+])
+def test_the_command_refuses_bad_input_in_one_line(capsys, argv, message):
+    assert dry_run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
