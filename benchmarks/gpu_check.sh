@@ -37,6 +37,7 @@ breakdowns() {
 }
 workers=()
 [ "${TEST_WORKERS:-1}" -gt 1 ] && workers=(-n "$TEST_WORKERS")
+export SLA_TL_FAILURE_LOG="${SLA_TL_FAILURE_LOG:-$OUT/test_failures.log}"
 step tests python3 -m pytest -m gpu -q -p no:cacheprovider --timeout "${TEST_TIMEOUT:-240}" \
   "${workers[@]}" tests
 variants() {
