@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build .device/extras.tar.xz: what the GPU checks use beyond the core bundle on a GPU
 # machine with no package index, for its Python 3.12: matplotlib (the plot), diffusers (the
-# diffusers GPU tests; the machine has its other needs: huggingface-hub, safetensors, ...)
+# diffusers GPU tests; the machine has its other needs: huggingface-hub, safetensors, ...),
+# pytest-timeout and pytest-xdist (gpu_check's per-test timeout and parallel compiles)
 # and thu-ml/SLA's `sparse_linear_attention` package (a baseline), from a checkout of it.
 #
 #   usage: bash benchmarks/device_extras.sh PATH/TO/thu-ml-SLA [OUTDIR]   (default: .device)
@@ -15,7 +16,8 @@ plat=(--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platfor
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plat[@]}" -d "$tmp/whl" matplotlib
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${plat[@]}" -d "$tmp/whl" "diffusers>=0.35,<0.43" importlib_metadata
+  "${plat[@]}" -d "$tmp/whl" "diffusers>=0.35,<0.43" importlib_metadata \
+  pytest-timeout pytest-xdist execnet
 mkdir -p "$tmp/site"
 # numpy comes with the machine's torch; a second copy would shadow it.
 for w in "$tmp"/whl/*.whl; do

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,12 @@ def generator() -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(torch.seed() % (2**31))
     return g
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With SLA_TL_FAILURE_LOG set, append each failure's report to that file as it happens:
+    a GPU run stopped by its time limit still leaves the failures it saw."""
+    path = os.environ.get("SLA_TL_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
