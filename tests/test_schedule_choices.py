@@ -12,7 +12,7 @@ import pytest
 
 from sla_tl import kernels
 from sla_tl.kernels import KernelSpec
-from sla_tl.schedules.sm90 import SHARED_MEMORY_BYTES, forward, forward_ws
+from sla_tl.schedules.sm90 import SHARED_MEMORY_BYTES, forward_ws, programs
 from sla_tl.schedules.sm90 import backward_dkdv_ws as dkdv_ws
 from sla_tl.spec import softmax_scale
 
@@ -66,15 +66,9 @@ def test_every_tuned_and_alternative_schedule_builds(dim, block_q, block_kv):
     schedules = _combos(space) + kernels.alternatives(ARCH, "forward", dim, block_q, block_kv)
     scale = softmax_scale(dim, None)
     for knobs in schedules:
-        merged = {**kernels.default_knobs(ARCH, "forward", dim, block_q, block_kv), **knobs}
-        if merged["warp_specialization"] == "auto":
-            program = forward.sla_forward(
-                dim, block_q, block_kv, "bfloat16", "softmax", "bhsd", scale,
-                merged["threads"], merged["num_stages"])
-        else:
-            program = forward_ws.sla_forward_ws(
-                dim, block_kv, "bfloat16", "softmax", "bhsd", scale, merged["num_stages"],
-                merged["warp_specialization"] == "pingpong", merged["entries_per_step"])
+        # Through the dispatch the kernel getter uses: the default's knobs under the given ones.
+        program = programs.sla_forward(dim, block_q, block_kv, "bfloat16", "softmax", "bhsd",
+                                       scale, knobs)
         assert program is not None, knobs
 
 

@@ -81,7 +81,8 @@ def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
     default = default_schedule(dim, block_q, block_kv)
     found = []
     if default["warp_specialization"] != "auto":
-        found.append(dict(num_stages=2, warp_specialization="auto", entries_per_step=1))
+        found.append(dict(threads=2 * block_q, num_stages=2, warp_specialization="auto",
+                          entries_per_step=1))
     if block_kv == 64:
         found += [dict(num_stages=n, warp_specialization=variant, entries_per_step=2)
                   for n in _hand_written_stages(dim, block_q, block_kv, 2)
@@ -106,6 +107,11 @@ def sla_forward(
     Schedule knobs (speed only): `threads` doing the math and pipeline `num_stages`.
     `gated` adds the GATE argument, float32 (B, H, Lq).
     """
+    if threads != 2 * block_q:
+        # TileLang's automatic split lays each GEMM's rows over the math warps, 64 rows a
+        # warpgroup; any other count fails deep in its layout inference.
+        raise ValueError(f"threads must be 2 * block_q ({2 * block_q}) for TileLang's "
+                         f"automatic warp specialisation; got {threads}")
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
