@@ -86,7 +86,7 @@ def test_what_is_kept_equals_what_is_derived_afresh(generator):
     b, h, n_q, n_kv = 2, 3, 6, 9
     order = torch.rand(b, h, n_q, n_kv, generator=generator).argsort(-1).to(torch.int32)
     fixed = routing.Routing(order[..., :3].contiguous(),
-                            torch.randint(0, 4, (b, h, n_q), dtype=torch.int32,
+                            torch.randint(1, 4, (b, h, n_q), dtype=torch.int32,
                                           generator=generator),
                             order[..., 3:5].contiguous(), torch.full((b, h, n_q), 2,
                                                                       dtype=torch.int32))
@@ -98,7 +98,7 @@ def test_what_is_kept_equals_what_is_derived_afresh(generator):
     assert all(torch.equal(a, b) for a, b in zip(first, fresh, strict=True))
     key_major = routing.key_major(fixed, n_kv, "marginal", torch.float64, keep=True)
     assert key_major.marginal_t.data_ptr() == first.marginal.data_ptr()  # the forward's map
-    fixed.lut[0, 0, 0, 0] = fixed.neg_lut[0, 0, 0, 0]  # now in both lists: a fault
+    fixed.lut[0, 0, 0, 0] = fixed.neg_lut[0, 0, 0, 0]  # a listed entry in both lists: a fault
     edited = routing.forward_flags(fixed, n_kv, "marginal", torch.float64, keep=True)
     assert edited is not first and edited.active[0, 0, 0] == -1
 
