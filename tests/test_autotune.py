@@ -177,7 +177,7 @@ def _fake_compiler(spec) -> tuple[str | None, int | None]:
     knobs = dict(spec.knobs)
     if knobs.get("num_stages") == 3:
         return "RuntimeError: ptxas error: Registers are spilled to local memory", None
-    if knobs.get("q_slice") == 128:
+    if knobs.get("q_slice") == 32:
         return None, 300 * 1024
     if knobs.get("group") == 16:
         return "RuntimeError: No valid warp partition for T.gemm", None
@@ -191,7 +191,7 @@ def test_pruning_marks_failures_before_anything_is_timed():
     reasons = {(c.kernel, c.label): c.pruned for c in found}
     assert reasons[("forward", "num_stages=2,warp_specialization=pingpong")] is None
     assert reasons[("forward", "num_stages=3,warp_specialization=pingpong")] == "spills registers"
-    assert reasons[("backward_dkdv", "linear_first=True,num_stages=2,q_slice=128")].startswith(
+    assert reasons[("backward_dkdv", "linear_first=True,num_stages=2,q_slice=32")].startswith(
         "overflows shared memory")
     assert reasons[("key_pass", "group=16")].startswith("fails to compile")
     # The first candidate of each kernel is its default schedule.
@@ -212,8 +212,11 @@ def test_prune_reasons():
 def test_candidates_cover_the_search_space():
     s = Settings(block_q=128, block_kv=64)
     dkdv = enumerate_candidates("sm_90a", "backward_dkdv", 128, s)
-    assert len(dkdv) == len({tuple(sorted(c.items())) for c in dkdv}) == 2 * 3 * 2
-    assert all(c["q_slice"] <= 128 for c in dkdv)
+    assert len(dkdv) == len({tuple(sorted(c.items())) for c in dkdv}) == 2 * 2 * 2
+    assert {c["q_slice"] for c in dkdv} == {32, 64}  # 128-row slices spill at D=128
+    wide = enumerate_candidates("sm_90a", "backward_dkdv", 64, Settings(block_q=128, block_kv=128))
+    assert {c["linear_first"] for c in wide} == {False}
+    assert {c["q_slice"] for c in wide} == {32, 64, 128}
 
 
 def test_real_compile_prunes_a_schedule_that_cannot_be_built():
