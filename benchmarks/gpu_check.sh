@@ -2,8 +2,11 @@
 # The whole GPU check, for a GPU machine with torch but without tilelang/optuna:
 #   1. unpack the bundled packages and install this project (device_env.sh);
 #   2. tests:       the tests marked `gpu` (each stopped after $TEST_TIMEOUT s, default 240:
-#                   a kernel that hangs fails its test instead of the whole call), on
-#                   $TEST_WORKERS pytest-xdist workers (default 1; more compile in parallel);
+#                   a kernel that hangs fails its test instead of the whole call), of
+#                   $TESTS (default tests; name files to split the suite over calls of the
+#                   device's 10-minute limit), on $TEST_WORKERS pytest-xdist workers
+#                   (default 1: each test already compiles its kernels on every core, and
+#                   8 workers on the H200 machine's 16 cores ran no more tests in a call);
 #   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape (the forward
 #                   also with the selection kernel and every fusion of sla_tl.plan.FUSIONS);
 #   4. bench:       `sla-tl bench` over $SECTIONS of the suite (default all) with JSON and plot;
@@ -42,7 +45,7 @@ workers=()
 [ "${TEST_WORKERS:-1}" -gt 1 ] && workers=(-n "$TEST_WORKERS")
 export SLA_TL_FAILURE_LOG="${SLA_TL_FAILURE_LOG:-$OUT/test_failures.log}"
 step tests python3 -m pytest -m gpu -q -p no:cacheprovider --timeout "${TEST_TIMEOUT:-240}" \
-  "${workers[@]}" tests
+  "${workers[@]}" ${TESTS:-tests}
 variants() {
   python3 -m sla_tl.benchmarks.forward_variants --out "$OUT/forward_variants.json" &&
     python3 -m sla_tl.benchmarks.forward_variants --lut shared \
