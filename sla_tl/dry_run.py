@@ -207,7 +207,8 @@ class _Runner:
         x = self.inputs
         tilelang_backend.backward(
             x["grad"], x["q"], x["k"], x["v"], saved, routing, x["weight"], x["bias"],
-            self.call.settings, gate=x["gate"], target=self.target, **_recording(recorder))
+            self.call.settings, gate=x["gate"], target=self.target, fusions=self.call.fusions,
+            **_recording(recorder))
 
 
 def _no_launch(step: Step, args: list) -> None:
@@ -264,7 +265,7 @@ class _CudaPathOnCpu:
 
     def backward(self, *args, **options):
         return tilelang_backend.backward(*args, **options, target=self.target,
-                                         launch=_no_launch)
+                                         fusions=self.call.fusions, launch=_no_launch)
 
 
 @contextlib.contextmanager

@@ -15,11 +15,11 @@ the target (GPU model and arch), the schedule (an override, else the tuned one f
 config store), the kernels' compile arguments and every buffer's shape; the compiled
 kernels are fetched on a phase's first run and kept with it.
 
-Fusions: a kernel variant that does the work of a group of steps is a `Fusion` in
-`FUSIONS`, a rewrite of the routed forward's step list (the group's steps go, the kernel
-step takes their outputs). A plan built with `fusions` runs them; `DEFAULT_FUSIONS` are the
-ones every call runs. Replacing a group of torch ops by a new kernel is one entry there
-(and its kernel's line in the arch's kernel table).
+Fusions: a kernel (or kernel variant) that does the work of a group of steps is a `Fusion`
+in `FUSIONS`, a rewrite of the step list of a routed call's forward or backward (the group's
+steps go, the kernel step takes their outputs). A plan built with `fusions` runs them;
+`DEFAULT_FUSIONS` are the ones every call runs. Replacing a group of torch ops by a new
+kernel is one entry there (and its kernel's line in the arch's kernel table).
 """
 
 from __future__ import annotations
@@ -151,14 +151,16 @@ def route_phase(target: Target, shape: CallShape, selection: str = "sort") -> Ph
 
 
 class Fusion(NamedTuple):
-    """A kernel variant that does the work of a group of the routed forward's steps."""
+    """A kernel (variant) that does the work of a group of a routed call's steps."""
 
     summary: str
     """What it takes over (the dry run's report prints it)."""
     refusal: Callable[[CallShape, str], str | None]
     """Why it cannot serve a call of this shape and selection (None: it can)."""
     rewrite: Callable[[list[Step], dict[str, Buffer], CallShape], None]
-    """Rewrites the routed forward's steps and buffers in place."""
+    """Rewrites the steps and buffers of its phase in place."""
+    phase: str = "routed_forward"
+    """The phase whose steps it rewrites: "routed_forward" or "backward"."""
 
 
 def _index(steps: list[Step], name: str) -> int:
@@ -189,6 +191,36 @@ def _selection_block_map(steps: list[Step], buffers: dict[str, Buffer],
                    active=Buffer(rows, torch.int32))
 
 
+def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
+    index = _index(steps, "reverse_lut")
+    arch = steps[_index(steps, "backward_dkdv")].kernel.arch
+    marginal = shape.settings.linear == "marginal"
+    block_map = {"block_map_dtype": shape.dtype_name} if marginal else {}
+    reads = list(ROUTING) if marginal else ["lut", "lut_count"]
+    maps = ["critical_map", *(["negligible_map"] * marginal)]
+    kernel = kernel_step("key_major", KernelSpec("key_major", tuple(block_map.items()), arch),
+                         reads, [*maps, "reverse", "reverse_count", *(["marginal"] * marginal)])
+    # The key blocks' states weigh by the transposed map, as a view (what the torch step
+    # makes), so that their GEMMs see the same operand layout.
+    view = (torch_step("marginal_t", _transposed, ["marginal"], makes=["marginal_t"])
+            if marginal else torch_step("marginal_t", _no_map, [], makes=["marginal_t"]))
+    steps[index:index + 1] = [kernel, view]
+    rows, keys = (shape.batch, shape.heads, shape.n_q), (shape.batch, shape.heads, shape.n_kv)
+    buffers.update({name: Buffer((*keys, shape.n_q), torch.uint8) for name in maps})
+    buffers.update(reverse=Buffer((*keys, shape.n_q), torch.int32),
+                   reverse_count=Buffer(keys, torch.int32))
+    if marginal:
+        buffers["marginal"] = Buffer((*rows, shape.n_kv), shape.dtype)
+
+
+def _transposed(marginal: torch.Tensor) -> torch.Tensor:
+    return marginal.transpose(-1, -2)
+
+
+def _no_map() -> None:
+    return None
+
+
 def _needs_marginal_kernel_selection(shape: CallShape, selection: str) -> str | None:
     if selection != "kernel":
         return "needs selection='kernel'"
@@ -205,8 +237,12 @@ FUSIONS: dict[str, Fusion] = {
         "the selection kernel also writes the marginal block map and the rows' flags (the "
         "routing_flags torch ops go)",
         _needs_marginal_kernel_selection, _selection_block_map),
+    "key_major_kernel": Fusion(
+        "one kernel writes the backward's reverse LUT and marginal block map (the "
+        "reverse_lut torch ops go)",
+        lambda shape, selection: None, _key_major_kernel, phase="backward"),
 }
-"""The fusions a routed forward may run, by name, applied in this order."""
+"""The fusions a routed call may run, by name, applied in this order."""
 
 DEFAULT_FUSIONS: tuple[str, ...] = ()
 """The fusions every routed call runs. Their kernels have not run on a GPU yet: a plan runs
@@ -219,6 +255,16 @@ def _in_order(fusions: Collection[str]) -> tuple[str, ...]:
         if name not in FUSIONS:
             raise ValueError(f"fusions must be among {', '.join(FUSIONS)}; got {name!r}")
     return tuple(name for name in FUSIONS if name in fusions)
+
+
+@functools.lru_cache(maxsize=64)
+def by_phase(fusions: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fusions among `fusions` that rewrite a routed call's forward, and those that
+    rewrite its backward, each in `FUSIONS`' order (ValueError naming one that is not
+    there). Kept per tuple: the operators ask on every call."""
+    chosen = _in_order(fusions)
+    return (tuple(name for name in chosen if FUSIONS[name].phase == "routed_forward"),
+            tuple(name for name in chosen if FUSIONS[name].phase == "backward"))
 
 
 def _check_fusions(fusions: tuple[str, ...], shape: CallShape, selection: str) -> None:
@@ -263,12 +309,19 @@ def _frozen(schedule: Schedule | None) -> tuple | None:
 
 
 def attention_plan(target: Target, shape: CallShape, schedule: Schedule | None = None,
-                   keep_routing: bool = True) -> AttentionPlan:
+                   keep_routing: bool = True,
+                   fusions: Collection[str] | None = None) -> AttentionPlan:
     """The plan of a call with a given routing: `schedule` overrides the stored one (the
     tuner's candidates, the benchmarks' alternatives); `keep_routing`: what the forward
     and the backward derive from the routing is kept with it, for later calls with the
-    same routing (see `sla_tl.routing`)."""
-    return _resolved(target, shape, schedule, keep_routing, None)
+    same routing (see `sla_tl.routing`); `fusions` (None: `DEFAULT_FUSIONS`) of the
+    backward's steps (ValueError naming one of a routed forward's: there is none here)."""
+    forward_fusions, backward_fusions = by_phase(
+        DEFAULT_FUSIONS if fusions is None else tuple(fusions))
+    if fusions is not None and forward_fusions:
+        raise ValueError(f"fusion {forward_fusions[0]!r} rewrites the forward of a call that "
+                         "routes; this call's routing is given")
+    return _resolved(target, shape, schedule, keep_routing, None, backward_fusions)
 
 
 def routed_plan(target: Target, shape: CallShape, schedule: Schedule | None = None,
@@ -278,23 +331,27 @@ def routed_plan(target: Target, shape: CallShape, schedule: Schedule | None = No
     forward, as one phase, with `fusions` (None: `DEFAULT_FUSIONS`); `schedule` as for
     `attention_plan`. The routing is the call's own, valid by construction: nothing
     derived from it is kept for another call, and it is not checked."""
-    chosen = DEFAULT_FUSIONS if fusions is None else _in_order(fusions)
-    return _resolved(target, shape, schedule, False, _Routed(selection, chosen))
+    forward_fusions, backward_fusions = by_phase(
+        DEFAULT_FUSIONS if fusions is None else tuple(fusions))
+    return _resolved(target, shape, schedule, False, _Routed(selection, forward_fusions),
+                     backward_fusions)
 
 
 def _resolved(target: Target, shape: CallShape, schedule: Schedule | None, keep_routing: bool,
-              routed: _Routed | None) -> AttentionPlan:
+              routed: _Routed | None, backward_fusions: tuple[str, ...]) -> AttentionPlan:
     if schedule is None:
         # The store's schedule: plans of a store are dropped when it is read again.
         store = config_store.active_store()
-        return _attention_plan(target, shape, None, keep_routing, routed, store,
-                               store.generation)
-    return _attention_plan(target, shape, _frozen(schedule), keep_routing, routed, None, 0)
+        return _attention_plan(target, shape, None, keep_routing, routed, backward_fusions,
+                               store, store.generation)
+    return _attention_plan(target, shape, _frozen(schedule), keep_routing, routed,
+                           backward_fusions, None, 0)
 
 
 @functools.lru_cache(maxsize=PLANS_KEPT)
 def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep_routing: bool,
-                    routed: _Routed | None, store: config_store.ConfigStore | None,
+                    routed: _Routed | None, backward_fusions: tuple[str, ...],
+                    store: config_store.ConfigStore | None,
                     generation: int) -> AttentionPlan:
     s = shape.settings
     check_block_sizes(target.arch, s.block_q, s.block_kv)
@@ -318,7 +375,7 @@ def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep
         phase_name = "routed_forward"
     forward = Phase(phase_name, inputs, outputs, steps, buffers)
     return AttentionPlan(target, shape, schedule, forward,
-                         _backward(target, shape, schedule, keep_routing))
+                         _backward(target, shape, schedule, keep_routing, backward_fusions))
 
 
 def _spec(target: Target, kind: str, args: dict, schedule: Schedule | None = None) -> KernelSpec:
@@ -424,8 +481,8 @@ def _gate_grad(d_gate_rows: torch.Tensor, gate: torch.Tensor, layout: str) -> to
     return from_bhsd(d_gate_rows, layout).contiguous().to(gate.dtype)
 
 
-def _backward(target: Target, shape: CallShape, schedule: Schedule,
-              keep_routing: bool) -> Phase:
+def _backward(target: Target, shape: CallShape, schedule: Schedule, keep_routing: bool,
+              fusions: tuple[str, ...]) -> Phase:
     s = shape.settings
     b, h, lq, d = shape.batch, shape.heads, shape.lq, shape.dim
     n_q, n_kv = shape.n_q, shape.n_kv
@@ -487,6 +544,8 @@ def _backward(target: Target, shape: CallShape, schedule: Schedule,
         steps.append(torch_step("gate_grad", functools.partial(_gate_grad, layout=s.layout),
                                 ["d_gate_rows", "gate"], makes=["d_gate"]))
         outputs.append("d_gate")
+    for fusion in fusions:
+        FUSIONS[fusion].rewrite(steps, buffers, shape)
     inputs = ["grad_out", "q", "k", "v", "out", "lse", "linear", "h_rows", "z_rows", *ROUTING,
               "proj_weight", "proj_bias", *(["gate"] * shape.gated)]
     return Phase("backward", inputs, outputs, steps, buffers)

@@ -24,7 +24,7 @@ from . import spec
 from .kernels import Schedule
 from .layout import to_bhsd
 from .phases import Launcher, Watcher
-from .plan import attention_plan, call_shape, route_phase, routed_plan
+from .plan import attention_plan, by_phase, call_shape, route_phase, routed_plan
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
 from .targets import Target, target_of
@@ -98,19 +98,22 @@ def backward(
     saved: ForwardOutputs, routing: Routing, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
     s: Settings, schedule: Schedule | None = None, gate: torch.Tensor | None = None, *,
     buffers: Buffers | None = None, keep_routing: bool = True, target: Target | None = None,
-    launch: Launcher | None = None, watch: Watcher | None = None,
+    fusions: Collection[str] | None = None, launch: Launcher | None = None,
+    watch: Watcher | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dq, dk, dv, dproj_weight, dproj_bias, dgate): query pass, dQ over the LUT, dK/dV
     over the reverse LUT; the projection's gradients are two small torch GEMMs; dgate (from
     the query pass, in the gate's layout and dtype) is None without a gate. `buffers` may
     hold "dq", "dk", "dv" and, with a gate, "d_gate_rows" (float32 (B, H, Lq)).
     `keep_routing` as for `forward` (after a call that routed, the routing dies with the
-    saved tensors, and with it what was kept)."""
+    saved tensors, and with it what was kept); `fusions`: the call's (`plan.FUSIONS`; None:
+    the default ones), of which the backward runs those of its steps."""
     q, k, v, grad_out = (t.contiguous() for t in (q, k, v, grad_out))
     saved = ForwardOutputs(*(t.contiguous() for t in saved))  # the kernels take dense tensors
     routing = routing.contiguous()
     shape = call_shape(q, k, s, gate is not None, routing.widths)
-    plan = attention_plan(target or target_of(q.device), shape, schedule, keep_routing)
+    plan = attention_plan(target or target_of(q.device), shape, schedule, keep_routing,
+                          None if fusions is None else by_phase(tuple(fusions))[1])
     tensors = dict(grad_out=grad_out, q=q, k=k, v=v, **saved._asdict(), **routing._asdict(),
                    proj_weight=proj_weight, proj_bias=proj_bias,
                    **({} if gate is None else {"gate": gate}), **(buffers or {}))

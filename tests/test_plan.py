@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from sla_tl import spec
-from sla_tl.plan import DEFAULT_FUSIONS, FUSIONS, CallShape, kernels_for, routed_plan
+from sla_tl.plan import (
+    DEFAULT_FUSIONS,
+    FUSIONS,
+    CallShape,
+    attention_plan,
+    kernels_for,
+    routed_plan,
+)
 from sla_tl.settings import Settings
 from sla_tl.targets import Target, arch_named
 
@@ -45,6 +52,41 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
                     "projection_operands", "forward"]
 
 
+@pytest.mark.parametrize("linear", ["marginal", "global"])
+def test_the_key_major_kernel_takes_the_reverse_lut_step_of_every_backward(linear):
+    settings = Settings(block_q=128, block_kv=64, linear=linear)
+    plain = attention_plan(TARGET, _shape(settings), {}, fusions=()).backward
+    fused = attention_plan(TARGET, _shape(settings), {}, fusions=("key_major_kernel",)).backward
+    names = [step.name for step in plain.steps]
+    at = names.index("reverse_lut")
+    assert [step.name for step in fused.steps] == [*names[:at], "key_major", "marginal_t",
+                                                   *names[at + 1:]]
+    kernel = fused.step("key_major")
+    marginal = linear == "marginal"
+    assert kernel.kernel.args == ((("block_map_dtype", "bfloat16"),) if marginal else ())
+    assert kernel.reads == (("lut", "lut_count", "neg_lut", "neg_count") if marginal
+                            else ("lut", "lut_count"))
+    assert kernel.fills[-3 if marginal else -2:] == (
+        ("reverse", "reverse_count", "marginal") if marginal else ("reverse", "reverse_count"))
+    n_kv = _shape().n_kv
+    assert fused.buffers["reverse"].shape == (2, 3, n_kv, 8)
+    assert fused.buffers["critical_map"].dtype == torch.uint8
+    assert ("negligible_map" in fused.buffers) == marginal
+    # A routed call's plan runs it in its backward; the forward is untouched.
+    routed = routed_plan(TARGET, _shape(settings), {}, "sort", ("key_major_kernel",))
+    assert [s.name for s in routed.backward.steps] == [s.name for s in fused.steps]
+    assert routed.forward.kernels() == routed_plan(TARGET, _shape(settings), {}, "sort",
+                                                   ()).forward.kernels()
+
+
+def test_a_given_routings_plan_refuses_a_routed_forwards_fusion_by_name():
+    with pytest.raises(ValueError, match="fusion 'pooled_keys' rewrites the forward of a call "
+                                         "that routes"):
+        attention_plan(TARGET, _shape(), {}, fusions=("pooled_keys", "key_major_kernel"))
+    with pytest.raises(ValueError, match="fusions must be among"):
+        attention_plan(TARGET, _shape(), {}, fusions=("reverse_everything",))
+
+
 def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     fused = routed_plan(TARGET, _shape(), {}, "kernel", tuple(FUSIONS)).forward
     key_pass, select = fused.step("key_pass"), fused.step("select")
@@ -59,15 +101,16 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     assert [s.kind for s in plain] == ["pool", "pool", "select", "key_pass", "forward",
                                        "backward_query", "backward_dq", "backward_dkdv"]
     assert [s.kind for s in enumerated] == ["key_pass", "pool", "select", "forward",
-                                            "backward_query", "backward_dq", "backward_dkdv"]
-    assert len(set(enumerated) - set(plain)) == 2  # the two variants
+                                            "backward_query", "backward_dq", "key_major",
+                                            "backward_dkdv"]
+    assert len(set(enumerated) - set(plain)) == 3  # the two variants and the key-major kernel
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_each_fusions_kernels_build_their_programs(fusion):
     """Each variant a fusion launches is a program its arch builds (no compile: cheap)."""
-    plain = set(routed_plan(TARGET, _shape(), {}, "kernel", ()).forward.kernels())
-    variants = [s for s in routed_plan(TARGET, _shape(), {}, "kernel", (fusion,)).forward.kernels()
+    plain = set(routed_plan(TARGET, _shape(), {}, "kernel", ()).kernels())
+    variants = [s for s in routed_plan(TARGET, _shape(), {}, "kernel", (fusion,)).kernels()
                 if s not in plain]
     assert len(variants) == 1
     for variant in variants:

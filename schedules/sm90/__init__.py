@@ -25,6 +25,7 @@ ARCH = Arch(
     kernels={
         "pool": KernelDef(programs.pool),
         "select": KernelDef(programs.select, limits={"key_blocks": select.MAX_KEY_BLOCKS}),
+        "key_major": KernelDef(programs.key_major),
         # Without flush-to-zero: compiled with it, the CTA that gets a single key block hung
         # on the H200 (TileLang's warp-specialised pipeline of one iteration, a known
         # upstream hazard); compiled without it, every case of the GPU tests has passed.

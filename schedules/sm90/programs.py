@@ -15,6 +15,7 @@ from . import backward_dkdv, backward_dkdv_ws, backward_dq, backward_dq_ws, forw
 from . import key_pass as key_pass_module
 from .backward_query import backward_query as _backward_query
 from .pool import mean_pool
+from .reverse_lut import key_major as _key_major
 from .select import top_bottom_select
 
 
@@ -27,6 +28,12 @@ def select(block_map_dtype: str | None = None):
     """Routing's selection of critical and negligible blocks from the block scores; with
     `block_map_dtype`, also the marginal block map (in that dtype) and the rows' flags."""
     return top_bottom_select(block_map_dtype)
+
+
+def key_major(block_map_dtype: str | None = None):
+    """The backward's reverse LUT of a routing; with `block_map_dtype`, also its marginal
+    block map (in that dtype)."""
+    return _key_major(block_map_dtype)
 
 
 def key_pass(dim: int, block_kv: int, dtype: str, feature: str, layout: str,
