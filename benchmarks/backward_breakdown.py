@@ -1,6 +1,7 @@
 """Where the backward's time goes, step by step of its plan, beside cuDNN SDPA's backward.
 
-    python -m sla_tl.benchmarks.backward_breakdown [--topk 0.05] [--out result.json]
+    python -m sla_tl.benchmarks.backward_breakdown [--topk 0.05] [--fusion key_major_kernel]
+        [--out result.json]
 
 Timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16), on fresh
 random inputs, with the forward's outputs computed once per input set: each step of the
@@ -8,7 +9,8 @@ backward's plan alone (kernels and torch steps, on the tensors of one earlier ru
 whole backward. Each dK/dV alternative schedule (candidates for the default, see
 `backward_dkdv.alternatives`) is timed on the same tensors, with its largest difference
 from the default's dK. What the backward derives from the routing is derived afresh in
-every step, as after a call that routes (`sla::attention`).
+every step, as after a call that routes (`sla::attention`). `--fusion` runs a fusion of the
+backward's steps (`sla_tl.plan.FUSIONS`) in the plan.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.plan import attention_plan, call_shape
+from sla_tl.plan import FUSIONS, attention_plan, call_shape
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
 from sla_tl.timing import median_ms
@@ -39,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--fusion", action="append", default=[],
+                        choices=[n for n, f in FUSIONS.items() if f.phase == "backward"],
+                        help="a fusion of the backward's steps, repeatable (default: none)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    fusions = tuple(args.fusion)
     b, h, length, d = 1, 12, args.length, 128
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
         sets.append((q, k, v, grad, weight, bias, routing, saved))
     shape = call_shape(sets[0][0], sets[0][1], s, False, sets[0][6].widths)
-    backward = attention_plan(target, shape, keep_routing=False).backward
+    backward = attention_plan(target, shape, keep_routing=False, fusions=fusions).backward
     # The routing of each set is fresh: nothing derived from it is kept between the steps.
     runs = kept_runs(backward, [dict(grad_out=grad, q=q, k=k, v=v, **saved._asdict(),
                                      **routing._asdict(), proj_weight=weight, proj_bias=bias)
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def whole(q, k, v, grad, weight, bias, routing, saved):
         tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
-                                  keep_routing=False)
+                                  keep_routing=False, fusions=fusions)
 
     grad_sets = [(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g)
                  for q, k, v, g, *_ in sets]
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for knobs in kernels.alternatives(target.arch.target, "backward_dkdv", d, bq, bkv):
             name = "backward_dkdv[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
             variant = attention_plan(target, shape, {"backward_dkdv": knobs},
-                                     keep_routing=False).backward
+                                     keep_routing=False, fusions=fusions).backward
             timings[name] = median_ms(lambda env, variant=variant:
                                       variant.run_step("backward_dkdv", env),
                                       [(env,) for env in runs], args.repeats)
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             alternatives[name] = dict(knobs=knobs, max_abs_diff_dk_to_default=diff)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
-          f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
+          f"linear={args.linear} blocks {bq}x{bkv} fusions {','.join(fusions) or 'none'} on "
+          f"{torch.cuda.get_device_name()}")
     for name, ms in timings.items():
         note = alternatives.get(name)
         extra = f"  (max |dK - default| {note['max_abs_diff_dk_to_default']:.2e})" if note else ""

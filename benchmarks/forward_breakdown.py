@@ -39,14 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--selection", default="sort", choices=plan.SELECTIONS)
-    parser.add_argument("--fusion", action="append", choices=tuple(plan.FUSIONS),
-                        help="a fusion to run, repeatable (default: the default fusions)")
-    parser.add_argument("--all-fusions", action="store_true", help="every fusion there is")
+    forward_fusions = [n for n, f in plan.FUSIONS.items() if f.phase == "routed_forward"]
+    parser.add_argument("--fusion", action="append", choices=forward_fusions,
+                        help="a fusion of the routed forward to run, repeatable (default: the "
+                        "default fusions)")
+    parser.add_argument("--all-fusions", action="store_true",
+                        help="every fusion of the routed forward there is")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.all_fusions:
-        args.fusion = list(plan.FUSIONS)
+        args.fusion = forward_fusions
     b, h, length, d = 1, args.heads, args.length, 128
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
