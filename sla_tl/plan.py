@@ -192,23 +192,26 @@ def _selection_block_map(steps: list[Step], buffers: dict[str, Buffer],
 
 
 def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
-    index = _index(steps, "reverse_lut")
     arch = steps[_index(steps, "backward_dkdv")].kernel.arch
     marginal = shape.settings.linear == "marginal"
     block_map = {"block_map_dtype": shape.dtype_name} if marginal else {}
     reads = list(ROUTING) if marginal else ["lut", "lut_count"]
     maps = ["critical_map", *(["negligible_map"] * marginal)]
     kernel = kernel_step("key_major", KernelSpec("key_major", tuple(block_map.items()), arch),
-                         reads, [*maps, "reverse", "reverse_count", *(["marginal"] * marginal)])
+                         reads, [*maps, "reverse", "reverse_count", *(["marginal"] * marginal),
+                                 "active"])
     # The key blocks' states weigh by the transposed map, as a view (what the torch step
     # makes), so that their GEMMs see the same operand layout.
     view = (torch_step("marginal_t", _transposed, ["marginal"], makes=["marginal_t"])
             if marginal else torch_step("marginal_t", _no_map, [], makes=["marginal_t"]))
+    del steps[_index(steps, "reverse_lut")]
+    # First, where the flags were made: the query pass reads them.
+    index = _index(steps, "routing_flags")
     steps[index:index + 1] = [kernel, view]
     rows, keys = (shape.batch, shape.heads, shape.n_q), (shape.batch, shape.heads, shape.n_kv)
     buffers.update({name: Buffer((*keys, shape.n_q), torch.uint8) for name in maps})
     buffers.update(reverse=Buffer((*keys, shape.n_q), torch.int32),
-                   reverse_count=Buffer(keys, torch.int32))
+                   reverse_count=Buffer(keys, torch.int32), active=Buffer(rows, torch.int32))
     if marginal:
         buffers["marginal"] = Buffer((*rows, shape.n_kv), shape.dtype)
 
@@ -238,8 +241,8 @@ FUSIONS: dict[str, Fusion] = {
         "routing_flags torch ops go)",
         _needs_marginal_kernel_selection, _selection_block_map),
     "key_major_kernel": Fusion(
-        "one kernel writes the backward's reverse LUT and marginal block map (the "
-        "reverse_lut torch ops go)",
+        "one kernel writes the backward's reverse LUT, marginal block map and rows' flags "
+        "(the reverse_lut and routing_flags torch ops go)",
         lambda shape, selection: None, _key_major_kernel, phase="backward"),
 }
 """The fusions a routed call may run, by name, applied in this order."""

@@ -25,7 +25,7 @@ HELD = [
     ("routed, global", GLOBAL, 23, 37, 161, 225),
     ("routed, gated", WAN._replace(gated=True), 46, 60, 176, 258),
     ("routed, selection kernel", WAN._replace(selection="kernel"), 33, 58, 173, 248),
-    ("routed, fused", FUSED, 9, 16, 151, 196),
+    ("routed, fused", FUSED, 9, 13, 151, 172),
     ("fixed routing", WAN._replace(fixed_routing=True), 6, 12, 154, 204),
     ("fixed routing, global", GLOBAL._replace(fixed_routing=True), 5, 13, 152, 201),
 ]

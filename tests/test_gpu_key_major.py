@@ -1,5 +1,5 @@
-"""The backward's key-major kernel on the GPU (the reverse LUT and marginal map of a routing,
-the `key_major_kernel` fusion) against the torch ops it replaces, on valid and forged
+"""The backward's key-major kernel on the GPU (the reverse LUT, marginal map and rows' flags
+of a routing, the `key_major_kernel` fusion) against the torch ops it replaces, on valid and forged
 routings; and the backward with it against the backward without it, bit for bit."""
 
 from __future__ import annotations
@@ -72,20 +72,24 @@ def test_key_major_kernel_writes_what_the_torch_ops_derive(generator, block_map_
     maps = [poisoned((*keys, n_q), torch.uint8, 7)]
     reverse, reverse_count = poisoned((*keys, n_q), torch.int32, -7), poisoned(keys, torch.int32,
                                                                                -7)
+    active = poisoned(rows, torch.int32, -7)
     if block_map_dtype is None:
-        compiled(_spec(None))(lut, count, *maps, reverse, reverse_count)
+        compiled(_spec(None))(lut, count, *maps, reverse, reverse_count, active)
+        linear = "global"
     else:
         dtype = getattr(torch, block_map_dtype)
         maps.append(poisoned((*keys, n_q), torch.uint8, 7))
         marginal = poisoned((*rows, n_kv), dtype, float("nan"))
         compiled(_spec(block_map_dtype))(lut, count, neg_lut, neg_count, *maps, reverse,
-                                         reverse_count, marginal)
+                                         reverse_count, marginal, active)
         torch.cuda.synchronize()
         listed = routing.listing(forged, n_kv, negligible=True)
         assert torch.equal(marginal, routing.marginal_map(listed, dtype))
+        linear = "marginal"
     torch.cuda.synchronize()
     assert torch.equal(reverse_count, expected_count)
     assert torch.equal(reverse, expected)
+    assert torch.equal(active, routing.active_flags(forged, n_kv, linear))
 
 
 @pytest.mark.parametrize("linear", ["marginal", "global"])

@@ -58,16 +58,17 @@ def test_the_key_major_kernel_takes_the_reverse_lut_step_of_every_backward(linea
     plain = attention_plan(TARGET, _shape(settings), {}, fusions=()).backward
     fused = attention_plan(TARGET, _shape(settings), {}, fusions=("key_major_kernel",)).backward
     names = [step.name for step in plain.steps]
-    at = names.index("reverse_lut")
-    assert [step.name for step in fused.steps] == [*names[:at], "key_major", "marginal_t",
-                                                   *names[at + 1:]]
+    assert names[0] == "routing_flags"  # the flags the query pass reads come first
+    assert [step.name for step in fused.steps] == [
+        "key_major", "marginal_t", *(n for n in names[1:] if n != "reverse_lut")]
     kernel = fused.step("key_major")
     marginal = linear == "marginal"
     assert kernel.kernel.args == ((("block_map_dtype", "bfloat16"),) if marginal else ())
     assert kernel.reads == (("lut", "lut_count", "neg_lut", "neg_count") if marginal
                             else ("lut", "lut_count"))
-    assert kernel.fills[-3 if marginal else -2:] == (
-        ("reverse", "reverse_count", "marginal") if marginal else ("reverse", "reverse_count"))
+    assert kernel.fills[-4 if marginal else -3:] == (
+        ("reverse", "reverse_count", "marginal", "active") if marginal
+        else ("reverse", "reverse_count", "active"))
     n_kv = _shape().n_kv
     assert fused.buffers["reverse"].shape == (2, 3, n_kv, 8)
     assert fused.buffers["critical_map"].dtype == torch.uint8
@@ -101,7 +102,7 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     assert [s.kind for s in plain] == ["pool", "pool", "select", "key_pass", "forward",
                                        "backward_query", "backward_dq", "backward_dkdv"]
     assert [s.kind for s in enumerated] == ["key_pass", "pool", "select", "forward",
-                                            "backward_query", "backward_dq", "key_major",
+                                            "key_major", "backward_query", "backward_dq",
                                             "backward_dkdv"]
     assert len(set(enumerated) - set(plain)) == 3  # the two variants and the key-major kernel
 

@@ -1,11 +1,13 @@
 """The backward's key-major view of a routing in one kernel.
 
 For each key block j: the query blocks whose LUT lists j (ascending) and how many, the
-reverse LUT that dK/dV walks; with a block map, also the marginal map (1 where key block
-j is in neither list of query block i), which the key blocks' linear-branch states weigh
-by. It takes over the torch ops of `sla_tl.routing.reverse_lut` and `marginal_map` and
-writes the same values: the entries of a row past its count, or outside [0, Nk), are left
-out; a block listed twice counts once; REVERSE is 0 past each key block's count.
+reverse LUT that dK/dV walks; for each query block, whether its linear branch is on (the
+flags the query pass reads); with a block map, also the marginal map (1 where key block j
+is in neither list of query block i), which the key blocks' linear-branch states weigh by.
+It takes over the torch ops of `sla_tl.routing.reverse_lut`, `active_flags` and
+`marginal_map` and writes the same values: the entries of a row past its count, or outside
+[0, Nk), are left out; a block listed twice counts once; REVERSE is 0 past each key block's
+count.
 
 One CTA per (batch, head), in three phases separated by CTA barriers (a barrier orders
 the block's global-memory accesses too): it zeroes two byte maps (B, H, Nk, Mq) in global
@@ -28,11 +30,13 @@ _UNROLL = 4
 
 def key_major(block_map_dtype: str | None = None):
     """The program: LUT (B, H, Mq, Kc), COUNT (B, H, Mq) -> REVERSE (B, H, Nk, Mq) and
-    RCOUNT (B, H, Nk), int32, through the byte map CRITICAL (B, H, Nk, Mq).
+    RCOUNT (B, H, Nk), int32, through the byte map CRITICAL (B, H, Nk, Mq); and ACTIVE
+    (B, H, Mq) int32, 1 for every row (the linear branch over all blocks).
 
-    With `block_map_dtype` ("bfloat16", "float16" or "float32") it also reads NEG_LUT
-    (B, H, Mq, Kn) and NEG_COUNT and writes MARGINAL (B, H, Mq, Nk) in that dtype, through
-    a second byte map NEGLIGIBLE (B, H, Nk, Mq).
+    With `block_map_dtype` ("bfloat16", "float16" or "float32", the linear branch over the
+    marginal blocks) it also reads NEG_LUT (B, H, Mq, Kn) and NEG_COUNT and writes MARGINAL
+    (B, H, Mq, Nk) in that dtype, through a second byte map NEGLIGIBLE (B, H, Nk, Mq), and
+    ACTIVE is 1 where COUNT + NEG_COUNT < Nk (the row has a marginal block), else 0.
     """
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
@@ -66,6 +70,7 @@ def key_major(block_map_dtype: str | None = None):
         REVERSE: T.Tensor([batch, heads, n_kv, n_q], T.int32),
         RCOUNT: T.Tensor([batch, heads, n_kv], T.int32),
         MARGINAL: marginal_map,
+        ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
     ):
         with T.Kernel(heads, batch, threads=THREADS) as (by, bz):
             position = T.alloc_local([1], T.int32)
@@ -78,6 +83,14 @@ def key_major(block_map_dtype: str | None = None):
                     CRITICAL[bz, by, flat // n_q, flat % n_q] = T.uint8(0)
                     if with_map:
                         NEGLIGIBLE[bz, by, flat // n_q, flat % n_q] = T.uint8(0)
+            for n in T.serial(T.ceildiv(n_q, THREADS)):
+                row = n * THREADS + tx
+                if row < n_q:
+                    if with_map:
+                        ACTIVE[bz, by, row] = T.if_then_else(
+                            COUNT[bz, by, row] + NEG_COUNT[bz, by, row] < n_kv, 1, 0)
+                    else:
+                        ACTIVE[bz, by, row] = 1
             T.sync_threads()
             mark(LUT, COUNT, CRITICAL, bz, by, tx, width)
             if with_map:
