@@ -127,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     first_dq = None
     with torch.no_grad():
         for knobs, phase in zip(candidates, phases, strict=True):
+            ready = time.perf_counter()
             try:
                 kernels.compiled(phase.step("backward_dq").kernel)
             except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
                 rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
                 continue
-            print("timing", label(knobs), flush=True)
+            # Loaded from the workers' cache this takes about a second; far more means the
+            # kernel was compiled again here.
+            print(f"timing {label(knobs)} (kernel ready in {time.perf_counter() - ready:.1f} s)",
+                  flush=True)
             # Each call adds to the dq it is given: the timed calls' sums are discarded.
             ms = median_ms(lambda env, phase=phase: phase.run_step("backward_dq", env),
                            [(env,) for env in runs], args.repeats)
