@@ -57,6 +57,15 @@ def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
     With one worker it runs in this process. `fn` must be a module-level function. Raises
     RuntimeError listing every failure.
     """
+    results = _outcomes(fn, specs, workers, progress)
+    failed = [r.error for r in results if r.error]
+    if failed:
+        raise RuntimeError("kernels failed:\n" + "\n".join(failed))
+    return [r.value for r in results]
+
+
+def _outcomes(fn: Callable[[KernelSpec], T], specs: list[KernelSpec], workers: int | None,
+              progress: bool) -> list[_Outcome]:
     unique = list(dict.fromkeys(specs))
     workers = max(1, min(workers or os.cpu_count() or 1, len(unique)))
     tasks = [(fn, spec) for spec in unique]
@@ -75,11 +84,7 @@ def map_in_parallel(fn: Callable[[KernelSpec], T], specs: list[KernelSpec],
                 outcomes[index] = future.result()
                 if progress:
                     _report(len(outcomes), len(tasks), unique[index], outcomes[index])
-    results = [outcomes[index] for index in range(len(tasks))]
-    failed = [r.error for r in results if r.error]
-    if failed:
-        raise RuntimeError("kernels failed:\n" + "\n".join(failed))
-    return [r.value for r in results]
+    return [outcomes[index] for index in range(len(tasks))]
 
 
 def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None,
@@ -87,3 +92,10 @@ def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None,
     """Compile each distinct spec once, in parallel processes (see `map_in_parallel`), into
     the kernel cache of its arch."""
     map_in_parallel(_compile, specs, workers, progress)
+
+
+def compile_ahead(specs: list[KernelSpec], workers: int | None = None) -> list[str]:
+    """Compile each distinct spec once in parallel, as `compile_in_parallel`, but return the
+    failures (as text) instead of raising: for warming the cache ahead of calls that will
+    each report their own kernel's failure when they build it (the GPU tests' modules)."""
+    return [r.error for r in _outcomes(_compile, specs, workers, False) if r.error]

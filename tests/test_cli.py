@@ -80,3 +80,12 @@ def test_tilelang_logs_warnings_only_unless_asked(monkeypatch):
     finally:
         monkeypatch.setenv(kernels.TILELANG_LOG_VARIABLE, "WARNING")
         kernels._apply_tilelang_log_level()
+
+
+def test_compiling_ahead_returns_the_failures_that_compiling_raises():
+    bad = KernelSpec("pool", (("dim", 64), ("block", 64), ("dtype", "bfloat16"),
+                              ("layout", "bhsd")), "sm_90a", (("num_stages", 2),))
+    [failure] = parallel.compile_ahead([bad, bad], workers=1)
+    assert failure.startswith(bad.name) and "pool has no schedule knobs" in failure
+    with pytest.raises(RuntimeError, match="kernels failed:\n.*pool has no schedule knobs"):
+        parallel.compile_in_parallel([bad], workers=1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sla_tl import kernels, reference, tilelang_backend
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 
@@ -42,6 +42,15 @@ def dkdv_schedules(case: Case) -> list[dict]:
                                          case.block_kv)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile every kernel of this module in parallel, in one pool, before the first test
+    needs one (a kernel that fails is reported by the tests that build it)."""
+    compile_ahead([spec for case in CASES for knobs in [{}, *dkdv_schedules(case)]
+                   for spec in kernels_for(ARCH, case.dim, case.dtype, case.settings,
+                                           schedule={"backward_dkdv": knobs})])
+
+
 def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
     x = x if layout == "bhsd" else x.transpose(1, 2)
     return x.to(device=device, dtype=torch.float64)
@@ -57,10 +66,6 @@ def test_every_dkdv_schedule_matches_reference(case, generator):
     weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
     s = case.settings
     schedules = dkdv_schedules(case)
-    compile_in_parallel([
-        spec for knobs in schedules
-        for spec in kernels_for(ARCH, case.dim, case.dtype, s, schedule={"backward_dkdv": knobs})
-    ] + kernels_for(ARCH, case.dim, case.dtype, s))
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)

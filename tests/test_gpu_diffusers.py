@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 import sla_tl.diffusers as sla_diffusers  # noqa: E402  (needs diffusers)
-from sla_tl.parallel import compile_in_parallel  # noqa: E402
+from sla_tl.parallel import compile_ahead  # noqa: E402
 from sla_tl.plan import kernels_for  # noqa: E402
 from sla_tl.settings import Settings  # noqa: E402
 
@@ -34,7 +34,7 @@ def compiled_kernels():
              for spec in kernels_for("sm_90a", 128, "bfloat16",
                                      Settings(block_q=block_q, block_kv=64, linear="global",
                                               layout="bshd"))]
-    compile_in_parallel(specs)
+    compile_ahead(specs)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 
 import sla_tl
 from sla_tl import reference, tilelang_backend
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 from sla_tl.settings import ForwardOutputs, Settings
@@ -65,7 +65,7 @@ def compiled_kernels():
     """Compile every kernel of this module (gated and plain) in parallel first."""
     specs = [s for c in CASES for gated in (False, True)
              for s in kernels_for("sm_90a", c.dim, c.dtype, c.settings, gated=gated)]
-    compile_in_parallel(specs)
+    compile_ahead(specs)
 
 
 def _inputs(case: Case, generator: torch.Generator):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import CallShape, attention_plan, kernels_for, route_phase
 from sla_tl.routing import Routing
 from sla_tl.schedules.sm90 import forward_ws
@@ -65,12 +65,15 @@ CASES = [
 
 @pytest.fixture(scope="module", autouse=True)
 def compiled_kernels():
-    """Compile every kernel of this module in parallel before the first test needs one."""
+    """Compile every kernel of this module in parallel, in one pool, before the first test
+    needs one (a kernel that fails is reported by the tests that build it)."""
     specs = [s for c in CASES for s in kernels_for(ARCH, c.dim, c.dtype, c.settings)]
     specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES for linear in ("marginal", "global")
               for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, linear, lay),
                                    backward=False)]
-    compile_in_parallel(specs)
+    specs += [s for c in SCHEDULE_CASES for s in _forward_schedule_specs(c)]
+    specs += [s for c in DQ_SCHEDULE_CASES for s in _dq_schedule_specs(c)]
+    compile_ahead(specs)
 
 
 def _inputs(case: Case, generator: torch.Generator):
@@ -261,6 +264,14 @@ def forward_schedules(case: Case) -> list[dict]:
         ARCH, "forward", case.dim, case.block_q, case.block_kv)
 
 
+def _forward_schedule_specs(case: Case) -> list:
+    """The forward kernels of every schedule of `forward_schedules`."""
+    return [spec for knobs in forward_schedules(case)
+            for spec in kernels_for(ARCH, case.dim, case.dtype, case.settings, backward=False,
+                                    schedule={"forward": knobs})
+            if spec.kind == "forward"]
+
+
 def _rounding_class(knobs: dict) -> tuple:
     """Schedules of one class must agree bit for bit: they order the work differently but
     do the same arithmetic."""
@@ -284,10 +295,6 @@ def test_every_forward_schedule_matches_reference(case, generator):
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     schedules = forward_schedules(case)
-    compile_in_parallel([spec for knobs in schedules
-                         for spec in kernels_for(ARCH, case.dim, case.dtype, s, backward=False,
-                                                 schedule={"forward": knobs})
-                         if spec.kind == "forward"])
     device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
     expected = reference.attention_with_routing(
         *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
@@ -319,6 +326,14 @@ def dq_schedules(case: Case) -> list[dict]:
         ARCH, "backward_dq", case.dim, case.block_q, case.block_kv)
 
 
+def _dq_schedule_specs(case: Case) -> list:
+    """The dQ kernels of every schedule of `dq_schedules`."""
+    return [spec for knobs in dq_schedules(case)
+            for spec in kernels_for(ARCH, case.dim, case.dtype, case.settings,
+                                    schedule={"backward_dq": knobs})
+            if spec.kind == "backward_dq"]
+
+
 DQ_SCHEDULE_CASES = SCHEDULE_CASES + [
     # 128-key blocks at D=128 (TileLang's split only), fp16, odd lengths
     Case(128, "float16", "bshd", "softmax", "marginal", 128, 128, 777, 1500, 0.2, 0.1),
@@ -338,10 +353,6 @@ def test_every_dq_schedule_matches_reference(case, generator):
     saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
     grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
     schedules = dq_schedules(case)
-    compile_in_parallel([spec for knobs in schedules
-                         for spec in kernels_for(ARCH, case.dim, case.dtype, s,
-                                                 schedule={"backward_dq": knobs})
-                         if spec.kind == "backward_dq"])
     device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
     expected = reference.attention_backward(
         *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),

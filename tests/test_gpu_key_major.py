@@ -9,7 +9,7 @@ import torch
 
 from sla_tl import routing, tilelang_backend
 from sla_tl.kernels import KernelSpec, compiled
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
@@ -37,7 +37,7 @@ def compiled_kernels():
             specs += kernels_for(ARCH, 128, "bfloat16",
                                  Settings(block_q=128, block_kv=64, linear=linear),
                                  fusions=fusions)
-    compile_in_parallel(specs)
+    compile_ahead(specs)
 
 
 def _forged(shape: tuple[int, ...], n_kv: int, width: int,

@@ -7,7 +7,7 @@ import torch
 
 import sla_tl
 from sla_tl import reference
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.settings import Settings
 
@@ -29,7 +29,7 @@ def compiled_kernels():
         for spec in kernels_for("sm_90a", dim, dtype, Settings(block_q=128, block_kv=64,
                                                                linear=linear))
     ]
-    compile_in_parallel(specs)
+    compile_ahead(specs)
 
 
 def _cpu64(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 import sla_tl
 from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import reverse_lut
 from sla_tl.settings import Settings
@@ -46,7 +46,7 @@ def compiled_kernels():
               for s in kernels_for(ARCH, DIM, DTYPE, _settings("marginal"),
                                    schedule={"backward_dq": knobs})
               if s.kind == "backward_dq"]
-    compile_in_parallel(specs)
+    compile_ahead(specs)
 
 
 @pytest.fixture

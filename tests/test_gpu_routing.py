@@ -9,7 +9,7 @@ import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.kernels import KernelSpec
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import FUSIONS, CallShape, kernels_for, route_phase, routed_plan
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
@@ -36,7 +36,7 @@ def compiled_kernels():
         for fusions in ((), ("pooled_keys",)):
             specs += kernels_for(ARCH, dim, "bfloat16", Settings(block_q=128, block_kv=block_kv),
                                  backward=False, fusions=fusions)
-    compile_in_parallel(specs)
+    compile_ahead(specs)
 
 # (block_q, block_kv, lq, lk, topk, k_low): odd lengths, one critical block, all blocks,
 # Lq != Lk, more key blocks than a warp has lanes several times over, and the largest row.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sla_tl.parallel import compile_in_parallel
+from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.settings import Settings
 
@@ -30,7 +30,7 @@ def nccl_ranks() -> dict[str, list[dict]]:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs at least 2 GPUs; {torch.cuda.device_count()} visible")
     # Compiled once here, so that the two ranks do not compile the same kernels at once.
-    compile_in_parallel([spec for layout in ("bshd", "bhsd") for spec in kernels_for(
+    compile_ahead([spec for layout in ("bshd", "bhsd") for spec in kernels_for(
         "sm_90a", 128, "bfloat16", Settings(block_q=128, block_kv=64, layout=layout))])
     with pytest.MonkeyPatch.context() as patch:
         for name, value in NVLINK_MULTICAST_OFF.items():
