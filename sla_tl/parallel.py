@@ -94,8 +94,9 @@ def compile_in_parallel(specs: list[KernelSpec], workers: int | None = None,
     map_in_parallel(_compile, specs, workers, progress)
 
 
-def compile_ahead(specs: list[KernelSpec], workers: int | None = None) -> list[str]:
+def compile_ahead(specs: list[KernelSpec], workers: int | None = None,
+                  progress: bool = False) -> list[str]:
     """Compile each distinct spec once in parallel, as `compile_in_parallel`, but return the
     failures (as text) instead of raising: for warming the cache ahead of calls that will
     each report their own kernel's failure when they build it (the GPU tests' modules)."""
-    return [r.error for r in _outcomes(_compile, specs, workers, False) if r.error]
+    return [r.error for r in _outcomes(_compile, specs, workers, progress) if r.error]

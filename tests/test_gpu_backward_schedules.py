@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sla_tl import kernels, reference, tilelang_backend
+from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
@@ -42,13 +43,19 @@ def dkdv_schedules(case: Case) -> list[dict]:
                                          case.block_kv)
 
 
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
+    return [spec for case in CASES for knobs in [{}, *dkdv_schedules(case)]
+            for spec in kernels_for(ARCH, case.dim, case.dtype, case.settings,
+                                    schedule={"backward_dkdv": knobs})]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def compiled_kernels():
-    """Compile every kernel of this module in parallel, in one pool, before the first test
-    needs one (a kernel that fails is reported by the tests that build it)."""
-    compile_ahead([spec for case in CASES for knobs in [{}, *dkdv_schedules(case)]
-                   for spec in kernels_for(ARCH, case.dim, case.dtype, case.settings,
-                                           schedule={"backward_dkdv": knobs})])
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 import sla_tl.diffusers as sla_diffusers  # noqa: E402  (needs diffusers)
+from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead  # noqa: E402
 from sla_tl.plan import kernels_for  # noqa: E402
 from sla_tl.settings import Settings  # noqa: E402
@@ -27,14 +28,21 @@ WAN_1_3B_LAYER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_he
                       qk_norm="rms_norm_across_heads")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
-    """Compile the kernels of both presets used here in parallel, before the first test."""
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [spec for block_q in (64, 128)
              for spec in kernels_for("sm_90a", 128, "bfloat16",
                                      Settings(block_q=block_q, block_kv=64, linear="global",
                                               layout="bshd"))]
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 @pytest.fixture

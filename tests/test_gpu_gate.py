@@ -14,6 +14,7 @@ import torch
 
 import sla_tl
 from sla_tl import reference, tilelang_backend
+from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
@@ -60,12 +61,19 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
-    """Compile every kernel of this module (gated and plain) in parallel first."""
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [s for c in CASES for gated in (False, True)
              for s in kernels_for("sm_90a", c.dim, c.dtype, c.settings, gated=gated)]
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 def _inputs(case: Case, generator: torch.Generator):

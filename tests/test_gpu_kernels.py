@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sla_tl import kernels, reference, spec, tilelang_backend
+from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
 from sla_tl.plan import CallShape, attention_plan, kernels_for, route_phase
 from sla_tl.routing import Routing
@@ -63,17 +64,23 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
-    """Compile every kernel of this module in parallel, in one pool, before the first test
-    needs one (a kernel that fails is reported by the tests that build it)."""
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [s for c in CASES for s in kernels_for(ARCH, c.dim, c.dtype, c.settings)]
     specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES for linear in ("marginal", "global")
               for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, linear, lay),
                                    backward=False)]
     specs += [s for c in SCHEDULE_CASES for s in _forward_schedule_specs(c)]
     specs += [s for c in DQ_SCHEDULE_CASES for s in _dq_schedule_specs(c)]
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 def _inputs(case: Case, generator: torch.Generator):

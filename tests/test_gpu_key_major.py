@@ -28,16 +28,23 @@ def _spec(block_map_dtype: str | None) -> KernelSpec:
     return KernelSpec("key_major", args, ARCH)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
-    """Compile this module's kernels in parallel before the first test needs one."""
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [_spec(dtype) for dtype in (None, *MAP_DTYPES)]
     for linear in ("marginal", "global"):
         for fusions in ((), FUSION):
             specs += kernels_for(ARCH, 128, "bfloat16",
                                  Settings(block_q=128, block_kv=64, linear=linear),
                                  fusions=fusions)
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 def _forged(shape: tuple[int, ...], n_kv: int, width: int,

@@ -7,6 +7,7 @@ import torch
 
 import sla_tl
 from sla_tl import reference
+from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.settings import Settings
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.gpu
 BF16_TOLERANCE = 1e-2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
-    """Compile every kernel of this module in parallel before the first test needs one."""
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [
         spec
         for dim in (64, 128)
@@ -29,7 +30,14 @@ def compiled_kernels():
         for spec in kernels_for("sm_90a", dim, dtype, Settings(block_q=128, block_kv=64,
                                                                linear=linear))
     ]
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 def _cpu64(*tensors: torch.Tensor) -> list[torch.Tensor]:

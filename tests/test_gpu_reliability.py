@@ -9,6 +9,7 @@ import torch
 
 import sla_tl
 from sla_tl import kernels, spec, tilelang_backend
+from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import reverse_lut
@@ -38,15 +39,23 @@ def _kernel(kind: str, schedule: dict | None = None):
     return kernels.compiled(next(s for s in specs if s.kind == kind))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [s for linear in ("marginal", "global")
              for s in kernels_for(ARCH, DIM, DTYPE, _settings(linear))]
     specs += [s for knobs in DQ_SCHEDULES[1:]
               for s in kernels_for(ARCH, DIM, DTYPE, _settings("marginal"),
                                    schedule={"backward_dq": knobs})
               if s.kind == "backward_dq"]
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ ARCH = "sm_90a"
 FUSED_SETTINGS = Settings(block_q=128, block_kv=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_kernels():
-    """Compile the kernels of this module's plans in parallel before the first test needs one."""
+def kernels_ahead() -> list[KernelSpec]:
+    """The kernels this module's tests build (compiled ahead by its fixture, and by
+    `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [KernelSpec("select", (), ARCH)]
     specs += [KernelSpec("select", (("block_map_dtype", dtype),), ARCH)
               for dtype in ("bfloat16", "float32")]
@@ -36,7 +36,14 @@ def compiled_kernels():
         for fusions in ((), ("pooled_keys",)):
             specs += kernels_for(ARCH, dim, "bfloat16", Settings(block_q=128, block_kv=block_kv),
                                  backward=False, fusions=fusions)
-    compile_ahead(specs)
+    return specs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile `kernels_ahead()` in parallel, in one pool, before the first test needs one (a
+    kernel that fails is reported by the tests that build it)."""
+    compile_ahead(kernels_ahead())
 
 # (block_q, block_kv, lq, lk, topk, k_low): odd lengths, one critical block, all blocks,
 # Lq != Lk, more key blocks than a warp has lanes several times over, and the largest row.
