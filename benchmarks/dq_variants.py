@@ -17,16 +17,13 @@ dP, dV, dK, dQ).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.parallel import compile_in_parallel
+from sla_tl import spec, tilelang_backend
 from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -34,24 +31,13 @@ from sla_tl.timing import median_ms
 
 from .environment import describe_environment
 from .plan_steps import kept_runs
-
-
-def schedules(arch: str, dim: int, block_q: int, block_kv: int) -> list[dict]:
-    """The default schedule first, then every other combination of dQ's searched knobs,
-    then the alternatives that may round differently (candidates for the default)."""
-    space = kernels.search_space(arch, "backward_dq", dim, block_q, block_kv)
-    default = kernels.default_knobs(arch, "backward_dq", dim, block_q, block_kv)
-    names = sorted(space)
-    first = {n: default[n] for n in names}
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(space[n] for n in names))]
-    return ([first] + [c for c in combos if c != first]
-            + kernels.alternatives(arch, "backward_dq", dim, block_q, block_kv))
-
-
-def label(knobs: dict) -> str:
-    """A schedule's knobs as text."""
-    return ",".join(f"{name}={value}" for name, value in knobs.items())
+from .schedule_variants import (
+    add_shape_arguments,
+    compile_steps,
+    print_rows,
+    schedules,
+    time_each,
+)
 
 
 def dq_flops(batch: int, heads: int, length: int, dim: int, density: float) -> float:
@@ -63,22 +49,14 @@ def dq_flops(batch: int, heads: int, length: int, dim: int, density: float) -> f
 def main(argv: list[str] | None = None) -> int:
     """Time every dQ schedule and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--topk", type=float, default=0.05)
-    parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
-    parser.add_argument("--length", type=int, default=32760)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--block-q", type=int, default=128)
-    parser.add_argument("--block-kv", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out")
+    add_shape_arguments(parser)
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, args.dim
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
     device = torch.device("cuda")
     target = target_of(device)
-    candidates = schedules(target.arch.target, d, bq, bkv)
+    candidates = schedules(target.arch.target, "backward_dq", d, bq, bkv)
 
     n_kv = spec.num_blocks(length, bkv)
     inputs = []
@@ -96,12 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                        (inputs[0]["lut"].shape[-1], inputs[0]["neg_lut"].shape[-1]))
     phases = [attention_plan(target, shape, {"backward_dq": knobs}).backward
               for knobs in candidates]
-    start = time.perf_counter()
-    try:
-        compile_in_parallel([phase.step("backward_dq").kernel for phase in phases])
-    except RuntimeError as error:  # a schedule that cannot be built is reported, not timed
-        print(error)
-    print(f"compiled {len(phases)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
+    compile_steps(phases, "backward_dq")
     runs = kept_runs(phases[0], inputs, device)
     # The query pass leaves the linear part of dQ, which the dQ kernel adds to.
     linear_parts = []
@@ -123,44 +96,19 @@ def main(argv: list[str] | None = None) -> int:
 
     density = spec.num_critical(args.topk, n_kv) / n_kv
     flops = dq_flops(b, h, length, d, density)
-    rows = []
-    first_dq = None
+
+    def linear_part() -> None:
+        runs[0]["dq"].copy_(linear_parts[0])
+
     with torch.no_grad():
-        for knobs, phase in zip(candidates, phases, strict=True):
-            ready = time.perf_counter()
-            try:
-                kernels.compiled(phase.step("backward_dq").kernel)
-            except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
-                rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
-                continue
-            # Loaded from the workers' cache this takes about a second; far more means the
-            # kernel was compiled again here.
-            print(f"timing {label(knobs)} (kernel ready in {time.perf_counter() - ready:.1f} s)",
-                  flush=True)
-            # Each call adds to the dq it is given: the timed calls' sums are discarded.
-            ms = median_ms(lambda env, phase=phase: phase.run_step("backward_dq", env),
-                           [(env,) for env in runs], args.repeats)
-            runs[0]["dq"].copy_(linear_parts[0])
-            phase.run_step("backward_dq", runs[0])
-            out = runs[0]["dq"].clone()
-            if first_dq is None:
-                first_dq = out
-            same = torch.equal(out, first_dq)
-            diff = (out.float() - first_dq.float()).abs().max().item()
-            rows.append(dict(knobs=knobs, ms=ms, tflops=flops / ms / 1e9,
-                             bit_identical_to_first=same, max_abs_diff_to_first=diff))
+        # Each call adds to the dq it is given: the timed calls' sums are discarded.
+        rows = time_each(candidates, phases, "backward_dq", "dq", runs, args.repeats, flops,
+                         before_output=linear_part)
     cudnn_tflops = 10.0 * b * h * length**2 * d / cudnn_ms / 1e9
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
           f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
     print(f"  cuDNN dense backward {cudnn_ms:.3f} ms, {cudnn_tflops:.0f} TFLOP/s")
-    for row in rows:
-        if "error" in row:
-            print(f"  {label(row['knobs']):<50} {row['error']}")
-            continue
-        print(f"  {label(row['knobs']):<50} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
-              f"({row['tflops'] / cudnn_tflops:4.0%} of cuDNN's backward) "
-              f"{'=' if row['bit_identical_to_first'] else '~'}first "
-              f"(max diff {row['max_abs_diff_to_first']:.2e})")
+    print_rows(rows, cudnn_tflops, "cuDNN's backward")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args), density=density,

@@ -13,16 +13,13 @@ bit-identical; the alternatives listed last round differently by design.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import kernels, spec, tilelang_backend
-from sla_tl.parallel import compile_in_parallel
+from sla_tl import spec, tilelang_backend
 from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -30,50 +27,31 @@ from sla_tl.timing import median_ms
 
 from .environment import describe_environment
 from .plan_steps import kept_runs
-
-
-def schedules(arch: str, dim: int, block_q: int, block_kv: int) -> list[dict]:
-    """The default schedule first, then every other combination of the forward's searched
-    knobs, then the alternatives that round differently (candidates for the default)."""
-    space = kernels.search_space(arch, "forward", dim, block_q, block_kv)
-    default = kernels.default_knobs(arch, "forward", dim, block_q, block_kv)
-    names = sorted(space)
-    first = {n: default[n] for n in names}
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(space[n] for n in names))]
-    return ([first] + [c for c in combos if c != first]
-            + kernels.alternatives(arch, "forward", dim, block_q, block_kv))
-
-
-def label(knobs: dict) -> str:
-    """A schedule's knobs as text."""
-    return ",".join(f"{name}={value}" for name, value in knobs.items())
+from .schedule_variants import (
+    add_shape_arguments,
+    compile_steps,
+    print_rows,
+    schedules,
+    time_each,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Time every forward schedule and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--topk", type=float, default=0.05)
-    parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
-    parser.add_argument("--length", type=int, default=32760)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--block-q", type=int, default=128)
-    parser.add_argument("--block-kv", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=50)
+    add_shape_arguments(parser)
     parser.add_argument("--lut", default="routed", choices=("routed", "shared"),
                         help="routed: each query block's own routing; shared: every query "
                         "block of a head visits the same key blocks (the first ones), so K "
                         "and V stay in L2 and the time shows what is left without their "
                         "traffic")
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
     b, h, length, d = 1, args.heads, args.length, args.dim
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
     device = torch.device("cuda")
     target = target_of(device)
-    candidates = schedules(target.arch.target, d, bq, bkv)
+    candidates = schedules(target.arch.target, "forward", d, bq, bkv)
 
     sets = []
     print("preparing inputs", flush=True)
@@ -92,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = call_shape(sets[0]["q"], sets[0]["k"], s, False,
                        (sets[0]["lut"].shape[-1], sets[0]["neg_lut"].shape[-1]))
     phases = [attention_plan(target, shape, {"forward": knobs}).forward for knobs in candidates]
-    start = time.perf_counter()
-    try:
-        compile_in_parallel([phase.step("forward").kernel for phase in phases])
-    except RuntimeError as error:  # a schedule that does not fit is reported, not timed
-        print(error)
-    print(f"compiled {len(phases)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
+    compile_steps(phases, "forward")
     runs = kept_runs(phases[0], sets, device)
 
     def sdpa(env):
@@ -107,43 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     n_kv = spec.num_blocks(length, bkv)
     density = spec.num_critical(args.topk, n_kv) / n_kv
     sparse_flops = 4.0 * b * h * length * length * d * density
-    rows = []
-    first_out = None
     with torch.no_grad():
         cudnn_ms = median_ms(sdpa, [(env,) for env in runs], args.repeats)
-        for knobs, phase in zip(candidates, phases, strict=True):
-            ready = time.perf_counter()
-            try:
-                kernels.compiled(phase.step("forward").kernel)
-            except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
-                rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
-                continue
-            # Loaded from the workers' cache this takes about a second; far more means the
-            # kernel was compiled again here.
-            print(f"timing {label(knobs)} (kernel ready in {time.perf_counter() - ready:.1f} s)",
-                  flush=True)
-            ms = median_ms(lambda env, phase=phase: phase.run_step("forward", env),
-                           [(env,) for env in runs], args.repeats)
-            phase.run_step("forward", runs[0])
-            out = runs[0]["out"].clone()
-            if first_out is None:
-                first_out = out
-            same = torch.equal(out, first_out)
-            diff = (out.float() - first_out.float()).abs().max().item()
-            rows.append(dict(knobs=knobs, ms=ms, tflops=sparse_flops / ms / 1e9,
-                             bit_identical_to_first=same, max_abs_diff_to_first=diff))
+        rows = time_each(candidates, phases, "forward", "out", runs, args.repeats,
+                         sparse_flops)
     cudnn_tflops = 4.0 * b * h * length**2 * d / cudnn_ms / 1e9
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
           f"linear={args.linear} blocks {bq}x{bkv} on {torch.cuda.get_device_name()}")
     print(f"  cuDNN dense {cudnn_ms:.3f} ms, {cudnn_tflops:.0f} TFLOP/s")
-    for row in rows:
-        if "error" in row:
-            print(f"  {label(row['knobs']):<50} {row['error']}")
-            continue
-        print(f"  {label(row['knobs']):<50} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
-              f"({row['tflops'] / cudnn_tflops:4.0%} of cuDNN) "
-              f"{'=' if row['bit_identical_to_first'] else '~'}first "
-              f"(max diff {row['max_abs_diff_to_first']:.2e})")
+    print_rows(rows, cudnn_tflops, "cuDNN")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args), density=density,

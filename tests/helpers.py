@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from sla_tl.settings import Settings
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -30,3 +34,30 @@ def random_projection(
     weight = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
     bias = torch.randn(dim, generator=generator, dtype=torch.float64) * 0.1
     return weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype)
+
+
+class Case(NamedTuple):
+    """One configuration of the GPU kernel tests (an id of its fields, joined by "-")."""
+
+    dim: int
+    dtype: str
+    layout: str
+    feature: str
+    linear: str
+    block_q: int
+    block_kv: int
+    lq: int
+    lk: int
+    topk: float
+    k_low: float
+    batch: int = 2
+    heads: int = 3
+
+    @property
+    def settings(self) -> Settings:
+        """The call's settings."""
+        return Settings(block_q=self.block_q, block_kv=self.block_kv, feature_map=self.feature,
+                        linear=self.linear, layout=self.layout)
+
+    def __str__(self) -> str:
+        return "-".join(str(x) for x in self)

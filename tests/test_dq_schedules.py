@@ -131,17 +131,6 @@ def test_the_wan_shapes_hand_written_dq_compiles_for_sm90a_without_spills():
     assert facts.shared_bytes >= backward_dq_ws.shared_bytes(128, 64, 3)
 
 
-def test_the_benchmark_times_the_default_first_then_every_choice_once():
-    found = dq_variants.schedules(ARCH, 128, 128, 64)
-    default = kernels.default_knobs(ARCH, "backward_dq", 128, 128, 64)
-    assert found[0] == {n: default[n] for n in found[0]}
-    assert len({tuple(sorted(k.items())) for k in found}) == len(found)
-    space = kernels.search_space(ARCH, "backward_dq", 128, 128, 64)
-    alternatives = kernels.alternatives(ARCH, "backward_dq", 128, 128, 64)
-    assert len(found) == len(_combos(space)) + len(alternatives)
-    assert found[-len(alternatives):] == alternatives
-
-
 def test_dq_flops_count_three_gemms_per_computed_block_pair():
     # L=1024 in 128x64 blocks: 8 query blocks, 4 of 16 key blocks computed each.
     pairs = 8 * 4

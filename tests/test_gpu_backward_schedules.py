@@ -15,8 +15,8 @@ from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 
-from .helpers import random_projection, random_qkv, relative_error
-from .test_gpu_kernels import ARCH, Case
+from .helpers import Case, random_projection, random_qkv, relative_error
+from .test_gpu_kernels import ARCH
 
 pytestmark = pytest.mark.gpu
 

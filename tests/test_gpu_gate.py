@@ -7,8 +7,6 @@ Outputs are poisoned with NaN before each kernel runs, so an unwritten element f
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pytest
 import torch
 
@@ -18,37 +16,13 @@ from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
-from sla_tl.settings import ForwardOutputs, Settings
+from sla_tl.settings import ForwardOutputs
 
-from .helpers import random_projection, random_qkv, relative_error
+from .helpers import Case, random_projection, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
 TOLERANCE = 1e-2
-
-
-class Case(NamedTuple):
-    dim: int
-    dtype: str
-    layout: str
-    feature: str
-    linear: str
-    block_q: int
-    block_kv: int
-    lq: int
-    lk: int
-    topk: float
-    k_low: float
-    batch: int = 2
-    heads: int = 3
-
-    @property
-    def settings(self) -> Settings:
-        return Settings(block_q=self.block_q, block_kv=self.block_kv, feature_map=self.feature,
-                        linear=self.linear, layout=self.layout)
-
-    def __str__(self) -> str:
-        return "-".join(str(x) for x in self)
 
 
 CASES = [

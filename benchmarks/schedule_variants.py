@@ -1,0 +1,110 @@
+"""One kernel of a plan under each of its schedules, timed alone beside cuDNN (what
+`forward_variants` and `dq_variants` share).
+
+The schedules of a kernel: its default first, every other combination of its searched
+knobs, then its alternatives (which may round differently). Each is built (a schedule that
+cannot be is reported in its row), timed on the tensors of kept runs of the plan, and its
+output compared with the first schedule's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from sla_tl import kernels
+from sla_tl.parallel import compile_in_parallel
+from sla_tl.phases import Phase
+from sla_tl.timing import median_ms
+
+
+def schedules(arch: str, kernel: str, dim: int, block_q: int, block_kv: int) -> list[dict]:
+    """The default schedule of `kernel` first, then every other combination of its searched
+    knobs, then the alternatives that round differently (candidates for the default)."""
+    space = kernels.search_space(arch, kernel, dim, block_q, block_kv)
+    default = kernels.default_knobs(arch, kernel, dim, block_q, block_kv)
+    names = sorted(space)
+    first = {n: default[n] for n in names}
+    combos = [dict(zip(names, values, strict=True))
+              for values in itertools.product(*(space[n] for n in names))]
+    return ([first] + [c for c in combos if c != first]
+            + kernels.alternatives(arch, kernel, dim, block_q, block_kv))
+
+
+def label(knobs: Mapping) -> str:
+    """A schedule's knobs as text."""
+    return ",".join(f"{name}={value}" for name, value in knobs.items())
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The call's shape and the timing's repeats, Wan2.1-1.3B by default, and --out."""
+    parser.add_argument("--topk", type=float, default=0.05)
+    parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
+    parser.add_argument("--length", type=int, default=32760)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--block-q", type=int, default=128)
+    parser.add_argument("--block-kv", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out")
+
+
+def compile_steps(phases: Sequence[Phase], step: str) -> None:
+    """Compile the kernel of `step` in every phase in parallel; a schedule that cannot be
+    built is printed here and reported again in its row."""
+    start = time.perf_counter()
+    try:
+        compile_in_parallel([phase.step(step).kernel for phase in phases])
+    except RuntimeError as error:
+        print(error)
+    print(f"compiled {len(phases)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def time_each(candidates: Sequence[dict], phases: Sequence[Phase], step: str, output: str,
+              runs: Sequence[dict[str, torch.Tensor]], repeats: int, flops: float,
+              before_output: Callable[[], None] | None = None,
+              build: Callable = kernels.compiled, timer: Callable = median_ms) -> list[dict]:
+    """A row per schedule: its median ms running `step` alone, rotating through `runs`, its
+    TFLOP/s for `flops`, and whether its `output` on `runs[0]` (after `before_output`, for a
+    step that adds to its output) is the first schedule's bit for bit, else how far off."""
+    rows = []
+    first = None
+    for knobs, phase in zip(candidates, phases, strict=True):
+        ready = time.perf_counter()
+        try:
+            build(phase.step(step).kernel)
+        except Exception as error:  # noqa: BLE001  (a schedule that cannot be built)
+            rows.append(dict(knobs=knobs, error=f"{type(error).__name__}: {error}"[:200]))
+            continue
+        # Loaded from the workers' cache this takes about a second; far more means the
+        # kernel was compiled again here.
+        print(f"timing {label(knobs)} (kernel ready in {time.perf_counter() - ready:.1f} s)",
+              flush=True)
+        ms = timer(lambda env, phase=phase: phase.run_step(step, env),
+                   [(env,) for env in runs], repeats)
+        if before_output is not None:
+            before_output()
+        phase.run_step(step, runs[0])
+        out = runs[0][output].clone()
+        if first is None:
+            first = out
+        rows.append(dict(knobs=knobs, ms=ms, tflops=flops / ms / 1e9,
+                         bit_identical_to_first=torch.equal(out, first),
+                         max_abs_diff_to_first=(out.float() - first.float()).abs().max().item()))
+    return rows
+
+
+def print_rows(rows: Sequence[dict], cudnn_tflops: float, cudnn_what: str) -> None:
+    """The rows as a table, each rate also as a share of cuDNN's (`cudnn_what`)."""
+    for row in rows:
+        if "error" in row:
+            print(f"  {label(row['knobs']):<50} {row['error']}")
+            continue
+        print(f"  {label(row['knobs']):<50} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s "
+              f"({row['tflops'] / cudnn_tflops:4.0%} of {cudnn_what}) "
+              f"{'=' if row['bit_identical_to_first'] else '~'}first "
+              f"(max diff {row['max_abs_diff_to_first']:.2e})")
