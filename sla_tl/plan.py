@@ -155,8 +155,9 @@ class Fusion(NamedTuple):
 
     summary: str
     """What it takes over (the dry run's report prints it)."""
-    refusal: Callable[[CallShape, str], str | None]
-    """Why it cannot serve a call of this shape and selection (None: it can)."""
+    refusal: Callable[[CallShape, str | None], str | None]
+    """Why it cannot serve a call of this shape and selection (None: it can; the selection
+    is None for a call with a given routing)."""
     rewrite: Callable[[list[Step], dict[str, Buffer], CallShape], None]
     """Rewrites the steps and buffers of its phase in place."""
     phase: str = "routed_forward"
@@ -224,7 +225,7 @@ def _no_map() -> None:
     return None
 
 
-def _needs_marginal_kernel_selection(shape: CallShape, selection: str) -> str | None:
+def _needs_marginal_kernel_selection(shape: CallShape, selection: str | None) -> str | None:
     if selection != "kernel":
         return "needs selection='kernel'"
     if shape.settings.linear != "marginal":
@@ -270,7 +271,7 @@ def by_phase(fusions: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]
             tuple(name for name in chosen if FUSIONS[name].phase == "backward"))
 
 
-def _check_fusions(fusions: tuple[str, ...], shape: CallShape, selection: str) -> None:
+def _check_fusions(fusions: tuple[str, ...], shape: CallShape, selection: str | None) -> None:
     """ValueError naming a fusion that cannot serve this call."""
     for name in fusions:
         refusal = FUSIONS[name].refusal(shape, selection)
@@ -377,6 +378,7 @@ def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep
         outputs += ROUTING
         phase_name = "routed_forward"
     forward = Phase(phase_name, inputs, outputs, steps, buffers)
+    _check_fusions(backward_fusions, shape, None if routed is None else routed.selection)
     return AttentionPlan(target, shape, schedule, forward,
                          _backward(target, shape, schedule, keep_routing, backward_fusions))
 

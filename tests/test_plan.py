@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sla_tl import spec
+from sla_tl import plan, spec
 from sla_tl.plan import (
     DEFAULT_FUSIONS,
     FUSIONS,
@@ -137,3 +137,13 @@ def test_a_plan_is_resolved_once_per_call_shape():
     assert routed_plan(TARGET, _shape(), {"forward": {"num_stages": 1}}) is first
     assert routed_plan(TARGET, _shape(lq=2000), {"forward": {"num_stages": 1}}) is not first
     assert dict(first.forward.step("forward").kernel.knobs) == {"num_stages": 1}
+
+
+def test_a_backward_fusion_that_cannot_serve_a_call_is_refused_by_name(monkeypatch):
+    refusing = plan.Fusion("takes nothing over", lambda shape, selection: "needs a GPU",
+                           lambda steps, buffers, shape: None, phase="backward")
+    monkeypatch.setitem(plan.FUSIONS, "refusing", refusing)
+    with pytest.raises(ValueError, match="fusion 'refusing' needs a GPU"):
+        attention_plan(TARGET, _shape(), {}, fusions=("refusing",))
+    with pytest.raises(ValueError, match="fusion 'refusing' needs a GPU"):
+        routed_plan(TARGET, _shape(), {}, "sort", ("refusing",))
