@@ -211,6 +211,19 @@ class _Runner:
             **_recording(recorder))
 
 
+@contextlib.contextmanager
+def _denormals_flushed() -> Iterator[None]:
+    """CPU arithmetic with denormals flushed while entered: the buffers a left-out kernel
+    would have written hold whatever memory held, and denormal inputs would make the torch
+    steps after it many times slower than on real values (the timing, not the counts).
+    Torch has no getter for the mode: it is put back to torch's default, off."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def _no_launch(step: Step, args: list) -> None:
     """A kernel launch left out (the timed runs)."""
 
@@ -337,7 +350,7 @@ def measure(call: Call = WAN_1_3B, repeats: int = 50) -> HostBudget:
     with _Recorder() as backward:
         runner.backward(saved, routing, backward)
     timed = _OperatorCall(smallest(call))
-    with _operators_on_cpu(call):
+    with _operators_on_cpu(call), _denormals_flushed():
         timed.backward(timed.forward())
         with _PythonCalls() as forward_calls:
             out = timed.forward()
