@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a fusion of the routed forward to run, repeatable (default: the "
                         "default fusions)")
     parser.add_argument("--all-fusions", action="store_true",
-                        help="every fusion of the routed forward there is")
+                        help="every fusion of the routed forward that can serve the call "
+                        "(its selection and linear mode)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    if args.all_fusions:
-        args.fusion = forward_fusions
     b, h, length, d = 1, args.heads, args.length, 128
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
@@ -64,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     n_kv = spec.num_blocks(length, bkv)
     n_crit = spec.num_critical(args.topk, n_kv)
     shape = call_shape(sets[0][0], sets[0][1], s, False, (n_crit, 0))
+    if args.all_fusions:
+        args.fusion = [n for n in plan.fusions_serving(shape, args.selection)
+                       if n in forward_fusions]
     routed = routed_plan(target_of(device), shape, selection=args.selection,
                          fusions=args.fusion).forward
     runs = kept_runs(routed, [dict(q=q, k=k, v=v, proj_weight=w, proj_bias=bias)

@@ -39,6 +39,8 @@ breakdowns() {
   python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" &&
     python3 -m sla_tl.benchmarks.forward_breakdown --selection kernel --all-fusions \
       --out "$OUT/forward_breakdown_fused.json" &&
+    python3 -m sla_tl.benchmarks.forward_breakdown --all-fusions \
+      --out "$OUT/forward_breakdown_sorted_fused.json" &&
     python3 -m sla_tl.benchmarks.backward_breakdown --out "$OUT/backward_breakdown.json" &&
     python3 -m sla_tl.benchmarks.backward_breakdown --fusion key_major_kernel \
       --out "$OUT/backward_breakdown_key_major.json"

@@ -192,15 +192,29 @@ def _selection_block_map(steps: list[Step], buffers: dict[str, Buffer],
                    active=Buffer(rows, torch.int32))
 
 
-def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
-    arch = steps[_index(steps, "backward_dkdv")].kernel.arch
+def _key_major_step(shape: CallShape, arch: str,
+                    buffers: dict[str, Buffer]) -> tuple[Step, bool]:
+    """The key-major kernel's step for this call (its buffers added to `buffers`), and
+    whether it writes the marginal map ("marginal" mode)."""
     marginal = shape.settings.linear == "marginal"
     block_map = {"block_map_dtype": shape.dtype_name} if marginal else {}
     reads = list(ROUTING) if marginal else ["lut", "lut_count"]
     maps = ["critical_map", *(["negligible_map"] * marginal)]
-    kernel = kernel_step("key_major", KernelSpec("key_major", tuple(block_map.items()), arch),
-                         reads, [*maps, "reverse", "reverse_count", *(["marginal"] * marginal),
-                                 "active"])
+    step = kernel_step("key_major", KernelSpec("key_major", tuple(block_map.items()), arch),
+                       reads, [*maps, "reverse", "reverse_count", *(["marginal"] * marginal),
+                               "active"])
+    rows, keys = (shape.batch, shape.heads, shape.n_q), (shape.batch, shape.heads, shape.n_kv)
+    buffers.update({name: Buffer((*keys, shape.n_q), torch.uint8) for name in maps})
+    buffers.update(reverse=Buffer((*keys, shape.n_q), torch.int32),
+                   reverse_count=Buffer(keys, torch.int32), active=Buffer(rows, torch.int32))
+    if marginal:
+        buffers["marginal"] = Buffer((*rows, shape.n_kv), shape.dtype)
+    return step, marginal
+
+
+def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
+    kernel, marginal = _key_major_step(shape, steps[_index(steps, "backward_dkdv")].kernel.arch,
+                                       buffers)
     # The key blocks' states weigh by the transposed map, as a view (what the torch step
     # makes), so that their GEMMs see the same operand layout.
     view = (torch_step("marginal_t", _transposed, ["marginal"], makes=["marginal_t"])
@@ -209,12 +223,20 @@ def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: Call
     # First, where the flags were made: the query pass reads them.
     index = _index(steps, "routing_flags")
     steps[index:index + 1] = [kernel, view]
-    rows, keys = (shape.batch, shape.heads, shape.n_q), (shape.batch, shape.heads, shape.n_kv)
-    buffers.update({name: Buffer((*keys, shape.n_q), torch.uint8) for name in maps})
-    buffers.update(reverse=Buffer((*keys, shape.n_q), torch.int32),
-                   reverse_count=Buffer(keys, torch.int32), active=Buffer(rows, torch.int32))
-    if marginal:
-        buffers["marginal"] = Buffer((*rows, shape.n_kv), shape.dtype)
+
+
+def _key_major_flags(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
+    kernel, _ = _key_major_step(shape, steps[_index(steps, "forward")].kernel.arch, buffers)
+    steps[_index(steps, "routing_flags")] = kernel
+
+
+def _needs_marginal_sort_selection(shape: CallShape, selection: str | None) -> str | None:
+    if selection != "sort":
+        return ("needs selection='sort' (with the selection kernel, selection_block_map "
+                "writes the map)")
+    if shape.settings.linear != "marginal":
+        return "needs linear='marginal' (the global branch has no block map)"
+    return None
 
 
 def _transposed(marginal: torch.Tensor) -> torch.Tensor:
@@ -241,6 +263,10 @@ FUSIONS: dict[str, Fusion] = {
         "the selection kernel also writes the marginal block map and the rows' flags (the "
         "routing_flags torch ops go)",
         _needs_marginal_kernel_selection, _selection_block_map),
+    "key_major_flags": Fusion(
+        "the key-major kernel writes the forward's marginal block map and rows' flags from a "
+        "sorted routing (the routing_flags torch ops go)",
+        _needs_marginal_sort_selection, _key_major_flags),
     "key_major_kernel": Fusion(
         "one kernel writes the backward's reverse LUT, marginal block map and rows' flags "
         "(the reverse_lut and routing_flags torch ops go)",
@@ -269,6 +295,14 @@ def by_phase(fusions: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]
     chosen = _in_order(fusions)
     return (tuple(name for name in chosen if FUSIONS[name].phase == "routed_forward"),
             tuple(name for name in chosen if FUSIONS[name].phase == "backward"))
+
+
+def fusions_serving(shape: CallShape, selection: str | None) -> tuple[str, ...]:
+    """Every fusion that can serve a call of this shape and selection (None: a given
+    routing), in `FUSIONS`' order: what "all the fusions" means for a call."""
+    return tuple(name for name, fusion in FUSIONS.items()
+                 if fusion.refusal(shape, selection) is None
+                 and (selection is not None or fusion.phase == "backward"))
 
 
 def _check_fusions(fusions: tuple[str, ...], shape: CallShape, selection: str | None) -> None:

@@ -10,7 +10,7 @@ import torch
 from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
-from sla_tl.plan import FUSIONS, CallShape, kernels_for, route_phase, routed_plan
+from sla_tl.plan import CallShape, fusions_serving, kernels_for, route_phase, routed_plan
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -23,15 +23,22 @@ ARCH = "sm_90a"
 FUSED_SETTINGS = Settings(block_q=128, block_kv=64)
 
 
+def _serving(selection: str) -> tuple[str, ...]:
+    """Every fusion that serves a call with FUSED_SETTINGS and `selection`."""
+    shape = CallShape(1, 1, 128, 64, 128, torch.bfloat16, FUSED_SETTINGS, False, (1, 0))
+    return fusions_serving(shape, selection)
+
+
 def kernels_ahead() -> list[KernelSpec]:
     """The kernels this module's tests build (compiled ahead by its fixture, and by
     `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [KernelSpec("select", (), ARCH)]
     specs += [KernelSpec("select", (("block_map_dtype", dtype),), ARCH)
               for dtype in ("bfloat16", "float32")]
-    for fusions in ((), tuple(FUSIONS)):
-        specs += kernels_for(ARCH, 128, "bfloat16", FUSED_SETTINGS, backward=False,
-                             selection="kernel", fusions=fusions)
+    for selection in ("kernel", "sort"):
+        for fusions in ((), _serving(selection)):
+            specs += kernels_for(ARCH, 128, "bfloat16", FUSED_SETTINGS, backward=False,
+                                 selection=selection, fusions=fusions)
     for dim, block_kv in ((64, 128), (128, 64)):
         for fusions in ((), ("pooled_keys",)):
             specs += kernels_for(ARCH, dim, "bfloat16", Settings(block_q=128, block_kv=block_kv),
@@ -161,12 +168,13 @@ def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
     assert relative_error(pooled["pooled_k"], expected) < 1e-5
 
 
-@pytest.mark.parametrize("fusions", [("pooled_keys",), ("selection_block_map",),
-                                     tuple(FUSIONS)])
+@pytest.mark.parametrize("selection,fusions", [
+    ("kernel", ("pooled_keys",)), ("kernel", ("selection_block_map",)),
+    ("kernel", _serving("kernel")), ("sort", ("key_major_flags",)), ("sort", _serving("sort"))])
 @pytest.mark.parametrize("lq,lk,topk,k_low", [(1500, 2100, 0.1, 0.2), (4096, 4096, 0.05, 0.0),
                                               (700, 64, 0.05, 0.0)])
-def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, fusions, lq, lk, topk,
-                                                              k_low):
+def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, selection, fusions,
+                                                              lq, lk, topk, k_low):
     """A routed forward with fusions writes, bit for bit, what the forward without them
     writes on the same routing, and routes as the plan without them does (up to rounding
     near ties: the key pass pools K in its own order)."""
@@ -174,9 +182,9 @@ def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, fusions
     weight, bias = random_projection(128, torch.float32, generator, device="cuda")
     s = FUSED_SETTINGS
     fused, routing = tilelang_backend.routed_forward(q, k, v, weight, bias, topk, k_low, s,
-                                                     selection="kernel", fusions=fusions)
+                                                     selection=selection, fusions=fusions)
     _, plain_routing = tilelang_backend.routed_forward(q, k, v, weight, bias, topk, k_low, s,
-                                                       selection="kernel", fusions=())
+                                                       selection=selection, fusions=())
     again = tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
     for name, a, b in zip(fused._fields, fused, again, strict=True):
         assert torch.equal(a, b), name

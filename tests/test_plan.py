@@ -12,6 +12,7 @@ from sla_tl.plan import (
     FUSIONS,
     CallShape,
     attention_plan,
+    fusions_serving,
     kernels_for,
     routed_plan,
 )
@@ -47,9 +48,26 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
     assert _steps(("pooled_keys",)) == ["key_pass", *(n for n in plain
                                                       if n not in ("key_pass", "pool_k"))]
     assert _steps(("selection_block_map",)) == [n for n in plain if n != "routing_flags"]
-    both = _steps(tuple(reversed(FUSIONS)))  # applied in FUSIONS' order whatever the order given
+    # Every fusion that serves the call, applied in FUSIONS' order whatever the order given.
+    both = _steps(tuple(reversed(fusions_serving(_shape(), "kernel"))))
     assert both == ["key_pass", "pool_q", "scores", "select", "linear_states",
                     "projection_operands", "forward"]
+    # A sorted routing: the key-major kernel writes the map and flags.
+    sorted_plain = _steps((), "sort")
+    assert _steps(("key_major_flags",), "sort") == [
+        "key_major" if n == "routing_flags" else n for n in sorted_plain]
+
+
+def test_the_fusions_serving_a_call_are_those_that_do_not_refuse_it():
+    glob = _shape(Settings(block_q=128, block_kv=64, linear="global"))
+    assert fusions_serving(_shape(), "kernel") == (
+        "pooled_keys", "selection_block_map", "key_major_kernel")
+    assert fusions_serving(_shape(), "sort") == (
+        "pooled_keys", "key_major_flags", "key_major_kernel")
+    assert fusions_serving(glob, "sort") == ("pooled_keys", "key_major_kernel")
+    assert fusions_serving(_shape(), None) == ("key_major_kernel",)  # a given routing
+    for selection in ("kernel", "sort"):
+        routed_plan(TARGET, _shape(), {}, selection, fusions_serving(_shape(), selection))
 
 
 @pytest.mark.parametrize("linear", ["marginal", "global"])
@@ -89,7 +107,7 @@ def test_a_given_routings_plan_refuses_a_routed_forwards_fusion_by_name():
 
 
 def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
-    fused = routed_plan(TARGET, _shape(), {}, "kernel", tuple(FUSIONS)).forward
+    fused = routed_plan(TARGET, _shape(), {}, "kernel", fusions_serving(_shape(), "kernel")).forward
     key_pass, select = fused.step("key_pass"), fused.step("select")
     assert dict(key_pass.kernel.args)["pool_keys"] is True
     assert key_pass.fills[-1] == "pooled_k"
@@ -98,7 +116,7 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     assert fused.buffers["marginal"].shape == (2, 3, 8, 24)
     plain = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel", fusions=())
     enumerated = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel",
-                             fusions=tuple(FUSIONS))
+                             fusions=fusions_serving(_shape(), "kernel"))
     assert [s.kind for s in plain] == ["pool", "pool", "select", "key_pass", "forward",
                                        "backward_query", "backward_dq", "backward_dkdv"]
     assert [s.kind for s in enumerated] == ["key_pass", "pool", "select", "forward",
@@ -110,8 +128,9 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_each_fusions_kernels_build_their_programs(fusion):
     """Each variant a fusion launches is a program its arch builds (no compile: cheap)."""
-    plain = set(routed_plan(TARGET, _shape(), {}, "kernel", ()).kernels())
-    variants = [s for s in routed_plan(TARGET, _shape(), {}, "kernel", (fusion,)).kernels()
+    selection = "kernel" if fusion in fusions_serving(_shape(), "kernel") else "sort"
+    plain = set(routed_plan(TARGET, _shape(), {}, selection, ()).kernels())
+    variants = [s for s in routed_plan(TARGET, _shape(), {}, selection, (fusion,)).kernels()
                 if s not in plain]
     assert len(variants) == 1
     for variant in variants:
