@@ -89,3 +89,14 @@ def test_compiling_ahead_returns_the_failures_that_compiling_raises():
     assert failure.startswith(bad.name) and "pool has no schedule knobs" in failure
     with pytest.raises(RuntimeError, match="kernels failed:\n.*pool has no schedule knobs"):
         parallel.compile_in_parallel([bad], workers=1)
+
+
+def test_compile_ahead_gathers_every_gpu_test_modules_kernels():
+    from tests import compile_ahead, test_gpu_kernels, test_gpu_key_major
+
+    specs, skipped = compile_ahead.gpu_modules_kernels()
+    names = {spec.name for spec in specs}
+    assert {s.name for s in test_gpu_kernels.kernels_ahead()} <= names
+    assert {s.name for s in test_gpu_key_major.kernels_ahead()} <= names
+    assert all(line.startswith("test_gpu_") for line in skipped)
+    assert all(spec.arch == "sm_90a" for spec in specs)
