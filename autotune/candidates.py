@@ -9,7 +9,6 @@ reason.
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -52,13 +51,7 @@ def kernels_searched(arch: str, dim: int, dtype: str, s: Settings,
 
 def enumerate_candidates(arch: str, kernel: str, dim: int, s: Settings) -> list[dict]:
     """Every combination of the kernel's searched knobs; the default combination first."""
-    space = kernels.search_space(arch, kernel, dim, s.block_q, s.block_kv)
-    default = kernels.default_knobs(arch, kernel, dim, s.block_q, s.block_kv)
-    names = sorted(space)
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(space[n] for n in names))]
-    first = {n: default[n] for n in names}
-    return [first] + [c for c in combos if c != first]
+    return kernels.searched_schedules(arch, kernel, dim, s.block_q, s.block_kv)
 
 
 def kernel_spec(kernel: str, knobs: dict, dim: int, dtype: str, s: Settings,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import spec, tilelang_backend
+from sla_tl import kernels, spec, tilelang_backend
 from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -31,7 +31,6 @@ from .schedule_variants import (
     add_shape_arguments,
     compile_steps,
     print_rows,
-    schedules,
     time_each,
 )
 
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
     device = torch.device("cuda")
     target = target_of(device)
-    candidates = schedules(target.arch.target, "forward", d, bq, bkv)
+    candidates = kernels.every_schedule(target.arch.target, "forward", d, bq, bkv)
 
     sets = []
     print("preparing inputs", flush=True)

@@ -1,8 +1,9 @@
 """One kernel of a plan under each of its schedules, timed alone beside cuDNN (what
 `forward_variants` and `dq_variants` share).
 
-The schedules of a kernel: its default first, every other combination of its searched
-knobs, then its alternatives (which may round differently). Each is built (a schedule that
+The schedules of a kernel are `sla_tl.kernels.every_schedule`: its default first, every other
+combination of its searched knobs, then its alternatives (which may round differently). Each
+is built (a schedule that
 cannot be is reported in its row), timed on the tensors of kept runs of the plan, and its
 output compared with the first schedule's.
 """
@@ -10,7 +11,6 @@ output compared with the first schedule's.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,19 +20,6 @@ from sla_tl import kernels
 from sla_tl.parallel import compile_in_parallel
 from sla_tl.phases import Phase
 from sla_tl.timing import median_ms
-
-
-def schedules(arch: str, kernel: str, dim: int, block_q: int, block_kv: int) -> list[dict]:
-    """The default schedule of `kernel` first, then every other combination of its searched
-    knobs, then the alternatives that round differently (candidates for the default)."""
-    space = kernels.search_space(arch, kernel, dim, block_q, block_kv)
-    default = kernels.default_knobs(arch, kernel, dim, block_q, block_kv)
-    names = sorted(space)
-    first = {n: default[n] for n in names}
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(space[n] for n in names))]
-    return ([first] + [c for c in combos if c != first]
-            + kernels.alternatives(arch, kernel, dim, block_q, block_kv))
 
 
 def label(knobs: Mapping) -> str:

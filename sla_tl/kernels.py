@@ -10,6 +10,7 @@ order, is its plan's business (`sla_tl.plan`).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -130,6 +131,19 @@ def search_space(arch: str, kernel: str, dim: int, block_q: int,
         tuning.search_space, dict(dim=dim, block_q=block_q, block_kv=block_kv)))
 
 
+def searched_schedules(arch: str, kernel: str, dim: int, block_q: int,
+                       block_kv: int) -> list[dict]:
+    """Every combination of a tunable kernel's searched knobs (what the autotuner may pick),
+    the default combination first."""
+    space = search_space(arch, kernel, dim, block_q, block_kv)
+    default = default_knobs(arch, kernel, dim, block_q, block_kv)
+    names = sorted(space)
+    combos = [dict(zip(names, values, strict=True))
+              for values in itertools.product(*(space[n] for n in names))]
+    first = {n: default[n] for n in names}
+    return [first] + [c for c in combos if c != first]
+
+
 def alternatives(arch: str, kernel: str, dim: int, block_q: int,
                  block_kv: int) -> list[dict]:
     """Schedules of a tunable kernel that compute the same function but round differently:
@@ -140,6 +154,14 @@ def alternatives(arch: str, kernel: str, dim: int, block_q: int,
     if found is None:
         return []
     return found(**archs.sizes_for(found, dict(dim=dim, block_q=block_q, block_kv=block_kv)))
+
+
+def every_schedule(arch: str, kernel: str, dim: int, block_q: int,
+                   block_kv: int) -> list[dict]:
+    """`searched_schedules` (the default first), then the `alternatives`: every schedule the
+    benchmarks time and the GPU tests check against float64."""
+    return (searched_schedules(arch, kernel, dim, block_q, block_kv)
+            + alternatives(arch, kernel, dim, block_q, block_kv))
 
 
 def tunable(arch: str) -> tuple[str, ...]:

@@ -8,8 +8,6 @@ benchmark may ask for is built here; one hand-written variant is also compiled f
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from sla_tl import kernels, static_check
@@ -22,12 +20,6 @@ ARCH = "sm_90a"
 SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
 
 
-def _combos(space: dict[str, tuple]) -> list[dict]:
-    names = sorted(space)
-    return [dict(zip(names, values, strict=True))
-            for values in itertools.product(*(space[n] for n in names))]
-
-
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
 def test_the_default_is_the_automatic_split_and_tuned_choices_keep_it(dim, block_q, block_kv):
     default = kernels.default_knobs(ARCH, "backward_dq", dim, block_q, block_kv)
@@ -36,7 +28,8 @@ def test_the_default_is_the_automatic_split_and_tuned_choices_keep_it(dim, block
     assert default["warp_specialization"] == "auto"
     assert all(default[name] in choices for name, choices in space.items())
     assert all({**default, **knobs}["warp_specialization"] == "auto"
-               for knobs in _combos(space))
+               for knobs in kernels.searched_schedules(ARCH, "backward_dq", dim, block_q,
+                                                       block_kv))
     for alternative in kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv):
         assert alternative["warp_specialization"] in ("manual", "pingpong"), alternative
         assert backward_dq_ws.fits(dim, block_q, block_kv, alternative["num_stages"])
@@ -70,8 +63,7 @@ def test_sizes_the_hand_written_dq_serves():
 @pytest.mark.parametrize("dtype,layout", [("bfloat16", "bhsd"), ("float16", "bshd")])
 def test_every_tuned_and_alternative_schedule_builds(dim, block_kv, dtype, layout):
     block_q = backward_dq_ws.BLOCK_Q
-    space = kernels.search_space(ARCH, "backward_dq", dim, block_q, block_kv)
-    schedules = _combos(space) + kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv)
+    schedules = kernels.every_schedule(ARCH, "backward_dq", dim, block_q, block_kv)
     default = kernels.default_knobs(ARCH, "backward_dq", dim, block_q, block_kv)
     assert any({**default, **s}["warp_specialization"] != "auto" for s in schedules) == (
         dim * block_kv <= backward_dq_ws.MAX_TILE)

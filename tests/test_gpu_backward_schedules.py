@@ -4,8 +4,6 @@ for bit the default's is the tuner's own check, on its measurement inputs.)"""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -35,12 +33,7 @@ CASES = [
 
 def dkdv_schedules(case: Case) -> list[dict]:
     """The tuner's choices for dK/dV (its search space), then the alternatives."""
-    space = kernels.search_space(ARCH, "backward_dkdv", case.dim, case.block_q, case.block_kv)
-    names = sorted(space)
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(space[n] for n in names))]
-    return combos + kernels.alternatives(ARCH, "backward_dkdv", case.dim, case.block_q,
-                                         case.block_kv)
+    return kernels.every_schedule(ARCH, "backward_dkdv", case.dim, case.block_q, case.block_kv)
 
 
 def kernels_ahead() -> list[KernelSpec]:

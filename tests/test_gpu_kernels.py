@@ -5,8 +5,6 @@ Outputs are poisoned with NaN before each kernel runs, so an unwritten element f
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -231,19 +229,10 @@ def test_pool_kernel_matches_reference(generator, block, layout, length):
     assert relative_error(pooled, expected) < 1e-5
 
 
-def _searched(kernel: str, case: Case) -> list[dict]:
-    """Every combination of a kernel's searched knobs for a case (what the tuner may pick)."""
-    space = kernels.search_space(ARCH, kernel, case.dim, case.block_q, case.block_kv)
-    names = sorted(space)
-    return [dict(zip(names, values, strict=True))
-            for values in itertools.product(*(space[n] for n in names))]
-
-
 def forward_schedules(case: Case) -> list[dict]:
     """Every forward schedule the autotuner may pick for a case (its search space), then the
     alternatives that round differently (candidates for the default)."""
-    return _searched("forward", case) + kernels.alternatives(
-        ARCH, "forward", case.dim, case.block_q, case.block_kv)
+    return kernels.every_schedule(ARCH, "forward", case.dim, case.block_q, case.block_kv)
 
 
 def _forward_schedule_specs(case: Case) -> list:
@@ -304,8 +293,7 @@ def test_every_forward_schedule_matches_reference(case, generator):
 def dq_schedules(case: Case) -> list[dict]:
     """Every dQ schedule the autotuner may pick for a case (its search space), then the
     alternatives (the hand-written kernel, candidates for the default)."""
-    return _searched("backward_dq", case) + kernels.alternatives(
-        ARCH, "backward_dq", case.dim, case.block_q, case.block_kv)
+    return kernels.every_schedule(ARCH, "backward_dq", case.dim, case.block_q, case.block_kv)
 
 
 def _dq_schedule_specs(case: Case) -> list:

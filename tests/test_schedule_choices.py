@@ -6,8 +6,6 @@ benchmark may ask for is built here; the GPU tests run them.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from sla_tl import kernels
@@ -20,19 +18,13 @@ ARCH = "sm_90a"
 SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128)]
 
 
-def _combos(space: dict[str, tuple]) -> list[dict]:
-    names = sorted(space)
-    return [dict(zip(names, values, strict=True))
-            for values in itertools.product(*(space[n] for n in names))]
-
-
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
 def test_the_default_is_in_the_search_space_and_alternatives_are_not(dim, block_q, block_kv):
     default = kernels.default_knobs(ARCH, "forward", dim, block_q, block_kv)
     space = kernels.search_space(ARCH, "forward", dim, block_q, block_kv)
     assert all(default[name] in choices for name, choices in space.items())
     # Every searched combination keeps the default's rounding class.
-    for knobs in _combos(space):
+    for knobs in kernels.searched_schedules(ARCH, "forward", dim, block_q, block_kv):
         assert (knobs["warp_specialization"] == "auto") == (
             default["warp_specialization"] == "auto")
     for alternative in kernels.alternatives(ARCH, "forward", dim, block_q, block_kv):
@@ -62,8 +54,7 @@ def test_shared_memory_of_the_wan_default_and_its_pair_alternative():
 @pytest.mark.parametrize("dim,block_q,block_kv", [(128, 128, 64), (64, 128, 64),
                                                   (64, 128, 128)])
 def test_every_tuned_and_alternative_schedule_builds(dim, block_q, block_kv):
-    space = kernels.search_space(ARCH, "forward", dim, block_q, block_kv)
-    schedules = _combos(space) + kernels.alternatives(ARCH, "forward", dim, block_q, block_kv)
+    schedules = kernels.every_schedule(ARCH, "forward", dim, block_q, block_kv)
     scale = softmax_scale(dim, None)
     for knobs in schedules:
         # Through the dispatch the kernel getter uses: the default's knobs under the given ones.

@@ -1,9 +1,10 @@
-"""The schedule-variants benchmarks' shared part on the CPU: which schedules they time, in
-which order, and what a row says (fake phases and timer: the GPU runs them for real)."""
+"""On the CPU: the schedule lists the tuner, the benchmarks and the GPU tests share
+(`kernels.searched_schedules`, `kernels.every_schedule`), and what a row of the variants
+benchmarks says (fake phases and timer: the GPU runs them for real)."""
 
 from __future__ import annotations
 
-import itertools
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -15,24 +16,25 @@ from sla_tl.benchmarks import schedule_variants
 ARCH = "sm_90a"
 
 
-def _combos(space: dict) -> list[dict]:
-    names = sorted(space)
-    return [dict(zip(names, values, strict=True))
-            for values in itertools.product(*(space[n] for n in names))]
-
-
-@pytest.mark.parametrize("kernel", ["forward", "backward_dq"])
+@pytest.mark.parametrize("kernel", ["forward", "backward_dq", "backward_dkdv"])
 @pytest.mark.parametrize("dim,block_q,block_kv", [(128, 128, 64), (64, 128, 128), (64, 64, 64)])
-def test_the_default_first_then_every_choice_once_then_the_alternatives(kernel, dim, block_q,
-                                                                       block_kv):
-    found = schedule_variants.schedules(ARCH, kernel, dim, block_q, block_kv)
+def test_every_searched_combination_once_the_default_first(kernel, dim, block_q, block_kv):
+    found = kernels.searched_schedules(ARCH, kernel, dim, block_q, block_kv)
     default = kernels.default_knobs(ARCH, kernel, dim, block_q, block_kv)
-    assert found[0] == {n: default[n] for n in found[0]}
-    assert len({tuple(sorted(k.items())) for k in found}) == len(found)
     space = kernels.search_space(ARCH, kernel, dim, block_q, block_kv)
-    alternatives = kernels.alternatives(ARCH, kernel, dim, block_q, block_kv)
-    assert len(found) == len(_combos(space)) + len(alternatives)
-    assert found[len(found) - len(alternatives):] == alternatives
+    assert found[0] == {n: default[n] for n in space}
+    assert len({tuple(sorted(k.items())) for k in found}) == len(found)
+    assert len(found) == math.prod(len(choices) for choices in space.values())
+    assert all(knobs[n] in space[n] for knobs in found for n in space)
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward_dq", "backward_dkdv"])
+def test_every_schedule_is_the_searched_ones_then_the_alternatives(kernel):
+    found = kernels.every_schedule(ARCH, kernel, 128, 128, 64)
+    searched = kernels.searched_schedules(ARCH, kernel, 128, 128, 64)
+    alternatives = kernels.alternatives(ARCH, kernel, 128, 128, 64)
+    assert alternatives, "each of these has a hand-written alternative at 128x64"
+    assert found == searched + alternatives
 
 
 class _Phase:
