@@ -59,5 +59,27 @@ class Case(NamedTuple):
         return Settings(block_q=self.block_q, block_kv=self.block_kv, feature_map=self.feature,
                         linear=self.linear, layout=self.layout)
 
+    @property
+    def reference_device(self) -> str:
+        """Where the float64 reference runs: on the GPU for long sequences, else the CPU."""
+        return "cuda" if self.lq * self.lk > 4e7 else "cpu"
+
     def __str__(self) -> str:
         return "-".join(str(x) for x in self)
+
+
+def case_inputs(case: Case, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Fresh q, k, v (in the case's layout) and a projection (weight, bias) on the GPU."""
+    q, k, v = random_qkv(case.batch, case.heads, case.lq, case.lk, case.dim,
+                         getattr(torch, case.dtype), generator, device="cuda")
+    if case.layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
+    return q, k, v, weight, bias
+
+
+def bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
+    """A (B, L, H, ...) tensor of `layout` "bshd" (or one already (B, H, L, ...)) in the
+    (B, H, L, ...) view, float64 on `device`."""
+    x = x if layout == "bhsd" else x.transpose(1, 2)
+    return x.to(device=device, dtype=torch.float64)

@@ -13,7 +13,7 @@ from sla_tl.parallel import compile_ahead
 from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 
-from .helpers import Case, random_projection, random_qkv, relative_error
+from .helpers import Case, bhsd64, case_inputs, relative_error
 from .test_gpu_kernels import ARCH
 
 pytestmark = pytest.mark.gpu
@@ -51,28 +51,18 @@ def compiled_kernels():
     compile_ahead(kernels_ahead())
 
 
-def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
-    x = x if layout == "bhsd" else x.transpose(1, 2)
-    return x.to(device=device, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_every_dkdv_schedule_matches_reference(case, generator):
-    dtype = getattr(torch, case.dtype)
-    q, k, v = random_qkv(case.batch, case.heads, case.lq, case.lk, case.dim, dtype, generator,
-                         device="cuda")
-    if case.layout == "bshd":
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
+    q, k, v, weight, bias = case_inputs(case, generator)
     s = case.settings
     schedules = dkdv_schedules(case)
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
     grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
-    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    device = case.reference_device
     expected = reference.attention_backward(
-        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
@@ -84,7 +74,7 @@ def test_every_dkdv_schedule_matches_reference(case, generator):
         torch.cuda.synchronize()
         for name, got, ref in (("dk", dk, expected[1]), ("dv", dv, expected[2])):
             assert not got.isnan().any(), f"{knobs}: {name} has NaN (unwritten elements)"
-            assert relative_error(_bhsd64(got, case.layout, "cpu"), ref) < TOLERANCE, (
+            assert relative_error(bhsd64(got, case.layout, "cpu"), ref) < TOLERANCE, (
                 knobs, name)
         if knobs.get("warp_specialization") == "manual":
             # The hand-written kernel's ring depth orders the work only.

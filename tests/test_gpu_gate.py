@@ -18,7 +18,7 @@ from sla_tl.plan import kernels_for
 from sla_tl.routing import Routing
 from sla_tl.settings import ForwardOutputs
 
-from .helpers import Case, random_projection, random_qkv, relative_error
+from .helpers import Case, bhsd64, case_inputs, random_projection, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -51,27 +51,12 @@ def compiled_kernels():
 
 
 def _inputs(case: Case, generator: torch.Generator):
-    dtype = getattr(torch, case.dtype)
-    q, k, v = random_qkv(case.batch, case.heads, case.lq, case.lk, case.dim, dtype, generator,
-                         device="cuda")
+    q, k, v, weight, bias = case_inputs(case, generator)
     # Gate values on both sides of 0 and 1: the kernels must not assume a sigmoid's range.
     gate = torch.rand(case.batch, case.heads, case.lq, generator=generator) * 3 - 1
     if case.layout == "bshd":
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         gate = gate.transpose(1, 2).contiguous()
-    weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
     return q, k, v, weight, bias, gate.cuda()
-
-
-def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
-    """A (B, L, H, D) tensor or (B, L, H) gate in the canonical view, float64."""
-    x = x if layout == "bhsd" else x.transpose(1, 2)
-    return x.to(device=device, dtype=torch.float64)
-
-
-def _device(case: Case) -> str:
-    # Long sequences run the reference on the GPU (still float64), short ones on the CPU.
-    return "cuda" if case.lq * case.lk > 4e7 else "cpu"
 
 
 def _route(case: Case, q: torch.Tensor, k: torch.Tensor) -> Routing:
@@ -89,23 +74,23 @@ def test_gated_forward_matches_reference(case, generator):
     tilelang_backend.forward(q, k, v, routing, weight, bias, s, gate=gate,
                              buffers=poisoned._asdict())
     torch.cuda.synchronize()
-    device = _device(case)
+    device = case.reference_device
     expected = reference.attention_with_routing(
-        *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
-        gate=_bhsd64(gate, case.layout, device),
+        gate=bhsd64(gate, case.layout, device),
     )
     for name, got in zip(ForwardOutputs._fields, poisoned, strict=True):
         assert not got.isnan().any(), f"{name} has NaN (unwritten or invalid elements)"
-    out, o_lin = (_bhsd64(t, case.layout, "cpu") for t in (poisoned.out, poisoned.linear))
+    out, o_lin = (bhsd64(t, case.layout, "cpu") for t in (poisoned.out, poisoned.linear))
     assert relative_error(out, expected.out) < TOLERANCE
     assert relative_error(poisoned.lse, expected.lse) < 1e-4
     if expected.linear.abs().sum() > 0:
         assert relative_error(o_lin, expected.linear) < TOLERANCE
     # The gate changes the output: a kernel ignoring it would fail here.
     ungated = reference.attention_with_routing(
-        *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     ).out
@@ -129,15 +114,15 @@ def test_gated_backward_matches_reference(case, generator):
     torch.cuda.synchronize()
     assert d_gate.shape == gate.shape and d_gate.dtype == gate.dtype
     assert not gate_grad.isnan().any(), "dgate has NaN (unwritten or invalid elements)"
-    device = _device(case)
+    device = case.reference_device
     expected = reference.attention_backward(
-        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
-        gate=_bhsd64(gate, case.layout, device),
+        gate=bhsd64(gate, case.layout, device),
     )
-    got = [*(_bhsd64(t, case.layout, "cpu") for t in (dq, dk, dv)), d_weight, d_bias,
-           _bhsd64(d_gate, case.layout, "cpu")]
+    got = [*(bhsd64(t, case.layout, "cpu") for t in (dq, dk, dv)), d_weight, d_bias,
+           bhsd64(d_gate, case.layout, "cpu")]
     names = ("dq", "dk", "dv", "dweight", "dbias", "dgate")
     for name, mine, ref in zip(names, got, expected, strict=True):
         assert not mine.isnan().any(), f"{name} has NaN (unwritten or invalid elements)"

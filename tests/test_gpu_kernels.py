@@ -17,7 +17,7 @@ from sla_tl.schedules.sm90 import forward_ws
 from sla_tl.settings import ForwardOutputs, Settings
 from sla_tl.targets import target_of
 
-from .helpers import Case, random_projection, random_qkv, relative_error
+from .helpers import Case, bhsd64, case_inputs, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -56,24 +56,9 @@ def compiled_kernels():
     compile_ahead(kernels_ahead())
 
 
-def _inputs(case: Case, generator: torch.Generator):
-    dtype = getattr(torch, case.dtype)
-    q, k, v = random_qkv(case.batch, case.heads, case.lq, case.lk, case.dim, dtype, generator,
-                         device="cuda")
-    if case.layout == "bshd":
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    weight, bias = random_projection(case.dim, torch.float32, generator, device="cuda")
-    return q, k, v, weight, bias
-
-
-def _bhsd64(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
-    x = x if layout == "bhsd" else x.transpose(1, 2)
-    return x.to(device=device, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_matches_reference(case, generator):
-    q, k, v, weight, bias = _inputs(case, generator)
+    q, k, v, weight, bias = case_inputs(case, generator)
     s = case.settings
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
@@ -86,13 +71,13 @@ def test_forward_matches_reference(case, generator):
     torch.cuda.synchronize()
 
     # Long sequences run the reference on the GPU (still float64), short ones on the CPU.
-    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    device = case.reference_device
     expected = reference.attention_with_routing(
-        *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
-    out, o_lin = (_bhsd64(t, case.layout, "cpu") for t in (out, o_lin))
+    out, o_lin = (bhsd64(t, case.layout, "cpu") for t in (out, o_lin))
     for name, got in zip(ForwardOutputs._fields, (out, lse, o_lin, h_rows, z_rows), strict=True):
         assert not got.isnan().any(), f"{name} has NaN (unwritten or invalid elements)"
     assert relative_error(out, expected.out) < TOLERANCE
@@ -102,7 +87,7 @@ def test_forward_matches_reference(case, generator):
         assert (o_lin == 0).all(), "rows without a marginal block must give O_l = 0"
     assert relative_error(lse, expected.lse) < 1e-4
     expected_h, expected_z = reference.linear_states(
-        *(_bhsd64(t, case.layout, device) for t in (k, v)),
+        *(bhsd64(t, case.layout, device) for t in (k, v)),
         Routing(*(t.to(device) for t in routing)), case.block_kv, case.feature, case.linear)
     # H_i, Z_i matter only where a query block has marginal blocks (else O_l = 0).
     n_kv = spec.num_blocks(case.lk, case.block_kv)
@@ -116,10 +101,10 @@ def test_forward_matches_reference(case, generator):
 
 @pytest.mark.parametrize("case", CASES[:4], ids=str)
 def test_route_selects_top_and_bottom_blocks(case, generator):
-    q, k, _, _, _ = _inputs(case, generator)
+    q, k, _, _, _ = case_inputs(case, generator)
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
-    qb, kb = (_bhsd64(t, case.layout, "cpu").float() for t in (q, k))
+    qb, kb = (bhsd64(t, case.layout, "cpu").float() for t in (q, k))
     scores = reference.block_scores(qb, kb, case.block_q, case.block_kv)
     n_kv = scores.shape[-1]
     n_crit = spec.num_critical(case.topk, n_kv)
@@ -142,7 +127,7 @@ def test_route_selects_top_and_bottom_blocks(case, generator):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backward_matches_reference(case, generator):
-    q, k, v, weight, bias = _inputs(case, generator)
+    q, k, v, weight, bias = case_inputs(case, generator)
     s = case.settings
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
@@ -156,13 +141,13 @@ def test_backward_matches_reference(case, generator):
     assert d_gate is None
     torch.cuda.synchronize()
 
-    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    device = case.reference_device
     expected = reference.attention_backward(
-        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
-    got = [*(_bhsd64(t, case.layout, "cpu") for t in (dq, dk, dv)), d_weight, d_bias]
+    got = [*(bhsd64(t, case.layout, "cpu") for t in (dq, dk, dv)), d_weight, d_bias]
     assert expected[5] is None  # no gate, no gate gradient
     for name, mine, ref in zip(("dq", "dk", "dv", "dweight", "dbias"), got, expected[:5],
                                strict=True):
@@ -197,7 +182,7 @@ def test_key_pass_matches_reference(generator, dim, block_kv, dtype, feature, la
     _, k, v = random_qkv(2, 3, 1, lk, dim, getattr(torch, dtype), generator, device="cuda")
     if layout == "bshd":
         k, v = (t.transpose(1, 2).contiguous() for t in (k, v))
-    kb, vb = (_bhsd64(t, layout, "cpu") for t in (k, v))
+    kb, vb = (bhsd64(t, layout, "cpu") for t in (k, v))
     n_kv = spec.num_blocks(lk, block_kv)
     phi_k = reference.feature_map(kb, feature)
     # "marginal" stores h per block, "global" per group of blocks; both store z per block.
@@ -225,7 +210,7 @@ def test_pool_kernel_matches_reference(generator, block, layout, length):
     phase = route_phase(target_of(x.device), CallShape(b, h, length, length, d, x.dtype, s,
                                                        False, (1, 0)))
     pooled = phase.run(dict(q=x, k=x), x.device, keep=True, only=["pool_q"])["pooled_q"]
-    expected = reference.mean_pool(_bhsd64(x, layout, "cpu"), block)
+    expected = reference.mean_pool(bhsd64(x, layout, "cpu"), block)
     assert relative_error(pooled, expected) < 1e-5
 
 
@@ -261,14 +246,14 @@ SCHEDULE_CASES = [c for c in CASES if c.block_q == forward_ws.BLOCK_Q] + [
 def test_every_forward_schedule_matches_reference(case, generator):
     """Each schedule the tuner may pick, and each alternative, against float64; schedules
     that differ only in how the work is ordered must also agree bit for bit."""
-    q, k, v, weight, bias = _inputs(case, generator)
+    q, k, v, weight, bias = case_inputs(case, generator)
     s = case.settings
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     schedules = forward_schedules(case)
-    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    device = case.reference_device
     expected = reference.attention_with_routing(
-        *(_bhsd64(t, case.layout, device) for t in (q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
@@ -281,7 +266,7 @@ def test_every_forward_schedule_matches_reference(case, generator):
         torch.cuda.synchronize()
         for name in ("out", "lse", "linear"):
             assert not getattr(outputs, name).isnan().any(), f"{knobs}: {name} has NaN"
-        out = _bhsd64(outputs.out, case.layout, "cpu")
+        out = bhsd64(outputs.out, case.layout, "cpu")
         assert relative_error(out, expected.out) < TOLERANCE, knobs
         assert relative_error(outputs.lse, expected.lse) < 1e-4, knobs
         first_knobs, first = first_of_class.setdefault(_rounding_class(knobs), (knobs, outputs))
@@ -316,16 +301,16 @@ def test_every_dq_schedule_matches_reference(case, generator):
     whole backward, every gradient poisoned first); schedules of one rounding class (the
     automatic split; the hand-written kernel with or without pingpong, at any depth) must
     also agree bit for bit."""
-    q, k, v, weight, bias = _inputs(case, generator)
+    q, k, v, weight, bias = case_inputs(case, generator)
     s = case.settings
     routing = tilelang_backend.route(q, k, case.topk, case.k_low, case.block_q, case.block_kv,
                                      case.layout)
     saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
     grad = torch.randn(q.shape, generator=generator, dtype=torch.float64).to(q)
     schedules = dq_schedules(case)
-    device = "cuda" if case.lq * case.lk > 4e7 else "cpu"
+    device = case.reference_device
     expected = reference.attention_backward(
-        *(_bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
+        *(bhsd64(t, case.layout, device) for t in (grad, q, k, v)),
         Routing(*(t.to(device) for t in routing)), weight.double().to(device),
         bias.double().to(device), case.block_q, case.block_kv, case.feature, case.linear,
     )
@@ -337,7 +322,7 @@ def test_every_dq_schedule_matches_reference(case, generator):
                                   {"backward_dq": knobs}, buffers=dict(dq=dq, dk=dk, dv=dv))
         torch.cuda.synchronize()
         assert not dq.isnan().any(), f"{knobs}: dq has NaN (unwritten or invalid elements)"
-        assert relative_error(_bhsd64(dq, case.layout, "cpu"), expected[0]) < TOLERANCE, knobs
+        assert relative_error(bhsd64(dq, case.layout, "cpu"), expected[0]) < TOLERANCE, knobs
         rounding = {**default, **knobs}["warp_specialization"] == "auto"
         first_knobs, first = first_of_class.setdefault(rounding, (knobs, dq))
         assert torch.equal(dq, first), f"{knobs} and {first_knobs} differ in dq"
