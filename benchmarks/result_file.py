@@ -51,7 +51,11 @@ def make_result(environment: dict, settings: dict, skipped: dict[str, str],
                 skipped_systems=skipped, rows=rows)
 
 
-def _type_problems(where: str, record: dict, fields: dict[str, tuple]) -> list[str]:
+def field_problems(where: str, record: object, fields: dict[str, tuple]) -> list[str]:
+    """What is wrong with `record` (named `where`) as an object holding `fields`, each of
+    one of its types (a bool is never an int here)."""
+    if not isinstance(record, dict):
+        return [f"{where}: not an object"]
     problems = []
     for name, types in fields.items():
         if name not in record:
@@ -75,7 +79,7 @@ def validate(doc: object) -> list[str]:
             problems.append(f"{name!r} is missing or not a {kind.__name__}")
     if problems:
         return problems
-    problems += _type_problems("environment", doc["environment"], ENVIRONMENT_FIELDS)
+    problems += field_problems("environment", doc["environment"], ENVIRONMENT_FIELDS)
     if doc["settings"].get("timing") not in TIMINGS:
         problems.append(f"settings: timing {doc['settings'].get('timing')!r} is not one of "
                         f"{TIMINGS}")
@@ -84,16 +88,16 @@ def validate(doc: object) -> list[str]:
         if not isinstance(row, dict):
             problems.append(f"{where}: not an object")
             continue
-        problems += _type_problems(where, row, ROW_FIELDS)
+        problems += field_problems(where, row, ROW_FIELDS)
         if row.get("mode") not in MODES:
             problems.append(f"{where}: mode {row.get('mode')!r} is not one of {MODES}")
         if "error" in row:
             if not isinstance(row["error"], str):
                 problems.append(f"{where}: 'error' is not a string")
             continue
-        problems += _type_problems(where, row, FIGURE_FIELDS)
+        problems += field_problems(where, row, FIGURE_FIELDS)
         present = {k: v for k, v in OPTIONAL_FIGURE_FIELDS.items() if k in row}
-        problems += _type_problems(where, row, present)
+        problems += field_problems(where, row, present)
         problems += _figure_problems(where, row, [*FIGURE_FIELDS, *present])
     return problems
 

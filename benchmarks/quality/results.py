@@ -17,7 +17,7 @@ import math
 import os
 import statistics
 
-from ..result_file import ENVIRONMENT_FIELDS
+from ..result_file import ENVIRONMENT_FIELDS, field_problems
 
 SCHEMA_VERSION = 1
 KIND = "sla-tl quality"
@@ -43,18 +43,6 @@ SETTINGS_FIELDS: dict[str, tuple] = {
 }
 
 
-def _problems(where: str, record: object, fields: dict[str, tuple]) -> list[str]:
-    if not isinstance(record, dict):
-        return [f"{where}: not an object"]
-    problems = []
-    for name, types in fields.items():
-        if name not in record:
-            problems.append(f"{where}: missing {name!r}")
-        elif isinstance(record[name], bool) or not isinstance(record[name], types):
-            problems.append(f"{where}: {name!r} is {type(record[name]).__name__}")
-    return problems
-
-
 def validate(doc: object) -> list[str]:
     """What is wrong with `doc` as a quality result (empty when nothing is)."""
     if not isinstance(doc, dict):
@@ -62,15 +50,15 @@ def validate(doc: object) -> list[str]:
     if doc.get("kind") != KIND or doc.get("schema_version") != SCHEMA_VERSION:
         return [f"kind {doc.get('kind')!r} version {doc.get('schema_version')!r}, expected "
                 f"{KIND!r} version {SCHEMA_VERSION}"]
-    problems = _problems("environment", doc.get("environment"), ENVIRONMENT)
-    problems += _problems("settings", doc.get("settings"), SETTINGS_FIELDS)
+    problems = field_problems("environment", doc.get("environment"), ENVIRONMENT)
+    problems += field_problems("settings", doc.get("settings"), SETTINGS_FIELDS)
     for name, fields in (("pretrain", PRETRAIN_FIELDS), ("runs", RUN_FIELDS)):
         records = doc.get(name)
         if not isinstance(records, list):
             problems.append(f"{name!r} is missing or not a list")
             continue
         for i, record in enumerate(records):
-            problems += _problems(f"{name} {i}", record, fields)
+            problems += field_problems(f"{name} {i}", record, fields)
     return problems
 
 
