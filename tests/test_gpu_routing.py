@@ -84,6 +84,12 @@ def _expected(scores: torch.Tensor, n_crit: int, n_neg: int) -> tuple[torch.Tens
     return critical.int(), negligible.int()
 
 
+def _poisoned_routing(rows: tuple[int, ...], n_crit: int, n_neg: int) -> Routing:
+    """A routing of these widths on the GPU, every entry -7 (for a kernel to overwrite)."""
+    return Routing(*(torch.full(shape, -7, dtype=torch.int32, device="cuda") for shape in
+                     ((*rows, n_crit), rows, (*rows, n_neg), rows)))
+
+
 @pytest.mark.parametrize("block_q,block_kv,lq,lk,topk,k_low", CASES)
 def test_selection_kernel_matches_top_k_of_the_same_scores(generator, block_q, block_kv, lq,
                                                            lk, topk, k_low):
@@ -93,8 +99,7 @@ def test_selection_kernel_matches_top_k_of_the_same_scores(generator, block_q, b
     n_crit = spec.num_critical(topk, n_kv)
     n_neg = spec.num_negligible(k_low, n_kv, n_crit)
     rows = scores.shape[:-1]
-    got = Routing(*(torch.full(shape, -7, dtype=torch.int32, device="cuda") for shape in
-                    ((*rows, n_crit), rows, (*rows, n_neg), rows)))
+    got = _poisoned_routing(rows, n_crit, n_neg)
     kernels.compiled(KernelSpec("select", (), target_of(q.device).arch.target))(scores, *got)
     torch.cuda.synchronize()
     critical, negligible = _expected(scores, n_crit, n_neg)
@@ -125,8 +130,7 @@ def test_selection_kernel_writes_the_marginal_block_map_and_flags(generator, blo
     n_crit = spec.num_critical(topk, n_kv)
     n_neg = spec.num_negligible(k_low, n_kv, n_crit)
     rows = scores.shape[:-1]
-    got = Routing(*(torch.full(shape, -7, dtype=torch.int32, device="cuda") for shape in
-                    ((*rows, n_crit), rows, (*rows, n_neg), rows)))
+    got = _poisoned_routing(rows, n_crit, n_neg)
     dtype = getattr(torch, block_map_dtype)
     marginal = torch.full(scores.shape, float("nan"), dtype=dtype, device="cuda")
     active = torch.full(rows, -7, dtype=torch.int32, device="cuda")
