@@ -140,3 +140,46 @@ def test_the_timed_runs_flush_denormals_and_put_the_mode_back():
     with dry_run._denormals_flushed():
         assert (tiny * 2).item() == 0.0
     assert (tiny * 2).item() > 0.0
+
+
+def _matches_its_program(step, args: list) -> None:
+    """A kernel step's tensors against its TileLang program's buffers: as many, each of the
+    buffer's dtype and rank, fixed sizes equal, and each symbolic size one value throughout
+    (an argument out of order or of the wrong shape fails here, not on the GPU)."""
+    import tvm.tirx as tir
+
+    spec = step.kernel
+    definition = spec.definition()
+    knobs = {"knobs": dict(spec.knobs)} if definition.tuning is not None else {}
+    program = definition.program(**dict(spec.args), **knobs)
+    buffers = [program.buffer_map[p] for p in program.params if p in program.buffer_map]
+    assert len(buffers) == len(args), (step.name, [b.name for b in buffers])
+    sizes: dict = {}
+    for buffer, tensor in zip(buffers, args, strict=True):
+        where = (step.name, buffer.name, tuple(buffer.shape), tuple(tensor.shape))
+        assert str(buffer.dtype) == str(tensor.dtype).removeprefix("torch."), where
+        assert len(buffer.shape) == tensor.dim(), where
+        for dim, size in zip(buffer.shape, tensor.shape, strict=True):
+            if isinstance(dim, tir.IntImm):
+                assert int(dim) == size, where
+            else:
+                assert sizes.setdefault(dim, size) == size, where
+
+
+SIGNATURE_CALLS = [
+    ("routed", WAN), ("routed, global", GLOBAL), ("routed, gated", WAN._replace(gated=True)),
+    ("routed, fused", FUSED), ("routed, sorted, fused", SORTED_FUSED),
+    ("fixed routing, bshd, D=64", WAN._replace(
+        fixed_routing=True, dim=64, settings=Settings(block_q=64, block_kv=128, layout="bshd",
+                                                      feature_map="elu"))),
+]
+
+
+@pytest.mark.parametrize("name,call", SIGNATURE_CALLS, ids=[c[0] for c in SIGNATURE_CALLS])
+def test_every_kernel_step_passes_what_its_program_takes(name, call):
+    runner = dry_run._Runner(call, dry_run.META)
+    recorder = dry_run._Recorder()
+    recorder.launch = _matches_its_program
+    with recorder:
+        saved, routing = runner.forward(recorder)
+        runner.backward(saved, routing, recorder)
