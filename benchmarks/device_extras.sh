@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Build .device/extras.tar.xz: what the GPU checks use beyond the core bundle on a GPU
-# machine with no package index, for its Python 3.12: matplotlib (the plot), diffusers (the
-# diffusers GPU tests; the machine has its other needs: huggingface-hub, safetensors, ...),
-# pytest-timeout and pytest-xdist (gpu_check's per-test timeout and parallel compiles)
-# and thu-ml/SLA's `sparse_linear_attention` package (a baseline), from a checkout of it.
+# Build what the GPU checks use beyond the core bundle on a GPU machine with no package
+# index, for its Python 3.12, as two bundles so that a call carries only what it needs:
+#   .device/pytest.tar.xz  pytest-timeout and pytest-xdist (gpu_check's per-test timeout and
+#                          parallel workers), a few hundred KB;
+#   .device/extras.tar.xz  matplotlib (the plot), diffusers (the diffusers GPU tests; the
+#                          machine has its other needs: huggingface-hub, safetensors, ...) and
+#                          thu-ml/SLA's `sparse_linear_attention` package (a baseline), from a
+#                          checkout of it.
 #
 #   usage: bash benchmarks/device_extras.sh PATH/TO/thu-ml-SLA [OUTDIR]   (default: .device)
 set -euo pipefail
@@ -13,19 +16,27 @@ out="${2:-.device}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 plat=(--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
       --platform any)
-python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${plat[@]}" -d "$tmp/whl" matplotlib
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${plat[@]}" -d "$tmp/whl" "diffusers>=0.35,<0.43" importlib_metadata \
-  pytest-timeout pytest-xdist execnet
-mkdir -p "$tmp/site"
-# numpy comes with the machine's torch; a second copy would shadow it.
-for w in "$tmp"/whl/*.whl; do
-  case "$(basename "$w")" in numpy-*) continue ;; esac
-  python3 -m zipfile -e "$w" "$tmp/site"
-done
+download() {  # download DIR ARGS...: wheels for the GPU machine's Python
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${plat[@]}" -d "$@"
+}
+download "$tmp/whl" matplotlib
+download "$tmp/whl" --no-deps "diffusers>=0.35,<0.43" importlib_metadata
+download "$tmp/pytest-whl" --no-deps pytest-timeout pytest-xdist execnet
+unpack() {  # unpack WHEELDIR SITEDIR
+  mkdir -p "$2"
+  for w in "$1"/*.whl; do
+    # numpy comes with the machine's torch; a second copy would shadow it.
+    case "$(basename "$w")" in numpy-*) continue ;; esac
+    python3 -m zipfile -e "$w" "$2"
+  done
+  chmod -R u+w,a+rX "$2"
+}
+unpack "$tmp/whl" "$tmp/site"
 cp -r "$sla/sparse_linear_attention" "$tmp/site/"
 chmod -R u+w,a+rX "$tmp/site"
+unpack "$tmp/pytest-whl" "$tmp/pytest-site"
 mkdir -p "$out"
 tar -C "$tmp/site" -cf - . | xz -6 -T0 > "$out/extras.tar.xz"
-ls -la "$out/extras.tar.xz"
+tar -C "$tmp/pytest-site" -cf - . | xz -6 -T0 > "$out/pytest.tar.xz"
+ls -la "$out/extras.tar.xz" "$out/pytest.tar.xz"
