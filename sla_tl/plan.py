@@ -36,6 +36,7 @@ from .kernels import KernelSpec, Schedule
 from .layout import from_bhsd, to_bhsd
 from .phases import Buffer, Phase, Step, kernel_step, torch_step
 from .routing import Routing
+from .schedules.constants import TMA_ROW_FLOATS
 from .settings import ForwardOutputs, Settings
 from .targets import Target, arch_named, check_block_sizes
 
@@ -275,8 +276,11 @@ FUSIONS: dict[str, Fusion] = {
 """The fusions a routed call may run, by name, applied in this order."""
 
 DEFAULT_FUSIONS: tuple[str, ...] = ()
-"""The fusions every routed call runs. Their kernels have not run on a GPU yet: a plan runs
-them when asked (`fusions`), for the GPU tests and the benchmarks, until they join here."""
+"""The fusions every routed call runs. Their kernels pass their GPU tests, but none is a
+default yet: with "pooled_keys" the key pass of a routed call is another kernel than a
+fixed routing's (which `kernels_for` does not yet enumerate), and "key_major_kernel" would
+rerun on every backward what a fixed routing keeps. A plan runs them when asked
+(`fusions`), for the GPU tests and the benchmarks."""
 
 
 def _in_order(fusions: Collection[str]) -> tuple[str, ...]:
@@ -520,6 +524,13 @@ def _gate_grad(d_gate_rows: torch.Tensor, gate: torch.Tensor, layout: str) -> to
     return from_bhsd(d_gate_rows, layout).contiguous().to(gate.dtype)
 
 
+def _tma_rows(lse: torch.Tensor, delta: torch.Tensor, rows: int):
+    """LSE and delta padded with zeros to `rows` (a multiple of TMA_ROW_FLOATS), for dK/dV's
+    TMA loads."""
+    pad = (0, rows - lse.shape[-1])
+    return torch.nn.functional.pad(lse, pad), torch.nn.functional.pad(delta, pad)
+
+
 def _backward(target: Target, shape: CallShape, schedule: Schedule, keep_routing: bool,
               fusions: tuple[str, ...]) -> Phase:
     s = shape.settings
@@ -571,7 +582,16 @@ def _backward(target: Target, shape: CallShape, schedule: Schedule, keep_routing
                    ROUTING, makes=["reverse", "reverse_count", "marginal_t"]),
         torch_step("key_states", functools.partial(block_states.key_states, n_kv=n_kv),
                    ["g_rows", "gz_rows", "marginal_t"], makes=["dh", "dz"]),
-        kernel_step("backward_dkdv", dkdv, ["q", "k", "v", "grad_out", "lse", "delta",
+    ]
+    # dK/dV loads LSE and delta by TMA, which needs their rows padded (TMA_ROW_FLOATS).
+    tma_rows = -(-lq // TMA_ROW_FLOATS) * TMA_ROW_FLOATS
+    row_vectors = ["lse", "delta"]
+    if tma_rows != lq:
+        row_vectors = ["lse_rows", "delta_rows"]
+        steps.append(torch_step("tma_rows", functools.partial(_tma_rows, rows=tma_rows),
+                                ["lse", "delta"], makes=row_vectors))
+    steps += [
+        kernel_step("backward_dkdv", dkdv, ["q", "k", "v", "grad_out", *row_vectors,
                                             "reverse", "reverse_count", "dh", "dz"],
                     ["dk", "dv"]),
         torch_step("projection_grads", functools.partial(_projection_grads, dim=d),

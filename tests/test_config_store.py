@@ -11,7 +11,7 @@ from sla_tl.config_store import CallKey, ConfigStore, Entry, TuneKey
 
 WAN = TuneKey("NVIDIA H200", "sm_90a", "0.1.15", 1, 12, 32760, 32760, 128, "bfloat16", 128, 64,
               0.05, 0.0, "softmax", "marginal", "bhsd")
-SCHEDULE = {"forward": {"num_stages": 2}, "backward_dkdv": {"q_slice": 32}}
+SCHEDULE = {"forward": {"num_stages": 2}, "backward_dq": {"warp_specialization": "pingpong"}}
 
 
 def _call(key: TuneKey, **changes) -> CallKey:

@@ -21,28 +21,34 @@ SIZES = [(d, bq, bkv) for d in (64, 128) for bq in (64, 128) for bkv in (64, 128
 
 
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
-def test_the_default_is_the_automatic_split_and_tuned_choices_keep_it(dim, block_q, block_kv):
+def test_the_default_is_hand_written_where_it_fits_and_tuned_choices_keep_its_class(
+        dim, block_q, block_kv):
     default = kernels.default_knobs(ARCH, "backward_dq", dim, block_q, block_kv)
     space = kernels.search_space(ARCH, "backward_dq", dim, block_q, block_kv)
-    # The hand-written kernel has not run on a GPU yet: it is never the default, never tuned.
-    assert default["warp_specialization"] == "auto"
+    fitting = [n for n in (2, 3) if backward_dq_ws.fits(dim, block_q, block_kv, n)]
+    hand_written = ("manual", "pingpong")
+    if fitting:
+        assert (default["warp_specialization"], default["num_stages"]) == ("manual",
+                                                                           max(fitting))
+    else:
+        assert default["warp_specialization"] == "auto"
     assert all(default[name] in choices for name, choices in space.items())
-    assert all({**default, **knobs}["warp_specialization"] == "auto"
-               for knobs in kernels.searched_schedules(ARCH, "backward_dq", dim, block_q,
-                                                       block_kv))
-    for alternative in kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv):
-        assert alternative["warp_specialization"] in ("manual", "pingpong"), alternative
-        assert backward_dq_ws.fits(dim, block_q, block_kv, alternative["num_stages"])
+    # Tuned choices never cross between the two kernels (they round differently).
+    for knobs in kernels.searched_schedules(ARCH, "backward_dq", dim, block_q, block_kv):
+        merged = {**default, **knobs}
+        assert (merged["warp_specialization"] in hand_written) == bool(fitting), knobs
+        if fitting:
+            assert backward_dq_ws.fits(dim, block_q, block_kv, merged["num_stages"])
 
 
 @pytest.mark.parametrize("dim,block_q,block_kv", SIZES)
-def test_hand_written_alternatives_exactly_where_they_fit(dim, block_q, block_kv):
-    found = {(a["num_stages"], a["warp_specialization"])
-             for a in kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv)}
-    fitting = [n for n in (2, 3) if backward_dq_ws.fits(dim, block_q, block_kv, n)]
-    assert found == {(n, v) for n in fitting for v in ("manual", "pingpong")}
-    assert bool(found) == (block_q == backward_dq_ws.BLOCK_Q
-                           and dim * block_kv <= backward_dq_ws.MAX_TILE)
+def test_the_automatic_split_is_the_alternative_where_the_default_is_hand_written(
+        dim, block_q, block_kv):
+    found = kernels.alternatives(ARCH, "backward_dq", dim, block_q, block_kv)
+    serves = block_q == backward_dq_ws.BLOCK_Q and dim * block_kv <= backward_dq_ws.MAX_TILE
+    assert bool(found) == serves
+    assert all(a["warp_specialization"] == "auto" and a["threads"] == 2 * block_q
+               for a in found)
 
 
 def test_sizes_the_hand_written_dq_serves():

@@ -172,6 +172,7 @@ SIGNATURE_CALLS = [
     ("fixed routing, bshd, D=64", WAN._replace(
         fixed_routing=True, dim=64, settings=Settings(block_q=64, block_kv=128, layout="bshd",
                                                       feature_map="elu"))),
+    ("routed, odd length", WAN._replace(length=1001)),
 ]
 
 
@@ -183,3 +184,27 @@ def test_every_kernel_step_passes_what_its_program_takes(name, call):
     with recorder:
         saved, routing = runner.forward(recorder)
         runner.backward(saved, routing, recorder)
+
+
+@pytest.mark.parametrize("length", [1001, 1002, 1003, 1004])
+def test_dkdv_gets_lse_and_delta_in_whole_tma_rows(length):
+    """dK/dV loads LSE and delta by TMA, which needs 16-byte row strides: whatever Lq, they
+    arrive padded to a multiple of TMA_ROW_FLOATS (the GPU tests check the values)."""
+    from sla_tl.schedules.constants import TMA_ROW_FLOATS
+
+    seen = {}
+    recorder = dry_run._Recorder()
+
+    def record(step, args):
+        if step.name == "backward_dkdv":
+            seen["lse"], seen["delta"] = args[4], args[5]
+
+    recorder.launch = record
+    runner = dry_run._Runner(WAN._replace(length=length), dry_run.META)
+    with recorder:
+        saved, routing_ = runner.forward(recorder)
+        runner.backward(saved, routing_, recorder)
+    for name in ("lse", "delta"):
+        rows = seen[name].shape[-1]
+        assert rows % TMA_ROW_FLOATS == 0 and length <= rows < length + TMA_ROW_FLOATS, name
+        assert seen[name].is_contiguous(), name

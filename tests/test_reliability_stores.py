@@ -21,7 +21,7 @@ from sla_tl.targets import model_slug
 
 WAN = TuneKey("NVIDIA H200", "sm_90a", "0.1.15", 1, 12, 32760, 32760, 128, "bfloat16", 128, 64,
               0.05, 0.0, "softmax", "marginal", "bhsd")
-SCHEDULE = {"forward": {"num_stages": 2}, "backward_dkdv": {"q_slice": 32}}
+SCHEDULE = {"forward": {"num_stages": 2}, "backward_dq": {"warp_specialization": "pingpong"}}
 
 
 def _raw(key: TuneKey = WAN, **changes) -> dict:

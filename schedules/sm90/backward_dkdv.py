@@ -39,29 +39,53 @@ split (this module's kernel); "manual" the hand-written schedule of `backward_dk
 its `q_slice` is 64 and it has no `linear_first`)."""
 
 
-def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
-    """Schedule knobs that compile without spills and fit shared memory for these sizes."""
+def _hand_written_stages(dim: int, block_q: int, block_kv: int) -> tuple[int, ...]:
+    """Pipeline depths (a ring of twice as many query slices) at which the hand-written
+    schedule fits these sizes."""
+    return tuple(n for n in (2, 3) if backward_dkdv_ws.fits(dim, block_q, block_kv, 2 * n))
+
+
+def _automatic_default(block_kv: int) -> dict:
     return dict(num_stages=2, q_slice=64, linear_first=block_kv == 64,
                 warp_specialization="auto")
 
 
+def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
+    """Schedule knobs that compile without spills and fit shared memory for these sizes.
+
+    The hand-written schedule where it fits (measured on the H200 at the Wan2.1-1.3B shape,
+    128x64 blocks: 1.25 ms against 2.17 ms for TileLang's automatic split,
+    benchmarks/NOTES.md); TileLang's elsewhere. The two round differently (the hand-written
+    kernel sums two warpgroups' halves), so the choice is fixed per size, not tuned.
+    """
+    stages = _hand_written_stages(dim, block_q, block_kv)
+    if stages:
+        return dict(num_stages=min(stages), q_slice=backward_dkdv_ws.SLICE,
+                    linear_first=False, warp_specialization="manual")
+    return _automatic_default(block_kv)
+
+
 def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
     """Choices of each schedule knob for the autotuner, each of which compiles (the tuner
-    still prunes any that fail). Left out, as compiling showed: 128-row slices at D=128
-    (dK, dV and a slice's probabilities spill ~270 bytes), and the linear part first with
-    128-key blocks (TileLang cannot lay that GEMM over the kernel's 12 warps)."""
+    still prunes any that fail) and gives the default's numbers bit for bit. For
+    TileLang's split, left out as compiling showed: 128-row slices at D=128 (dK, dV and a
+    slice's probabilities spill ~270 bytes), and the linear part first with 128-key blocks
+    (TileLang cannot lay that GEMM over the kernel's 12 warps)."""
+    stages = _hand_written_stages(dim, block_q, block_kv)
+    if stages:
+        return dict(num_stages=stages)
     slices = tuple(q for q in (32, 64, 128) if q <= block_q and not (dim == 128 and q == 128))
     return dict(num_stages=(1, 2), q_slice=slices,
                 linear_first=(False, True) if block_kv == 64 else (False,))
 
 
 def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
-    """Schedules that compute dK and dV with another rounding (the hand-written kernel sums
-    two warpgroups' halves): candidates for the default, checked against float64 by the GPU
-    tests and timed by `benchmarks/backward_variants.py`, never tuned."""
-    return [dict(num_stages=n, q_slice=backward_dkdv_ws.SLICE, linear_first=False,
-                 warp_specialization="manual")
-            for n in (2, 3) if backward_dkdv_ws.fits(dim, block_q, block_kv, 2 * n)]
+    """Schedules that compute dK and dV with another rounding: candidates for the default,
+    checked against float64 by the GPU tests and timed by `benchmarks/backward_breakdown.py`,
+    never tuned. TileLang's split where the default is hand-written."""
+    if not _hand_written_stages(dim, block_q, block_kv):
+        return []
+    return [_automatic_default(block_kv)]
 
 
 def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: str,
@@ -78,6 +102,8 @@ def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: st
     acc = T.float32
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
     n_kv, width = T.dynamic("Nk"), T.dynamic("Wr")
+    # LSE and delta come padded to a multiple of TMA_ROW_FLOATS rows (TMA's stride rule).
+    lse_rows = T.dynamic("Lr")
     # One state per key block ("marginal"), or a single shared one ("global").
     n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
@@ -126,8 +152,8 @@ def backward_dkdv(dim: int, block_q: int, block_kv: int, dtype: str, feature: st
         K: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
         V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
         DO: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
-        LSE: T.Tensor([batch, heads, lq], acc),
-        DELTA: T.Tensor([batch, heads, lq], acc),
+        LSE: T.Tensor([batch, heads, lse_rows], acc),
+        DELTA: T.Tensor([batch, heads, lse_rows], acc),
         RLUT: T.Tensor([batch, heads, n_kv, width], T.int32),
         RCOUNT: T.Tensor([batch, heads, n_kv], T.int32),
         DH_ROWS: T.Tensor([batch, heads, n_states, dim, dim], dt),

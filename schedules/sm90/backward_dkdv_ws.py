@@ -85,6 +85,8 @@ def backward_dkdv_ws(dim: int, block_q: int, dtype: str, feature: str, layout: s
     slices = block_q // SLICE
     batch, heads, lq, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq"), T.dynamic("Lk")
     n_kv, width = T.dynamic("Nk"), T.dynamic("Wr")
+    # LSE and delta come padded to a multiple of TMA_ROW_FLOATS rows (TMA's stride rule).
+    lse_rows = T.dynamic("Lr")
     n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
     phi = feature_map_macro(feature)
@@ -188,8 +190,8 @@ def backward_dkdv_ws(dim: int, block_q: int, dtype: str, feature: str, layout: s
         K: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
         V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
         DO: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
-        LSE: T.Tensor([batch, heads, lq], acc),
-        DELTA: T.Tensor([batch, heads, lq], acc),
+        LSE: T.Tensor([batch, heads, lse_rows], acc),
+        DELTA: T.Tensor([batch, heads, lse_rows], acc),
         RLUT: T.Tensor([batch, heads, n_kv, width], T.int32),
         RCOUNT: T.Tensor([batch, heads, n_kv], T.int32),
         DH_ROWS: T.Tensor([batch, heads, n_states, dim, dim], dt),
