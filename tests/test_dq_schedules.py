@@ -51,6 +51,18 @@ def test_the_automatic_split_is_the_alternative_where_the_default_is_hand_writte
                for a in found)
 
 
+def test_no_schedule_asks_for_more_shared_memory_than_the_gpu_allows():
+    # Measured on the H200: TileLang's dQ at D=128 with 128x128 blocks and 3 stages asks
+    # for 256 KiB and fails at launch.
+    schedules = kernels.every_schedule(ARCH, "backward_dq", 128, 128, 128)
+    default = kernels.default_knobs(ARCH, "backward_dq", 128, 128, 128)
+    assert {{**default, **s}["num_stages"] for s in schedules} == {1, 2}
+    # With 64-row query blocks the same keys fit three stages (224 KiB).
+    assert kernels.search_space(ARCH, "backward_dq", 128, 64, 128)["num_stages"] == (1, 2, 3)
+    space = kernels.search_space(ARCH, "backward_dq", 64, 128, 128)
+    assert space["num_stages"] == (2, 3)  # the hand-written kernel's: it fits D=64
+
+
 def test_sizes_the_hand_written_dq_serves():
     # Q, dO and the DQ tile (3 x 32 KiB) and 2 x 16 KiB a stage at D=128 with 64-key blocks.
     assert backward_dq_ws.shared_bytes(128, 64, 3) == 3 * 32768 + 3 * 32768

@@ -12,7 +12,7 @@ and each entry to an existing key block.
 import tilelang.language as T
 
 from ..common import DTYPES, LOG2E, element, rows, seq_shape
-from . import backward_dq_ws
+from . import SHARED_MEMORY_BYTES, backward_dq_ws
 
 WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
 """How dQ's warpgroups share the work: "auto" is TileLang's automatic producer/consumer
@@ -24,6 +24,15 @@ taking turns on the tensor cores."""
 def _hand_written_stages(dim: int, block_q: int, block_kv: int) -> tuple[int, ...]:
     """Pipeline depths at which the hand-written schedule fits these sizes."""
     return tuple(n for n in (2, 3) if backward_dq_ws.fits(dim, block_q, block_kv, n))
+
+
+def _automatic_stages(dim: int, block_q: int, block_kv: int) -> tuple[int, ...]:
+    """Pipeline depths at which TileLang's split fits shared memory: the Q and dO tiles,
+    and K and V a stage, of 16-bit elements (at D=128 with 128x128 blocks, 3 stages ask for
+    256 KiB, which the H200 refuses at launch)."""
+    fixed = 2 * block_q * dim * 2
+    per_stage = 2 * block_kv * dim * 2
+    return tuple(n for n in (1, 2, 3) if fixed + n * per_stage <= SHARED_MEMORY_BYTES)
 
 
 def default_schedule(dim: int, block_q: int, block_kv: int) -> dict:
@@ -48,7 +57,7 @@ def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
     stages = _hand_written_stages(dim, block_q, block_kv)
     if stages:
         return dict(num_stages=stages, warp_specialization=("manual", "pingpong"))
-    return dict(num_stages=(1, 2, 3))
+    return dict(num_stages=_automatic_stages(dim, block_q, block_kv))
 
 
 def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
@@ -60,7 +69,7 @@ def alternatives(dim: int, block_q: int, block_kv: int) -> list[dict]:
     if default_schedule(dim, block_q, block_kv)["warp_specialization"] == "auto":
         return []
     return [dict(threads=2 * block_q, num_stages=n, warp_specialization="auto")
-            for n in (2, 3)]
+            for n in _automatic_stages(dim, block_q, block_kv) if n >= 2]
 
 
 def backward_dq(dim: int, block_q: int, block_kv: int, dtype: str, layout: str, scale: float,
