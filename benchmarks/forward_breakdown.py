@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-kv", type=int, default=64)
-    parser.add_argument("--selection", default="sort", choices=plan.SELECTIONS)
+    parser.add_argument("--selection", default=None, choices=plan.SELECTIONS,
+                        help="how routing selects (default: the library's default)")
     forward_fusions = [n for n, f in plan.FUSIONS.items() if f.phase == "routed_forward"]
     parser.add_argument("--fusion", action="append", choices=forward_fusions,
                         help="a fusion of the routed forward to run, repeatable (default: the "
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     n_kv = spec.num_blocks(length, bkv)
     n_crit = spec.num_critical(args.topk, n_kv)
     shape = call_shape(sets[0][0], sets[0][1], s, False, (n_crit, 0))
+    args.selection = plan.resolve_selection(target_of(device), shape, args.selection)
+    if args.fusion is None and not args.all_fusions:
+        args.fusion = list(plan.default_fusions(shape, args.selection))
     if args.all_fusions:
         args.fusion = [n for n in plan.fusions_serving(shape, args.selection)
                        if n in forward_fusions]
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     sparse_flops = 4.0 * b * h * length * length * d * density
     print(f"B={b} H={h} L={length} D={d} bf16 topk={args.topk} (computed {density:.4f}) "
           f"linear={args.linear} blocks {bq}x{bkv} selection={args.selection} fusions="
-          f"{','.join(plan.DEFAULT_FUSIONS if args.fusion is None else args.fusion) or 'none'} "
+          f"{','.join(args.fusion) or 'none'} "
           f"on {torch.cuda.get_device_name()}")
     for name, ms in timings.items():
         print(f"  {name:<30} {ms:8.3f} ms")

@@ -8,7 +8,7 @@
 #                   (default 1: each test already compiles its kernels on every core, and
 #                   8 workers on the H200 machine's 16 cores ran no more tests in a call);
 #   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape (the forward
-#                   also with the selection kernel and every fusion of sla_tl.plan.FUSIONS);
+#                   also with the sort, and with the sort and every fusion serving it);
 #   4. bench:       `sla-tl bench` over $SECTIONS of the suite (default all) with JSON and plot;
 #   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
 # Not by default: baseline: a new baseline, cuDNN and sla-tl over the suite, kernel timing,
@@ -37,9 +37,9 @@ step() {  # step NAME COMMAND...: run it if NAME is in $STEPS, log to $OUT/NAME.
 }
 breakdowns() {
   python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" &&
-    python3 -m sla_tl.benchmarks.forward_breakdown --selection kernel --all-fusions \
-      --out "$OUT/forward_breakdown_fused.json" &&
-    python3 -m sla_tl.benchmarks.forward_breakdown --all-fusions \
+    python3 -m sla_tl.benchmarks.forward_breakdown --selection sort \
+      --out "$OUT/forward_breakdown_sorted.json" &&
+    python3 -m sla_tl.benchmarks.forward_breakdown --selection sort --all-fusions \
       --out "$OUT/forward_breakdown_sorted_fused.json" &&
     python3 -m sla_tl.benchmarks.backward_breakdown --out "$OUT/backward_breakdown.json" &&
     python3 -m sla_tl.benchmarks.backward_breakdown --fusion key_major_kernel \

@@ -147,17 +147,23 @@ class Call(NamedTuple):
     fixed_routing: bool = False
     """One routing given to every call (`attention_with_routing` with a routing used again),
     instead of routing in each (`sla::attention`)."""
-    selection: str = "sort"
-    """How a routed call selects its blocks (`plan.SELECTIONS`)."""
+    selection: str | None = None
+    """How a routed call selects its blocks (`plan.SELECTIONS`; None: the default)."""
     fusions: tuple[str, ...] | None = None
-    """The fusions a routed call runs (`plan.FUSIONS`; None: `plan.DEFAULT_FUSIONS`)."""
+    """The fusions a routed call runs (`plan.FUSIONS`; None: `plan.default_fusions`)."""
     arch: str = "sm_90a"
     dtype: torch.dtype = torch.bfloat16
 
-    @property
-    def fusions_run(self) -> tuple[str, ...]:
-        """The fusions a routed call runs (`fusions`, else the default ones)."""
-        return plan.DEFAULT_FUSIONS if self.fusions is None else tuple(self.fusions)
+    def routed_as(self) -> tuple[str, tuple[str, ...]]:
+        """The selection and the fusions a routed call runs (those asked for, else the
+        defaults for its shape)."""
+        shape = plan.CallShape(self.batch, self.heads, self.length, self.length, self.dim,
+                               self.dtype, self.settings, self.gated, (1, 0))
+        selection = plan.resolve_selection(Target("", arch_named(self.arch)), shape,
+                                           self.selection)
+        fusions = (plan.default_fusions(shape, selection) if self.fusions is None
+                   else tuple(self.fusions))
+        return selection, fusions
 
 
 def _inputs(call: Call, device: torch.device) -> dict[str, torch.Tensor | None]:
@@ -390,15 +396,16 @@ class _PythonCalls:
 
 def _report(call: Call, budget: HostBudget) -> list[str]:
     s = call.settings
+    selection, fusions = call.routed_as()
     lines = [f"dry run on {call.arch}: B={call.batch} H={call.heads} L={call.length} "
              f"D={call.dim} {str(call.dtype).removeprefix('torch.')}, blocks "
              f"{s.block_q}x{s.block_kv}, topk {call.topk}, k_low {call.k_low}, {s.linear}"
              f"{', gated' if call.gated else ''}"
              + (", fixed routing" if call.fixed_routing else
-                f", routed in each call (selection {call.selection}, fusions: "
-                f"{', '.join(call.fusions_run) or 'none'})")]
+                f", routed in each call (selection {selection}, fusions: "
+                f"{', '.join(fusions) or 'none'})")]
     if not call.fixed_routing:
-        lines += [f"fusion {name}: {plan.FUSIONS[name].summary}" for name in call.fusions_run]
+        lines += [f"fusion {name}: {plan.FUSIONS[name].summary}" for name in fusions]
     for name, count, calls, us in (
             ("forward", budget.forward, budget.forward_python_calls, budget.forward_us),
             ("backward", budget.backward, budget.backward_python_calls, budget.backward_us)):
@@ -423,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", action="store_true", help="with SALAD's gate")
     parser.add_argument("--fixed-routing", action="store_true",
                         help="one routing given to every call")
-    parser.add_argument("--selection", default="sort", choices=plan.SELECTIONS,
+    parser.add_argument("--selection", default=None, choices=plan.SELECTIONS,
                         help="how a routed call selects its blocks")
     parser.add_argument("--fusion", action="append", choices=tuple(plan.FUSIONS),
                         help="a fusion the routed call runs, repeatable (default: the "

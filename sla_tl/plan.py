@@ -18,8 +18,9 @@ kernels are fetched on a phase's first run and kept with it.
 Fusions: a kernel (or kernel variant) that does the work of a group of steps is a `Fusion`
 in `FUSIONS`, a rewrite of the step list of a routed call's forward or backward (the group's
 steps go, the kernel step takes their outputs). A plan built with `fusions` runs them;
-`DEFAULT_FUSIONS` are the ones every call runs. Replacing a group of torch ops by a new
-kernel is one entry there (and its kernel's line in the arch's kernel table).
+`DEFAULT_FUSIONS` are the ones a call runs unless it names its own (where they serve it).
+Replacing a group of torch ops by a new kernel is one entry there (and its kernel's line in
+the arch's kernel table).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from .settings import ForwardOutputs, Settings
 from .targets import Target, arch_named, check_block_sizes
 
 SELECTIONS = ("sort", "kernel")
-"""How routing picks each row's blocks from the pooled scores: "sort" (torch: a row sort,
-the default) or "kernel" (one selection kernel on the unsmoothed scores; it replaces ~10
-small torch launches and is a candidate for the default)."""
+"""How routing picks each row's blocks from the pooled scores: "sort" (torch: a row sort)
+or "kernel" (one selection kernel on the unsmoothed scores, in place of ~10 small torch
+launches; the same blocks, up to ties). Unless a call asks, it selects by kernel where the
+kernel takes its key blocks, else by sort (`resolve_selection`)."""
 
 ROUTING = Routing._fields
 """The routing's tensors as a plan names them, in the operators' order."""
@@ -139,9 +141,25 @@ def _route_steps(target: Target, shape: CallShape,
     return steps, buffers
 
 
+def resolve_selection(target: Target, shape: CallShape, selection: str | None) -> str:
+    """`selection`, or for None the default: the selection kernel where the arch has one
+    that takes this many key blocks, else the sort."""
+    if selection is not None:
+        return selection
+    if "select" not in target.arch.kernels:
+        return "sort"
+    limit = target.arch.kernel("select").limits.get("key_blocks")
+    return "sort" if limit is not None and shape.n_kv > limit else "kernel"
+
+
+def route_phase(target: Target, shape: CallShape, selection: str | None = None) -> Phase:
+    """Routing alone (`sla::route`) by `selection` (None: `resolve_selection`'s default):
+    see `_route_steps`."""
+    return _route_phase(target, shape, resolve_selection(target, shape, selection))
+
+
 @functools.lru_cache(maxsize=PLANS_KEPT)
-def route_phase(target: Target, shape: CallShape, selection: str = "sort") -> Phase:
-    """Routing alone (`sla::route`): see `_route_steps`."""
+def _route_phase(target: Target, shape: CallShape, selection: str) -> Phase:
     s = shape.settings
     check_block_sizes(target.arch, s.block_q, s.block_kv)
     steps, buffers = _route_steps(target, shape, selection)
@@ -275,12 +293,20 @@ FUSIONS: dict[str, Fusion] = {
 }
 """The fusions a routed call may run, by name, applied in this order."""
 
-DEFAULT_FUSIONS: tuple[str, ...] = ()
-"""The fusions every routed call runs. Their kernels pass their GPU tests, but none is a
-default yet: with "pooled_keys" the key pass of a routed call is another kernel than a
-fixed routing's (which `kernels_for` does not yet enumerate), and "key_major_kernel" would
-rerun on every backward what a fixed routing keeps. A plan runs them when asked
-(`fusions`), for the GPU tests and the benchmarks."""
+DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map")
+"""The fusions a routed call runs unless it names its own, where they serve it
+(`default_fusions`). The others run when asked (`fusions`), for the GPU tests and the
+benchmarks: "key_major_flags" is slower than the selection kernel's block map, and
+"key_major_kernel" left the whole backward no faster on the H200 (its 12 CTAs at B=1,
+H=12 are latency-bound) while it would rerun on every backward what a fixed routing
+keeps."""
+
+
+def default_fusions(shape: CallShape, selection: str | None) -> tuple[str, ...]:
+    """The fusions of `DEFAULT_FUSIONS` that serve a call of this shape and (resolved)
+    selection (None: a given routing)."""
+    serving = fusions_serving(shape, selection)
+    return tuple(name for name in DEFAULT_FUSIONS if name in serving)
 
 
 def _in_order(fusions: Collection[str]) -> tuple[str, ...]:
@@ -338,10 +364,10 @@ class AttentionPlan(NamedTuple):
 
 
 class _Routed(NamedTuple):
-    """How a routed plan routes."""
+    """How a routed plan routes (None: the defaults for the call's shape)."""
 
-    selection: str
-    fusions: tuple[str, ...]
+    selection: str | None
+    fusions: tuple[str, ...] | None
 
 
 def _frozen(schedule: Schedule | None) -> tuple | None:
@@ -356,31 +382,35 @@ def attention_plan(target: Target, shape: CallShape, schedule: Schedule | None =
     """The plan of a call with a given routing: `schedule` overrides the stored one (the
     tuner's candidates, the benchmarks' alternatives); `keep_routing`: what the forward
     and the backward derive from the routing is kept with it, for later calls with the
-    same routing (see `sla_tl.routing`); `fusions` (None: `DEFAULT_FUSIONS`) of the
+    same routing (see `sla_tl.routing`); `fusions` (None: `default_fusions`) of the
     backward's steps (ValueError naming one of a routed forward's: there is none here)."""
-    forward_fusions, backward_fusions = by_phase(
-        DEFAULT_FUSIONS if fusions is None else tuple(fusions))
-    if fusions is not None and forward_fusions:
+    if fusions is None:  # the defaults, resolved with the plan (once per shape)
+        return _resolved(target, shape, schedule, keep_routing, None, None)
+    forward_fusions, backward_fusions = by_phase(tuple(fusions))
+    if forward_fusions:
         raise ValueError(f"fusion {forward_fusions[0]!r} rewrites the forward of a call that "
                          "routes; this call's routing is given")
     return _resolved(target, shape, schedule, keep_routing, None, backward_fusions)
 
 
 def routed_plan(target: Target, shape: CallShape, schedule: Schedule | None = None,
-                selection: str = "sort",
+                selection: str | None = None,
                 fusions: Collection[str] | None = None) -> AttentionPlan:
-    """The plan of a call that routes (`sla::attention`): routing by `selection`, then the
-    forward, as one phase, with `fusions` (None: `DEFAULT_FUSIONS`); `schedule` as for
-    `attention_plan`. The routing is the call's own, valid by construction: nothing
-    derived from it is kept for another call, and it is not checked."""
-    forward_fusions, backward_fusions = by_phase(
-        DEFAULT_FUSIONS if fusions is None else tuple(fusions))
+    """The plan of a call that routes (`sla::attention`): routing by `selection` (None:
+    `resolve_selection`'s default), then the forward, as one phase, with `fusions` (None:
+    `default_fusions`); `schedule` as for `attention_plan`. The routing is the call's own,
+    valid by construction: nothing derived from it is kept for another call, and it is not
+    checked."""
+    if fusions is None:  # the defaults, resolved with the plan (once per shape)
+        return _resolved(target, shape, schedule, False, _Routed(selection, None), None)
+    forward_fusions, backward_fusions = by_phase(tuple(fusions))
     return _resolved(target, shape, schedule, False, _Routed(selection, forward_fusions),
                      backward_fusions)
 
 
 def _resolved(target: Target, shape: CallShape, schedule: Schedule | None, keep_routing: bool,
-              routed: _Routed | None, backward_fusions: tuple[str, ...]) -> AttentionPlan:
+              routed: _Routed | None,
+              backward_fusions: tuple[str, ...] | None) -> AttentionPlan:
     if schedule is None:
         # The store's schedule: plans of a store are dropped when it is read again.
         store = config_store.active_store()
@@ -392,7 +422,7 @@ def _resolved(target: Target, shape: CallShape, schedule: Schedule | None, keep_
 
 @functools.lru_cache(maxsize=PLANS_KEPT)
 def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep_routing: bool,
-                    routed: _Routed | None, backward_fusions: tuple[str, ...],
+                    routed: _Routed | None, backward_fusions: tuple[str, ...] | None,
                     store: config_store.ConfigStore | None,
                     generation: int) -> AttentionPlan:
     s = shape.settings
@@ -406,17 +436,23 @@ def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep
     inputs = ["q", "k", "v", *ROUTING, "proj_weight", "proj_bias", *(["gate"] * shape.gated)]
     outputs = list(ForwardOutputs._fields)
     phase_name = "forward"
+    selection = None
     if routed is not None:
-        _check_fusions(routed.fusions, shape, routed.selection)
-        route_steps, route_buffers = _route_steps(target, shape, routed.selection)
+        selection = resolve_selection(target, shape, routed.selection)
+        forward_fusions = (by_phase(default_fusions(shape, selection))[0]
+                           if routed.fusions is None else routed.fusions)
+        _check_fusions(forward_fusions, shape, selection)
+        route_steps, route_buffers = _route_steps(target, shape, selection)
         steps, buffers = route_steps + steps, {**route_buffers, **buffers}
-        for fusion in routed.fusions:
+        for fusion in forward_fusions:
             FUSIONS[fusion].rewrite(steps, buffers, shape)
         inputs = [tensor for tensor in inputs if tensor not in ROUTING]
         outputs += ROUTING
         phase_name = "routed_forward"
     forward = Phase(phase_name, inputs, outputs, steps, buffers)
-    _check_fusions(backward_fusions, shape, None if routed is None else routed.selection)
+    if backward_fusions is None:
+        backward_fusions = by_phase(default_fusions(shape, selection))[1]
+    _check_fusions(backward_fusions, shape, selection)
     return AttentionPlan(target, shape, schedule, forward,
                          _backward(target, shape, schedule, keep_routing, backward_fusions))
 
@@ -615,14 +651,28 @@ def _backward(target: Target, shape: CallShape, schedule: Schedule, keep_routing
 
 def kernels_for(arch: str, dim: int, dtype: str, settings: Settings, gated: bool = False,
                 backward: bool = True, schedule: Schedule | None = None,
-                selection: str = "sort", fusions: Collection[str] | None = None,
-                ) -> list[KernelSpec]:
-    """Every kernel that routing, the forward and (with `backward`) the backward of a call
-    with these settings launch (its `routed_plan`), in order, with `schedule`'s knobs where
-    it sets any (the defaults elsewhere; the tuned store is not read). What `sla-tl warm`,
-    the static gate and the tuner compile: the kernels a plan launches do not depend on the
-    lengths (a call with a given routing launches the same ones but routing's)."""
+                selection: str | None = None, fusions: Collection[str] | None = None,
+                routes: bool | None = None) -> list[KernelSpec]:
+    """Every kernel that a call with these settings launches, in order, with `schedule`'s
+    knobs where it sets any (the defaults elsewhere; the tuned store is not read): with
+    `routes`, a call that routes (`routed_plan`, by `selection` and `fusions`); with
+    `routes=False`, a call with a given routing (`attention_plan`); with None, both, and the
+    routing that makes a given one (`route_phase`), each kernel once. What `sla-tl warm`,
+    the static gate and the tuner compile (None): the kernels a plan launches do not depend
+    on the lengths. `backward` adds the backward's."""
     shape = CallShape(1, 1, settings.block_q, settings.block_kv, dim, getattr(torch, dtype),
                       settings, gated, (1, 0))
-    plan = routed_plan(Target("", arch_named(arch)), shape, schedule or {}, selection, fusions)
-    return plan.kernels(backward)
+    target = Target("", arch_named(arch))
+
+    def routed() -> list[KernelSpec]:
+        return routed_plan(target, shape, schedule or {}, selection, fusions).kernels(backward)
+
+    def given() -> list[KernelSpec]:
+        backward_fusions = None if fusions is None else by_phase(tuple(fusions))[1]
+        return attention_plan(target, shape, schedule or {}, True,
+                              backward_fusions).kernels(backward)
+
+    if routes is not None:
+        return routed() if routes else given()
+    making = route_phase(target, shape, selection).kernels()
+    return list(dict.fromkeys(routed() + making + given()))

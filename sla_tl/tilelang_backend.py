@@ -34,11 +34,12 @@ Buffers = Mapping[str, torch.Tensor]
 
 def route(
     q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
-    layout: str, selection: str = "sort", *, target: Target | None = None,
+    layout: str, selection: str | None = None, *, target: Target | None = None,
     launch: Launcher | None = None, watch: Watcher | None = None,
 ) -> Routing:
     """Pooled block scores (pooling kernels), then per-row top/bottom selection by
-    `selection` ("sort" or "kernel", see `plan.SELECTIONS`)."""
+    `selection` ("sort" or "kernel", see `plan.SELECTIONS`; None: the default,
+    `plan.resolve_selection`)."""
     q, k = q.contiguous(), k.contiguous()
     s = Settings(block_q=block_q, block_kv=block_kv, layout=layout)
     shape = call_shape(q, k, s, False, _widths(k, topk, k_low, s))
@@ -57,12 +58,13 @@ def routed_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, topk: float, k_low: float, s: Settings,
     schedule: Schedule | None = None, gate: torch.Tensor | None = None, *,
-    selection: str = "sort", fusions: Collection[str] | None = None,
+    selection: str | None = None, fusions: Collection[str] | None = None,
     buffers: Buffers | None = None, target: Target | None = None,
     launch: Launcher | None = None, watch: Watcher | None = None,
 ) -> tuple[ForwardOutputs, Routing]:
-    """Routing (by `selection`), then the forward on it, as one plan (`plan.routed_plan`,
-    with `fusions`): the forward's outputs and the routing."""
+    """Routing (by `selection`; None: the default), then the forward on it, as one plan
+    (`plan.routed_plan`, with `fusions`; None: the default ones): the forward's outputs
+    and the routing."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     shape = call_shape(q, k, s, gate is not None, _widths(k, topk, k_low, s))
     plan = routed_plan(target or target_of(q.device), shape, schedule, selection, fusions)

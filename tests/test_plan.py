@@ -14,6 +14,7 @@ from sla_tl.plan import (
     attention_plan,
     fusions_serving,
     kernels_for,
+    resolve_selection,
     routed_plan,
 )
 from sla_tl.settings import Settings
@@ -36,9 +37,24 @@ def _steps(fusions, selection="kernel", settings=SETTINGS) -> list[str]:
     return [step.name for step in phase.steps]
 
 
-def test_the_default_plan_runs_the_default_fusions():
-    assert _steps(None, "sort") == _steps(DEFAULT_FUSIONS, "sort")
+def test_the_default_plan_runs_the_default_fusions_that_serve_it():
     assert set(DEFAULT_FUSIONS) <= set(FUSIONS)
+    assert _steps(None, "kernel") == _steps(DEFAULT_FUSIONS, "kernel")
+    # With the sort the selection kernel's block map cannot serve: the others run.
+    assert _steps(None, "sort") == _steps(("pooled_keys",), "sort")
+    globally = Settings(block_q=128, block_kv=64, linear="global")
+    assert _steps(None, "kernel", globally) == _steps(("pooled_keys",), "kernel", globally)
+
+
+def test_the_default_selection_is_the_kernel_where_it_takes_the_key_blocks():
+    limit = TARGET.arch.kernel("select").limits["key_blocks"]
+    fits = _shape(SETTINGS)
+    assert resolve_selection(TARGET, fits, None) == "kernel"
+    assert resolve_selection(TARGET, fits, "sort") == "sort"
+    long = fits._replace(lk=(limit + 1) * SETTINGS.block_kv)
+    assert resolve_selection(TARGET, long, None) == "sort"
+    steps = [step.name for step in routed_plan(TARGET, long, {}).forward.steps]
+    assert "routing_flags" in steps and steps[0] == "key_pass"  # sort, pooled keys
 
 
 def test_each_fusion_takes_over_its_steps_and_nothing_else():
@@ -114,15 +130,31 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     assert select.kernel.args == (("block_map_dtype", "bfloat16"),)
     assert select.fills[-2:] == ("marginal", "active")
     assert fused.buffers["marginal"].shape == (2, 3, 8, 24)
-    plain = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel", fusions=())
+    plain = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel", fusions=(),
+                        routes=True)
     enumerated = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel",
-                             fusions=fusions_serving(_shape(), "kernel"))
+                             fusions=fusions_serving(_shape(), "kernel"), routes=True)
     assert [s.kind for s in plain] == ["pool", "pool", "select", "key_pass", "forward",
                                        "backward_query", "backward_dq", "backward_dkdv"]
     assert [s.kind for s in enumerated] == ["key_pass", "pool", "select", "forward",
                                             "key_major", "backward_query", "backward_dq",
                                             "backward_dkdv"]
     assert len(set(enumerated) - set(plain)) == 3  # the two variants and the key-major kernel
+
+
+def test_warm_and_the_gate_enumerate_both_kinds_of_call_and_the_routing_that_makes_one():
+    """A routed call and a call with a given routing launch different key passes (the
+    routed one pools K); `kernels_for` lists both, and the routing of `sla::route`."""
+    every = kernels_for("sm_90a", 64, "bfloat16", SETTINGS)
+    routed = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, routes=True)
+    given = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, routes=False)
+    assert set(routed) | set(given) <= set(every)
+    assert {s.kind for s in set(every) - set(routed) - set(given)} <= {"pool", "select"}
+    assert len(every) == len(set(every))
+    key_passes = {dict(s.args).get("pool_keys", False) for s in every if s.kind == "key_pass"}
+    assert key_passes == {True, False}
+    assert {s.kind for s in given} >= {"key_pass", "forward"}
+    assert {s.kind for s in every} >= {"pool", "select"}  # sla::route's, for a given routing
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
