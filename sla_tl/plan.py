@@ -215,15 +215,17 @@ def _key_major_step(shape: CallShape, arch: str,
                     buffers: dict[str, Buffer]) -> tuple[Step, bool]:
     """The key-major kernel's step for this call (its buffers added to `buffers`), and
     whether it writes the marginal map ("marginal" mode)."""
+    limit = arch_named(arch).kernel("key_major").limits.get("query_blocks")
+    if limit is not None and shape.n_q > limit:
+        raise ValueError(f"the key-major kernel takes at most {limit} query blocks; got "
+                         f"{shape.n_q} (leave its fusions out)")
     marginal = shape.settings.linear == "marginal"
     block_map = {"block_map_dtype": shape.dtype_name} if marginal else {}
     reads = list(ROUTING) if marginal else ["lut", "lut_count"]
-    maps = ["critical_map", *(["negligible_map"] * marginal)]
     step = kernel_step("key_major", KernelSpec("key_major", tuple(block_map.items()), arch),
-                       reads, [*maps, "reverse", "reverse_count", *(["marginal"] * marginal),
+                       reads, ["reverse", "reverse_count", *(["marginal"] * marginal),
                                "active"])
     rows, keys = (shape.batch, shape.heads, shape.n_q), (shape.batch, shape.heads, shape.n_kv)
-    buffers.update({name: Buffer((*keys, shape.n_q), torch.uint8) for name in maps})
     buffers.update(reverse=Buffer((*keys, shape.n_q), torch.int32),
                    reverse_count=Buffer(keys, torch.int32), active=Buffer(rows, torch.int32))
     if marginal:

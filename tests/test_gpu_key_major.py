@@ -57,9 +57,10 @@ def _forged(shape: tuple[int, ...], n_kv: int, width: int,
 
 
 # (B, H, Mq, Nk, Kc, Kn): one block each way, Kn = 0, more query blocks than a warp's lanes
-# several times over (and not a multiple of 128), Mq != Nk both ways, the Wan2.1-1.3B rows.
+# several times over (and not a multiple of 128), Mq != Nk both ways, the Wan2.1-1.3B rows,
+# the most query blocks the kernel takes and one CTA's key blocks and one more.
 SIZES = [(1, 1, 1, 1, 1, 0), (2, 3, 8, 24, 3, 2), (2, 2, 70, 33, 33, 0),
-         (1, 3, 300, 129, 7, 5), (1, 2, 256, 512, 25, 0)]
+         (1, 3, 300, 129, 7, 5), (1, 2, 256, 512, 25, 0), (1, 1, 4096, 17, 2, 1)]
 
 
 @pytest.mark.parametrize("block_map_dtype", [None, *MAP_DTYPES])
@@ -76,18 +77,16 @@ def test_key_major_kernel_writes_what_the_torch_ops_derive(generator, block_map_
         return torch.full(shape, value, dtype=dtype, device="cuda")
 
     keys = (b, h, n_kv)
-    maps = [poisoned((*keys, n_q), torch.uint8, 7)]
     reverse, reverse_count = poisoned((*keys, n_q), torch.int32, -7), poisoned(keys, torch.int32,
                                                                                -7)
     active = poisoned(rows, torch.int32, -7)
     if block_map_dtype is None:
-        compiled(_spec(None))(lut, count, *maps, reverse, reverse_count, active)
+        compiled(_spec(None))(lut, count, reverse, reverse_count, active)
         linear = "global"
     else:
         dtype = getattr(torch, block_map_dtype)
-        maps.append(poisoned((*keys, n_q), torch.uint8, 7))
         marginal = poisoned((*rows, n_kv), dtype, float("nan"))
-        compiled(_spec(block_map_dtype))(lut, count, neg_lut, neg_count, *maps, reverse,
+        compiled(_spec(block_map_dtype))(lut, count, neg_lut, neg_count, reverse,
                                          reverse_count, marginal, active)
         torch.cuda.synchronize()
         listed = routing.listing(forged, n_kv, negligible=True)

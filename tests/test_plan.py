@@ -100,13 +100,11 @@ def test_the_key_major_kernel_takes_the_reverse_lut_step_of_every_backward(linea
     assert kernel.kernel.args == ((("block_map_dtype", "bfloat16"),) if marginal else ())
     assert kernel.reads == (("lut", "lut_count", "neg_lut", "neg_count") if marginal
                             else ("lut", "lut_count"))
-    assert kernel.fills[-4 if marginal else -3:] == (
+    assert kernel.fills == (
         ("reverse", "reverse_count", "marginal", "active") if marginal
         else ("reverse", "reverse_count", "active"))
     n_kv = _shape().n_kv
     assert fused.buffers["reverse"].shape == (2, 3, n_kv, 8)
-    assert fused.buffers["critical_map"].dtype == torch.uint8
-    assert ("negligible_map" in fused.buffers) == marginal
     # A routed call's plan runs it in its backward; the forward is untouched.
     routed = routed_plan(TARGET, _shape(settings), {}, "sort", ("key_major_kernel",))
     assert [s.name for s in routed.backward.steps] == [s.name for s in fused.steps]
@@ -198,3 +196,14 @@ def test_a_backward_fusion_that_cannot_serve_a_call_is_refused_by_name(monkeypat
         attention_plan(TARGET, _shape(), {}, fusions=("refusing",))
     with pytest.raises(ValueError, match="fusion 'refusing' needs a GPU"):
         routed_plan(TARGET, _shape(), {}, "sort", ("refusing",))
+
+
+def test_the_key_major_kernel_refuses_more_query_blocks_than_it_takes():
+    limit = TARGET.arch.kernel("key_major").limits["query_blocks"]
+    many = _shape(lq=(limit + 1) * SETTINGS.block_q)
+    with pytest.raises(ValueError, match=f"at most {limit} query blocks"):
+        routed_plan(TARGET, many, {}, "kernel", ("key_major_kernel",))
+    enough = _shape(lq=limit * SETTINGS.block_q)
+    assert "key_major" in {s.kind for s in
+                           routed_plan(TARGET, enough, {}, "kernel", ("key_major_kernel",))
+                           .kernels()}

@@ -12,7 +12,15 @@ SHARED_MEMORY_BYTES = 227 * 1024
 """Shared memory one CTA may use on Hopper (the kernel modules import it from here)."""
 
 # After the limit above, which the kernel modules import from this package.
-from . import backward_dkdv, backward_dq, forward, key_pass, programs, select  # noqa: E402
+from . import (  # noqa: E402
+    backward_dkdv,
+    backward_dq,
+    forward,
+    key_pass,
+    programs,
+    reverse_lut,
+    select,
+)
 
 ARCH = Arch(
     name="sm90",
@@ -25,7 +33,8 @@ ARCH = Arch(
     kernels={
         "pool": KernelDef(programs.pool),
         "select": KernelDef(programs.select, limits={"key_blocks": select.MAX_KEY_BLOCKS}),
-        "key_major": KernelDef(programs.key_major),
+        "key_major": KernelDef(programs.key_major,
+                               limits={"query_blocks": reverse_lut.MAX_QUERY_BLOCKS}),
         # Without flush-to-zero: compiled with it, the CTA that gets a single key block hung
         # on the H200 (TileLang's warp-specialised pipeline of one iteration, a known
         # upstream hazard); compiled without it, every case of the GPU tests has passed.
