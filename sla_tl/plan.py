@@ -299,9 +299,9 @@ DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map")
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). The others run when asked (`fusions`), for the GPU tests and the
 benchmarks: "key_major_flags" is slower than the selection kernel's block map, and
-"key_major_kernel" left the whole backward no faster on the H200 (its 12 CTAs at B=1,
-H=12 are latency-bound) while it would rerun on every backward what a fixed routing
-keeps."""
+"key_major_kernel" left the whole backward no faster on the H200 as one CTA per head (the
+kernel spread over CTAs since has not run there), while it would rerun on every backward
+what a fixed routing keeps."""
 
 
 def default_fusions(shape: CallShape, selection: str | None) -> tuple[str, ...]:
