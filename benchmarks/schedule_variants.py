@@ -1,11 +1,10 @@
 """One kernel of a plan under each of its schedules, timed alone beside cuDNN (what
 `forward_variants` and `dq_variants` share).
 
-The schedules of a kernel are `sla_tl.kernels.every_schedule`: its default first, every other
-combination of its searched knobs, then its alternatives (which may round differently). Each
-is built (a schedule that
-cannot be is reported in its row), timed on the tensors of kept runs of the plan, and its
-output compared with the first schedule's.
+The schedules of a kernel are `sla_tl.kernels.every_schedule`: its default first, every
+other combination of its searched knobs, then its alternatives (which may round
+differently). Each is built (a schedule that cannot be is reported in its row), timed on
+the tensors of kept runs of the plan, and its output compared with the first schedule's.
 """
 
 from __future__ import annotations
@@ -71,12 +70,15 @@ def time_each(candidates: Sequence[dict], phases: Sequence[Phase], step: str, ou
         # kernel was compiled again here.
         print(f"timing {label(knobs)} (kernel ready in {time.perf_counter() - ready:.1f} s)",
               flush=True)
+        def run(env, phase=phase):
+            phase.run_step(step, env)
+
         sets = [(env,) for env in runs]
         if first is None:
             # Timed once more before its measured run, and discarded: on the H200 the first
             # schedule of a run timed 12-15% slower than the same kernel later in the run.
-            timer(lambda env, phase=phase: phase.run_step(step, env), sets, repeats)
-        ms = timer(lambda env, phase=phase: phase.run_step(step, env), sets, repeats)
+            timer(run, sets, repeats)
+        ms = timer(run, sets, repeats)
         if before_output is not None:
             before_output()
         phase.run_step(step, runs[0])
