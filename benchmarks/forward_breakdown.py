@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = call_shape(sets[0][0], sets[0][1], s, False, (n_crit, 0))
     args.selection = plan.resolve_selection(target_of(device), shape, args.selection)
     if args.fusion is None and not args.all_fusions:
-        args.fusion = list(plan.default_fusions(shape, args.selection))
+        args.fusion = list(plan.default_fusions(target_of(device), shape, args.selection))
     if args.all_fusions:
         args.fusion = [n for n in plan.fusions_serving(shape, args.selection)
                        if n in forward_fusions]

@@ -159,9 +159,9 @@ class Call(NamedTuple):
         defaults for its shape)."""
         shape = plan.CallShape(self.batch, self.heads, self.length, self.length, self.dim,
                                self.dtype, self.settings, self.gated, (1, 0))
-        selection = plan.resolve_selection(Target("", arch_named(self.arch)), shape,
-                                           self.selection)
-        fusions = (plan.default_fusions(shape, selection) if self.fusions is None
+        target = Target("", arch_named(self.arch))
+        selection = plan.resolve_selection(target, shape, self.selection)
+        fusions = (plan.default_fusions(target, shape, selection) if self.fusions is None
                    else tuple(self.fusions))
         return selection, fusions
 

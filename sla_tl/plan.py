@@ -295,20 +295,34 @@ FUSIONS: dict[str, Fusion] = {
 }
 """The fusions a routed call may run, by name, applied in this order."""
 
-DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map")
+DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "key_major_kernel")
 """The fusions a routed call runs unless it names its own, where they serve it
-(`default_fusions`). The others run when asked (`fusions`), for the GPU tests and the
-benchmarks: "key_major_flags" is slower than the selection kernel's block map, and
-"key_major_kernel" left the whole backward no faster on the H200 as one CTA per head (the
-kernel spread over CTAs since has not run there), while it would rerun on every backward
-what a fixed routing keeps."""
+(`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
+the benchmarks: it is slower than the selection kernel's block map. "key_major_kernel"
+serves every backward, a fixed routing's too: there it reruns each backward (0.07 ms at
+the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
+routing, while a call that routes saves their ~45 launches and ~0.1 ms."""
+
+_LIMITED_BY = {"key_major_kernel": "key_major"}
+"""The arch kernel whose size limits (`KernelDef.limits`) bound a default fusion."""
 
 
-def default_fusions(shape: CallShape, selection: str | None) -> tuple[str, ...]:
+def default_fusions(target: Target, shape: CallShape, selection: str | None) -> tuple[str, ...]:
     """The fusions of `DEFAULT_FUSIONS` that serve a call of this shape and (resolved)
-    selection (None: a given routing)."""
+    selection (None: a given routing) on `target`'s arch, within their kernels' limits."""
     serving = fusions_serving(shape, selection)
-    return tuple(name for name in DEFAULT_FUSIONS if name in serving)
+    return tuple(name for name in DEFAULT_FUSIONS if name in serving
+                 and _within_limits(target, _LIMITED_BY.get(name), shape))
+
+
+def _within_limits(target: Target, kind: str | None, shape: CallShape) -> bool:
+    """Whether the arch's kernel `kind` (None: no kernel of its own) takes this call's
+    query and key blocks."""
+    if kind is None:
+        return True
+    limits = target.arch.kernel(kind).limits
+    return (shape.n_q <= limits.get("query_blocks", shape.n_q)
+            and shape.n_kv <= limits.get("key_blocks", shape.n_kv))
 
 
 def _in_order(fusions: Collection[str]) -> tuple[str, ...]:
@@ -441,7 +455,7 @@ def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep
     selection = None
     if routed is not None:
         selection = resolve_selection(target, shape, routed.selection)
-        forward_fusions = (by_phase(default_fusions(shape, selection))[0]
+        forward_fusions = (by_phase(default_fusions(target, shape, selection))[0]
                            if routed.fusions is None else routed.fusions)
         _check_fusions(forward_fusions, shape, selection)
         route_steps, route_buffers = _route_steps(target, shape, selection)
@@ -453,7 +467,7 @@ def _attention_plan(target: Target, shape: CallShape, frozen: tuple | None, keep
         phase_name = "routed_forward"
     forward = Phase(phase_name, inputs, outputs, steps, buffers)
     if backward_fusions is None:
-        backward_fusions = by_phase(default_fusions(shape, selection))[1]
+        backward_fusions = by_phase(default_fusions(target, shape, selection))[1]
     _check_fusions(backward_fusions, shape, selection)
     return AttentionPlan(target, shape, schedule, forward,
                          _backward(target, shape, schedule, keep_routing, backward_fusions))

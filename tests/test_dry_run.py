@@ -22,16 +22,16 @@ SORTED_FUSED = WAN._replace(selection="sort",
 # (call, launches per forward, per backward, Python calls per forward, per backward), today.
 # Lower a number when a change lowers it, so that it cannot creep back. The goals are 6
 # launches per forward and per backward (README, "Host cost"): "routed, fused" shows how far
-# the kernels of `plan.FUSIONS` take them.
+# the kernels of `plan.FUSIONS` take them (the defaults are most of them).
 HELD = [
-    ("routed", WAN, 9, 58, 151, 248),
-    ("routed, global", GLOBAL, 9, 37, 160, 225),
-    ("routed, gated", WAN._replace(gated=True), 9, 60, 157, 258),
-    ("routed, sort", WAN._replace(selection="sort"), 45, 58, 166, 248),
+    ("routed", WAN, 9, 13, 151, 172),
+    ("routed, global", GLOBAL, 9, 14, 160, 169),
+    ("routed, gated", WAN._replace(gated=True), 9, 15, 157, 182),
+    ("routed, sort", WAN._replace(selection="sort"), 45, 13, 166, 172),
     ("routed, fused", FUSED, 9, 13, 151, 172),
     ("routed, sorted, fused", SORTED_FUSED, 23, 13, 152, 172),
-    ("fixed routing", WAN._replace(fixed_routing=True), 6, 12, 154, 204),
-    ("fixed routing, global", GLOBAL._replace(fixed_routing=True), 5, 13, 152, 201),
+    ("fixed routing", WAN._replace(fixed_routing=True), 6, 13, 154, 172),
+    ("fixed routing, global", GLOBAL._replace(fixed_routing=True), 5, 14, 152, 169),
 ]
 # Host microseconds per forward and backward through the operators, on this CPU (2 cores,
 # shared) about 900 and 1200 when routed, 400 and 600 with a fixed routing; the bound is
@@ -76,7 +76,9 @@ def test_the_kernels_launched_are_the_ones_warm_and_the_gate_compile(budgets, na
 
 
 def test_a_fixed_routing_is_derived_once_until_it_changes():
-    call = WAN._replace(fixed_routing=True, batch=1, heads=2, length=1024)
+    # The torch steps (the key-major kernel reruns each backward instead): what serves
+    # routings past its limits.
+    call = WAN._replace(fixed_routing=True, batch=1, heads=2, length=1024, fusions=())
     runner = dry_run._Runner(call, torch.device("cpu"))
     runner.backward(*runner.forward())
     with dry_run._Recorder() as kept:

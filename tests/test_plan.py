@@ -207,3 +207,13 @@ def test_the_key_major_kernel_refuses_more_query_blocks_than_it_takes():
     assert "key_major" in {s.kind for s in
                            routed_plan(TARGET, enough, {}, "kernel", ("key_major_kernel",))
                            .kernels()}
+    # By default a call past the limit runs the torch reverse LUT instead.
+    assert "key_major" in {s.kind for s in routed_plan(TARGET, enough, {}).kernels()}
+    past = [s.name for s in routed_plan(TARGET, many, {}).backward.steps]
+    assert "reverse_lut" in past and "key_major" not in past
+
+
+def test_every_backward_runs_the_key_major_kernel_by_default():
+    routed = [s.name for s in routed_plan(TARGET, _shape(), {}).backward.steps]
+    given = [s.name for s in attention_plan(TARGET, _shape(), {}).backward.steps]
+    assert "key_major" in routed and "reverse_lut" not in routed and given == routed
