@@ -181,6 +181,9 @@ class Fusion(NamedTuple):
     """Rewrites the steps and buffers of its phase in place."""
     phase: str = "routed_forward"
     """The phase whose steps it rewrites: "routed_forward" or "backward"."""
+    kernel: str | None = None
+    """The arch kernel it launches where that kernel's size limits (`KernelDef.limits`)
+    bound the calls it can serve by default."""
 
 
 def _index(steps: list[Step], name: str) -> int:
@@ -291,7 +294,8 @@ FUSIONS: dict[str, Fusion] = {
     "key_major_kernel": Fusion(
         "one kernel writes the backward's reverse LUT, marginal block map and rows' flags "
         "(the reverse_lut and routing_flags torch ops go)",
-        lambda shape, selection: None, _key_major_kernel, phase="backward"),
+        lambda shape, selection: None, _key_major_kernel, phase="backward",
+        kernel="key_major"),
 }
 """The fusions a routed call may run, by name, applied in this order."""
 
@@ -303,16 +307,12 @@ serves every backward, a fixed routing's too: there it reruns each backward (0.0
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""
 
-_LIMITED_BY = {"key_major_kernel": "key_major"}
-"""The arch kernel whose size limits (`KernelDef.limits`) bound a default fusion."""
-
-
 def default_fusions(target: Target, shape: CallShape, selection: str | None) -> tuple[str, ...]:
     """The fusions of `DEFAULT_FUSIONS` that serve a call of this shape and (resolved)
     selection (None: a given routing) on `target`'s arch, within their kernels' limits."""
     serving = fusions_serving(shape, selection)
     return tuple(name for name in DEFAULT_FUSIONS if name in serving
-                 and _within_limits(target, _LIMITED_BY.get(name), shape))
+                 and _within_limits(target, FUSIONS[name].kernel, shape))
 
 
 def _within_limits(target: Target, kind: str | None, shape: CallShape) -> bool:
