@@ -47,14 +47,35 @@ def synthetic_outputs(schedule: dict) -> dict[str, torch.Tensor]:
             "dq": torch.randn(4, 8, generator=generator).bfloat16()}
 
 
-def slow_latency(schedule: dict) -> float:
-    """`synthetic_latency`, slow enough that two workers overlap."""
-    time.sleep(0.05)
-    return synthetic_latency(schedule)
+def _wait_for_each_other(rendezvous: str, workers: int, timeout_s: float = 120.0) -> None:
+    """Marks this worker as timing its first trial and waits until `workers` have done so.
+
+    Spawned workers start at very different times on a loaded machine (each imports torch and
+    optuna); without this, the first could finish every trial before the second reads the study.
+    """
+    os.makedirs(rendezvous, exist_ok=True)
+    open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while len(os.listdir(rendezvous)) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other workers never reached {rendezvous}")
+        time.sleep(0.01)
 
 
-def run_worker(url: str, trials: int) -> int:
-    """One worker on the shared study; returns how many trials the study then holds."""
+def run_worker(url: str, trials: int, rendezvous: str, workers: int) -> int:
+    """One of `workers` workers on the shared study; returns how many trials the study then holds.
+
+    Each worker holds its first trial until every worker is timing one, so each records some.
+    """
+    first = [True]
+
+    def slow_latency(schedule: dict) -> float:
+        if first[0]:
+            first[0] = False
+            _wait_for_each_other(rendezvous, workers)
+        time.sleep(0.05)  # slow enough that the workers overlap
+        return synthetic_latency(schedule)
+
     result = tune_schedule(KEY, CANDIDATES, slow_latency, synthetic_outputs, trials,
                            open_storage(url), seed=None)
     return result.complete + result.pruned + result.failed

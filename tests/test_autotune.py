@@ -91,11 +91,11 @@ def test_interrupted_study_resumes_without_losing_trials(sqlite_url):
     assert result.complete + result.pruned == 12
 
 
-def _two_workers(url: str, trials: int) -> None:
+def _two_workers(url: str, trials: int, rendezvous: str) -> None:
     open_storage(url)  # the schema exists before the workers start
     context = multiprocessing.get_context("spawn")
     with context.Pool(2) as pool:
-        totals = pool.starmap(workers.run_worker, [(url, trials), (url, trials)])
+        totals = pool.starmap(workers.run_worker, [(url, trials, rendezvous, 2)] * 2)
     study = optuna.load_study(study_name=KEY.study_name(), storage=open_storage(url))
     finished = [t for t in study.trials if t.state.is_finished()]
     # Each worker stops once the study holds `trials` finished trials; one may overshoot
@@ -120,8 +120,8 @@ def _two_workers(url: str, trials: int) -> None:
     assert result.best_ms == min(t.value for t in complete)
 
 
-def test_two_processes_share_one_sqlite_study(sqlite_url):
-    _two_workers(sqlite_url, 16)
+def test_two_processes_share_one_sqlite_study(sqlite_url, tmp_path):
+    _two_workers(sqlite_url, 16, str(tmp_path / "rendezvous"))
 
 
 POSTGRES_ENV = "SLA_TL_TEST_POSTGRES_URL"
@@ -141,14 +141,14 @@ def _postgres_url() -> str:
     return url
 
 
-def test_two_processes_share_one_postgresql_study():
+def test_two_processes_share_one_postgresql_study(tmp_path):
     url = _postgres_url()
     storage = open_storage(url)
     try:
         optuna.delete_study(study_name=KEY.study_name(), storage=storage)
     except KeyError:
         pass
-    _two_workers(url, 16)
+    _two_workers(url, 16, str(tmp_path / "rendezvous"))
 
 
 def test_algorithm_study_returns_front_and_fastest_point_within_budget(sqlite_url):
