@@ -15,20 +15,43 @@ The gated variant (a compile-time flag; the ungated kernel has no gate arguments
 O = O_s + g (O_l W^T + b), g float32 per query row: the linear branch's upstream gradient
 is g dO, so dnum and dden are scaled by g per row; O_s = O - g (O_l W^T + b), so
 delta = dO.O - g dg; and it writes dg = rowsum(dO * (O_l W^T + b)) = dO_l.O_l + dO.b.
+
+Schedule knob `loads` (the order of the work only: every choice gives the same bits):
+"staged" brings each tile from global memory through one staging buffer when it is needed,
+each load a round trip that nothing overlaps; "tma" issues every tile's TMA copy at the
+start into a buffer of its own (192 KiB at D=128) and waits for each just before its use,
+so the loads overlap each other and the first GEMM.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
+from tilelang.layout import make_swizzled_layout
 
 from ..common import DTYPES, LINEAR_EPS, rows, seq_shape
 from ..feature_maps import feature_map_macro, feature_map_vjp_macro
 
+LOADS = ("staged", "tma")
+
+
+def default_schedule() -> dict:
+    """The knobs the query pass is built with unless a schedule says otherwise."""
+    return dict(loads="staged")
+
+
+def search_space() -> dict[str, tuple]:
+    """The autotuner's choices: both ways of loading (they give the same bits)."""
+    return dict(loads=LOADS)
+
 
 def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str, threads: int,
-                   gated: bool = False):
+                   loads: str, gated: bool = False):
     """The query-side backward program for one combination of compile-time settings;
-    `gated` adds the GATE input and the DGATE output, float32 (B, H, Lq)."""
+    `loads` is the schedule knob above; `gated` adds the GATE input and the DGATE output,
+    float32 (B, H, Lq)."""
+    if loads not in LOADS:
+        raise ValueError(f"loads must be one of {LOADS}, got {loads!r}")
+    tma = loads == "tma"
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lq = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq")
@@ -67,9 +90,19 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             z_s = T.alloc_shared([dim], acc)
             phi_s = T.alloc_shared([block_q, dim], dt)
             dnum_s = T.alloc_shared([block_q, dim], dt)
-            # Tiles from global memory land here first: whole rows, coalesced, rather than
-            # element loads in a GEMM fragment's layout.
-            stage_s = T.alloc_shared([block_q, dim], dt)
+            # Tiles from global memory land in shared memory first: whole rows, coalesced,
+            # rather than element loads in a GEMM fragment's layout. Staged, one buffer takes
+            # them in turn; with TMA each has its own, filled from the start.
+            if tma:
+                o_lin_s = T.alloc_shared([block_q, dim], dt)
+                out_s = T.alloc_shared([block_q, dim], dt)
+                q_s = T.alloc_shared([block_q, dim], dt)
+                # Swizzled, so that reading a tile in a fragment's layout (8 rows of 256
+                # bytes at once) does not hit one bank 8 times; TMA writes it so.
+                T.annotate_layout({b: make_swizzled_layout(b) for b in (o_lin_s, out_s, q_s)})
+            else:
+                stage_s = T.alloc_shared([block_q, dim], dt)
+                o_lin_s = out_s = q_s = stage_s
             d_lin = T.alloc_fragment([block_q, dim], acc)
             work = T.alloc_fragment([block_q, dim], acc)
             dots = T.alloc_fragment([block_q], acc)
@@ -86,15 +119,37 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             g_block = T.alloc_fragment([dim, dim], acc)
 
             active = ACTIVE[bz, by, bx]
-            T.copy(rows(DO, bz, by, bx * block_q, block_q, layout), do_s)
-            T.copy(W, w_s)
-            T.copy(H_ROWS[bz, by, state, :, :], h_s)
-            T.copy(Z_ROWS[bz, by, state, :], z_s)
+            if tma:
+                # One barrier per use, each waited once (phase 0).
+                first_full = T.alloc_barrier(arrive_count=threads)
+                o_lin_full = T.alloc_barrier(arrive_count=threads)
+                out_full = T.alloc_barrier(arrive_count=threads)
+                q_full = T.alloc_barrier(arrive_count=threads)
+                T.tma_copy(rows(DO, bz, by, bx * block_q, block_q, layout), do_s,
+                           barrier=first_full)
+                T.tma_copy(W[:, :], w_s, barrier=first_full)
+                T.tma_copy(H_ROWS[bz, by, state, :, :], h_s, barrier=first_full)
+                T.tma_copy(Z_ROWS[bz, by, state, :], z_s, barrier=first_full)
+                T.barrier_arrive(first_full)
+                for tile, buffer, barrier in ((O_LIN, o_lin_s, o_lin_full),
+                                              (OUT, out_s, out_full), (Q, q_s, q_full)):
+                    T.tma_copy(rows(tile, bz, by, bx * block_q, block_q, layout), buffer,
+                               barrier=barrier)
+                    T.barrier_arrive(barrier)
+                T.barrier_wait(first_full, 0)
+            else:
+                T.copy(rows(DO, bz, by, bx * block_q, block_q, layout), do_s)
+                T.copy(W, w_s)
+                T.copy(H_ROWS[bz, by, state, :, :], h_s)
+                T.copy(Z_ROWS[bz, by, state, :], z_s)
             T.gemm(do_s, w_s, d_lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
 
             # dots = dO_l . O_l ; delta = dO . (O - b) - dots
-            T.copy(rows(O_LIN, bz, by, bx * block_q, block_q, layout), stage_s)
-            T.copy(stage_s, work)
+            if tma:
+                T.barrier_wait(o_lin_full, 0)
+            else:
+                T.copy(rows(O_LIN, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(o_lin_s, work)
             for i, d in T.Parallel(block_q, dim):
                 work[i, d] = work[i, d] * d_lin[i, d]
             T.reduce_sum(work, dots, dim=1)
@@ -109,8 +164,11 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
                 for i in T.Parallel(block_q):
                     d_gate[i] = d_gate[i] + dots[i]
                 T.copy(d_gate, DGATE[bz, by, bx * block_q:(bx + 1) * block_q])
-                T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
-                T.copy(stage_s, work)
+                if tma:
+                    T.barrier_wait(out_full, 0)
+                else:
+                    T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
+                T.copy(out_s, work)
                 for i, d in T.Parallel(block_q, dim):
                     work[i, d] = work[i, d] * do_s[i, d]
                 T.reduce_sum(work, delta, dim=1)
@@ -119,8 +177,11 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
                     # From here on dots is the linear branch's share: g dO_l . O_l.
                     dots[i] = gate_rows[i] * dots[i]
             else:
-                T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
-                T.copy(stage_s, work)
+                if tma:
+                    T.barrier_wait(out_full, 0)
+                else:
+                    T.copy(rows(OUT, bz, by, bx * block_q, block_q, layout), stage_s)
+                T.copy(out_s, work)
                 for i, d in T.Parallel(block_q, dim):
                     work[i, d] = (work[i, d] - BIAS[d]) * do_s[i, d]
                 T.reduce_sum(work, delta, dim=1)
@@ -129,8 +190,11 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
             T.copy(delta, DELTA[bz, by, bx * block_q:(bx + 1) * block_q])
 
             # phi(Q), the denominators, dnum (in d_lin) and dden.
-            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
-            T.copy(stage_s, work)
+            if tma:
+                T.barrier_wait(q_full, 0)
+            else:
+                T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(q_s, work)
             phi(work, row_a, row_b, block_q, dim)
             T.copy(work, phi_s)
             for i, d in T.Parallel(block_q, dim):
@@ -162,8 +226,9 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
                    policy=T.GemmWarpPolicy.FullRow)
             for i, d in T.Parallel(block_q, dim):
                 d_lin[i, d] = d_lin[i, d] + dden[i] * z_s[d]
-            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
-            T.copy(stage_s, work)
+            if not tma:  # with TMA, Q's tile is still in its own buffer
+                T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
+            T.copy(q_s, work)
             phi_vjp(work, d_lin, row_a, row_b, block_q, dim)
             T.copy(d_lin, rows(DQ, bz, by, bx * block_q, block_q, layout))
 

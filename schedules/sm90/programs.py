@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 from ..archs import merged_knobs
 from . import backward_dkdv, backward_dkdv_ws, backward_dq, backward_dq_ws, forward, forward_ws
+from . import backward_query as backward_query_module
 from . import key_pass as key_pass_module
-from .backward_query import backward_query as _backward_query
 from .pool import mean_pool
 from .reverse_lut import key_major as _key_major
 from .select import top_bottom_select
@@ -80,15 +80,20 @@ def gated_forward(dim: int, block_q: int, block_kv: int, dtype: str, feature: st
     return _forward(dim, block_q, block_kv, dtype, feature, layout, scale, knobs, gated=True)
 
 
-def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str):
+def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str,
+                   knobs: Mapping):
     """The backward's query pass (delta, linear-branch gradients, linear part of dQ)."""
-    return _backward_query(dim, block_q, dtype, feature, layout, threads=2 * block_q)
+    merged = merged_knobs("backward_query", backward_query_module, {}, knobs)
+    return backward_query_module.backward_query(dim, block_q, dtype, feature, layout,
+                                                threads=2 * block_q, **merged)
 
 
-def gated_backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str):
+def gated_backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str,
+                         knobs: Mapping):
     """The query pass of a gated call: takes GATE after BIAS, writes d(gate) to DGATE (last)."""
-    return _backward_query(dim, block_q, dtype, feature, layout, threads=2 * block_q,
-                           gated=True)
+    merged = merged_knobs("gated_backward_query", backward_query_module, {}, knobs)
+    return backward_query_module.backward_query(dim, block_q, dtype, feature, layout,
+                                                threads=2 * block_q, gated=True, **merged)
 
 
 def sla_backward_dq(dim: int, block_q: int, block_kv: int, dtype: str, layout: str,
