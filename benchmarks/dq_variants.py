@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla_tl import kernels, spec, tilelang_backend
+from sla_tl import kernels, spec
 from sla_tl.plan import attention_plan, call_shape
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -33,6 +33,7 @@ from .environment import describe_environment
 from .plan_steps import kept_runs
 from .schedule_variants import (
     add_shape_arguments,
+    backward_inputs,
     compile_steps,
     print_rows,
     time_each,
@@ -58,17 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = kernels.every_schedule(target.arch.target, "backward_dq", d, bq, bkv)
 
     n_kv = spec.num_blocks(length, bkv)
-    inputs = []
-    print("preparing inputs", flush=True)
-    for _ in range(3):
-        q, k, v, grad = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
-                         for _ in range(4))
-        weight = torch.randn(d, d, device="cuda") / d**0.5
-        bias = torch.randn(d, device="cuda") * 0.1
-        routing = tilelang_backend.route(q, k, args.topk, 0.0, bq, bkv, "bhsd")
-        saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
-        inputs.append(dict(grad_out=grad, q=q, k=k, v=v, **saved._asdict(),
-                           **routing._asdict(), proj_weight=weight, proj_bias=bias))
+    inputs = backward_inputs(args, s)
     shape = call_shape(inputs[0]["q"], inputs[0]["k"], s, False,
                        (inputs[0]["lut"].shape[-1], inputs[0]["neg_lut"].shape[-1]))
     phases = [attention_plan(target, shape, {"backward_dq": knobs}).backward

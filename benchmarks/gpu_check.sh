@@ -15,8 +15,9 @@
 #                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
 #                 ulysses:  Ulysses sequence parallelism on every visible GPU (2 or more) against
 #                           one GPU at the Wan2.1-14B 720p shape, at $OUT/ulysses.json.
-#                 variants: every forward and dQ schedule and alternative timed alone
-#                           (`forward_variants`, also with K and V L2-resident, `dq_variants`);
+#                 variants: every forward, dQ and query-pass schedule and alternative timed
+#                           alone (`forward_variants`, also with K and V L2-resident,
+#                           `dq_variants`, `query_pass_variants`);
 #                 quality:  `sla-tl quality --size gpu` for the seeds in $QUALITY_SEEDS (default
 #                           0; ~5 minutes a seed), at $OUT/quality_seeds_<seeds>.json; merge the
 #                           parts with `sla-tl quality --from A.json B.json ... --plot q.png`.
@@ -54,7 +55,8 @@ variants() {
   python3 -m sla_tl.benchmarks.forward_variants --out "$OUT/forward_variants.json" &&
     python3 -m sla_tl.benchmarks.forward_variants --lut shared \
       --out "$OUT/forward_variants_shared.json" &&
-    python3 -m sla_tl.benchmarks.dq_variants --out "$OUT/dq_variants.json"
+    python3 -m sla_tl.benchmarks.dq_variants --out "$OUT/dq_variants.json" &&
+    python3 -m sla_tl.benchmarks.query_pass_variants --out "$OUT/query_pass_variants.json"
 }
 step breakdowns breakdowns
 step variants variants

@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from sla_tl import kernels
+from sla_tl import kernels, tilelang_backend
 from sla_tl.parallel import compile_in_parallel
 from sla_tl.phases import Phase
+from sla_tl.settings import Settings
 from sla_tl.timing import median_ms
 
 
@@ -37,6 +38,26 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out")
+
+
+def backward_inputs(args: argparse.Namespace, s: Settings, count: int = 3) -> list[dict]:
+    """`count` sets of a backward's inputs at the shape of `args` (`add_shape_arguments`):
+    fresh random q, k, v, dO and projection, their own routing and forward, by the names of
+    a backward plan's inputs."""
+    b, h, length, d = 1, args.heads, args.length, args.dim
+    inputs = []
+    print("preparing inputs", flush=True)
+    for _ in range(count):
+        q, k, v, grad = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
+                         for _ in range(4))
+        weight = torch.randn(d, d, device="cuda") / d**0.5
+        bias = torch.randn(d, device="cuda") * 0.1
+        routing = tilelang_backend.route(q, k, args.topk, 0.0, args.block_q, args.block_kv,
+                                         "bhsd")
+        saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s)
+        inputs.append(dict(grad_out=grad, q=q, k=k, v=v, **saved._asdict(),
+                           **routing._asdict(), proj_weight=weight, proj_bias=bias))
+    return inputs
 
 
 def compile_steps(phases: Sequence[Phase], step: str) -> None:

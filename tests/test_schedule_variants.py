@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from sla_tl import kernels
-from sla_tl.benchmarks import schedule_variants
+from sla_tl.benchmarks import query_pass_variants, schedule_variants
 
 ARCH = "sm_90a"
 
 
-@pytest.mark.parametrize("kernel", ["forward", "backward_dq", "backward_dkdv"])
+@pytest.mark.parametrize("kernel", ["forward", "backward_dq", "backward_dkdv", "backward_query"])
 @pytest.mark.parametrize("dim,block_q,block_kv", [(128, 128, 64), (64, 128, 128), (64, 64, 64)])
 def test_every_searched_combination_once_the_default_first(kernel, dim, block_q, block_kv):
     found = kernels.searched_schedules(ARCH, kernel, dim, block_q, block_kv)
@@ -87,3 +87,8 @@ def test_each_row_says_its_time_rate_and_distance_from_the_first(capsys):
     assert broken[0] == "n=2" and broken[1:] == "RuntimeError: ptxas error: spills".split()
     assert "( 50% of cuDNN) =first (max diff 0.00e+00)" in out[-4]
     assert "~first (max diff 2.00e+00)" in out[-1]
+
+
+def test_query_pass_bytes_count_six_tiles_per_query_block():
+    # L=1000 in 128-row blocks: 8 query blocks (the last one partial, moved whole).
+    assert query_pass_variants.query_pass_bytes(2, 3, 1000, 64, 128) == 2 * 3 * 8 * 6 * 128 * 64 * 2
