@@ -1,7 +1,7 @@
 """Where the backward's time goes, step by step of its plan, beside cuDNN SDPA's backward.
 
     python -m sla_tl.benchmarks.backward_breakdown [--topk 0.05] [--fusion key_major_kernel]
-        [--out result.json]
+        [--knob backward_query.loads=tma] [--out result.json]
 
 Timed in one run at the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16), on fresh
 random inputs, with the forward's outputs computed once per input set: each step of the
@@ -10,7 +10,8 @@ whole backward. Each dK/dV alternative schedule (candidates for the default, see
 `backward_dkdv.alternatives`) is timed on the same tensors, with its largest difference
 from the default's dK. What the backward derives from the routing is derived afresh in
 every step, as after a call that routes (`sla::attention`). `--fusion` runs a fusion of the
-backward's steps (`sla_tl.plan.FUSIONS`) in the plan.
+backward's steps (`sla_tl.plan.FUSIONS`) in the plan; `--knob` sets a schedule knob; with
+any, every other knob takes its default (the tuned store is not read).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sla_tl.timing import median_ms
 
 from .environment import describe_environment
 from .plan_steps import kept_runs, step_times_ms
+from .schedule_variants import knob_setting, schedule_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", action="append", default=[],
                         choices=[n for n, f in FUSIONS.items() if f.phase == "backward"],
                         help="a fusion of the backward's steps, repeatable (default: none)")
+    parser.add_argument("--knob", action="append", default=[], type=knob_setting,
+                        metavar="KERNEL.KNOB=VALUE",
+                        help="a schedule knob over the defaults, repeatable (e.g. "
+                             "backward_query.loads=tma)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     fusions = tuple(args.fusion)
+    schedule = schedule_of(args.knob) or None
     b, h, length, d = 1, 12, args.length, 128
     bq, bkv = args.block_q, args.block_kv
     s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
         sets.append((q, k, v, grad, weight, bias, routing, saved))
     shape = call_shape(sets[0][0], sets[0][1], s, False, sets[0][6].widths)
-    backward = attention_plan(target, shape, keep_routing=False, fusions=fusions).backward
+    backward = attention_plan(target, shape, schedule, keep_routing=False,
+                              fusions=fusions).backward
     # The routing of each set is fresh: nothing derived from it is kept between the steps.
     runs = kept_runs(backward, [dict(grad_out=grad, q=q, k=k, v=v, **saved._asdict(),
                                      **routing._asdict(), proj_weight=weight, proj_bias=bias)
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         out.backward(grad)
 
     def whole(q, k, v, grad, weight, bias, routing, saved):
-        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s,
+        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s, schedule,
                                   keep_routing=False, fusions=fusions)
 
     grad_sets = [(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         reference_dk = runs[0]["dk"].clone()
         for knobs in kernels.alternatives(target.arch.target, "backward_dkdv", d, bq, bkv):
             name = "backward_dkdv[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
-            variant = attention_plan(target, shape, {"backward_dkdv": knobs},
+            variant = attention_plan(target, shape, {**(schedule or {}), "backward_dkdv": knobs},
                                      keep_routing=False, fusions=fusions).backward
             timings[name] = median_ms(lambda env, variant=variant:
                                       variant.run_step("backward_dkdv", env),

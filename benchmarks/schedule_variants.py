@@ -27,6 +27,30 @@ def label(knobs: Mapping) -> str:
     return ",".join(f"{name}={value}" for name, value in knobs.items())
 
 
+def knob_setting(text: str) -> tuple[str, str, object]:
+    """`KERNEL.KNOB=VALUE` (a command-line schedule knob) as (kernel, knob, value); the value
+    an int, a bool (true/false) or the text itself. argparse.ArgumentTypeError when the
+    text is not of that form."""
+    name, sep, value = text.partition("=")
+    kernel, dot, knob = name.partition(".")
+    if not (sep and dot and kernel and knob and value):
+        raise argparse.ArgumentTypeError(f"expected KERNEL.KNOB=VALUE, got {text!r}")
+    parsed: object = value
+    if value.lstrip("-").isdigit():
+        parsed = int(value)
+    elif value.lower() in ("true", "false"):
+        parsed = value.lower() == "true"
+    return kernel, knob, parsed
+
+
+def schedule_of(settings: Sequence[tuple[str, str, object]]) -> dict[str, dict]:
+    """The schedule (knobs by kernel) that `knob_setting`'s results set."""
+    schedule: dict[str, dict] = {}
+    for kernel, knob, value in settings:
+        schedule.setdefault(kernel, {})[knob] = value
+    return schedule
+
+
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """The call's shape and the timing's repeats, Wan2.1-1.3B by default, and --out."""
     parser.add_argument("--topk", type=float, default=0.05)

@@ -4,6 +4,7 @@ benchmarks says (fake phases and timer: the GPU runs them for real)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from types import SimpleNamespace
 
@@ -92,3 +93,19 @@ def test_each_row_says_its_time_rate_and_distance_from_the_first(capsys):
 def test_query_pass_bytes_count_six_tiles_per_query_block():
     # L=1000 in 128-row blocks: 8 query blocks (the last one partial, moved whole).
     assert query_pass_variants.query_pass_bytes(2, 3, 1000, 64, 128) == 2 * 3 * 8 * 6 * 128 * 64 * 2
+
+
+def test_knob_settings_parse_to_a_schedule():
+    settings = [schedule_variants.knob_setting(text) for text in
+                ("backward_query.loads=tma", "forward.num_stages=3",
+                 "backward_dkdv.linear_first=false")]
+    assert schedule_variants.schedule_of(settings) == {
+        "backward_query": {"loads": "tma"}, "forward": {"num_stages": 3},
+        "backward_dkdv": {"linear_first": False}}
+
+
+@pytest.mark.parametrize("text", ["loads=tma", "backward_query.loads", "backward_query.=x",
+                                  ".loads=tma", "backward_query.loads="])
+def test_a_malformed_knob_setting_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="KERNEL.KNOB=VALUE"):
+        schedule_variants.knob_setting(text)
