@@ -43,15 +43,17 @@ def label(knobs: dict) -> str:
 
 def kernels_searched(arch: str, dim: int, dtype: str, s: Settings,
                      backward: bool) -> tuple[str, ...]:
-    """The tunable kernels the plan of a forward (and backward) call launches, in order."""
+    """The tunable kernels the plan of a forward (and backward) call launches, in order,
+    less those with no knob searched in the call's linear mode."""
     tunable = kernels.tunable(arch)
     launched = (spec.kind for spec in kernels_for(arch, dim, dtype, s, backward=backward))
-    return tuple(kind for kind in dict.fromkeys(launched) if kind in tunable)
+    return tuple(kind for kind in dict.fromkeys(launched) if kind in tunable
+                 and kernels.search_space(arch, kind, dim, s.block_q, s.block_kv, s.linear))
 
 
 def enumerate_candidates(arch: str, kernel: str, dim: int, s: Settings) -> list[dict]:
     """Every combination of the kernel's searched knobs; the default combination first."""
-    return kernels.searched_schedules(arch, kernel, dim, s.block_q, s.block_kv)
+    return kernels.searched_schedules(arch, kernel, dim, s.block_q, s.block_kv, s.linear)
 
 
 def kernel_spec(kernel: str, knobs: dict, dim: int, dtype: str, s: Settings,

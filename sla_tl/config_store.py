@@ -405,7 +405,8 @@ def _schedule_problem(schedule: object, key: dict) -> str | None:
             return f"schedule: unknown kernel {kernel!r}"
         if not isinstance(knobs, dict):
             return f"schedule: {kernel} is not an object"
-        space = search_space(key["arch"], kernel, key["dim"], key["block_q"], key["block_kv"])
+        space = search_space(key["arch"], kernel, key["dim"], key["block_q"], key["block_kv"],
+                             key["linear"])
         for name, value in knobs.items():
             if name not in space:
                 return f"schedule: {kernel} has no searched knob {name!r}"

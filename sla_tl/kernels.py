@@ -123,19 +123,22 @@ def default_knobs(arch: str, kernel: str, dim: int, block_q: int, block_kv: int)
         tuning.default_schedule, dict(dim=dim, block_q=block_q, block_kv=block_kv)))
 
 
-def search_space(arch: str, kernel: str, dim: int, block_q: int,
-                 block_kv: int) -> dict[str, tuple]:
-    """The autotuner's choices for each searched knob of a tunable kernel."""
+def search_space(arch: str, kernel: str, dim: int, block_q: int, block_kv: int,
+                 linear: str = "marginal") -> dict[str, tuple]:
+    """The autotuner's choices for each searched knob of a tunable kernel, for calls in the
+    linear mode `linear`: a knob that changes speed only in one mode (the key pass's `group`
+    sets the order of the global sum) is searched only there."""
     tuning = _tuning(arch, kernel)
     return tuning.search_space(**archs.sizes_for(
-        tuning.search_space, dict(dim=dim, block_q=block_q, block_kv=block_kv)))
+        tuning.search_space,
+        dict(dim=dim, block_q=block_q, block_kv=block_kv, linear=linear)))
 
 
-def searched_schedules(arch: str, kernel: str, dim: int, block_q: int,
-                       block_kv: int) -> list[dict]:
-    """Every combination of a tunable kernel's searched knobs (what the autotuner may pick),
-    the default combination first."""
-    space = search_space(arch, kernel, dim, block_q, block_kv)
+def searched_schedules(arch: str, kernel: str, dim: int, block_q: int, block_kv: int,
+                       linear: str = "marginal") -> list[dict]:
+    """Every combination of a tunable kernel's searched knobs (what the autotuner may pick
+    in linear mode `linear`), the default combination first."""
+    space = search_space(arch, kernel, dim, block_q, block_kv, linear)
     default = default_knobs(arch, kernel, dim, block_q, block_kv)
     names = sorted(space)
     combos = [dict(zip(names, values, strict=True))

@@ -255,3 +255,17 @@ def test_tune_refuses_to_time_without_the_gpu_in_hand():
         normalise_arch("sm80")
     with pytest.raises(ValueError, match="error_budget"):
         tune("sm90", search_algorithm={"topk": [0.05]}, compile_only=True)
+
+
+def test_a_kernel_with_no_knob_searched_in_the_calls_linear_mode_is_not_tuned():
+    """In global mode the key pass's `group` changes rounding (it orders the sum of H), so the
+    key pass has nothing to search there; in marginal mode its groups are candidates."""
+    marginal = Settings(block_q=128, block_kv=64)
+    glob = Settings(block_q=128, block_kv=64, linear="global")
+    assert "key_pass" in candidates_module.kernels_searched("sm_90a", 128, "bfloat16", marginal,
+                                                            backward=False)
+    assert {c["group"] for c in enumerate_candidates("sm_90a", "key_pass", 128, marginal)} == {
+        4, 8, 16}
+    searched = candidates_module.kernels_searched("sm_90a", 128, "bfloat16", glob,
+                                                  backward=False)
+    assert "key_pass" not in searched and "forward" in searched

@@ -78,3 +78,16 @@ def test_active_store_follows_the_cache_directory(tmp_path, monkeypatch):
     assert store.path == tmp_path / config_store.STORE_FILE
     assert config_store.active_store() is store
     assert config_store.schedule_for(_call(WAN)) == {}
+
+
+def test_a_knob_searched_in_one_linear_mode_only_is_refused_in_the_other(store):
+    """The key pass's `group` sets the order of the global mode's float32 sum: a store entry
+    with it for a global-mode key is skipped, named, and the marginal one is used."""
+    marginal = {"key_pass": {"group": 16}}
+    glob = WAN._replace(linear="global")
+    store.record(Entry(WAN, marginal, 6.1, 6.8, 30))
+    store.record(Entry(glob, marginal, 6.1, 6.8, 30))
+    fresh = ConfigStore(store.path)
+    with pytest.warns(config_store.TunedConfigWarning,
+                      match=r"entry 1 skipped: schedule: key_pass has no searched knob 'group'"):
+        assert [e.key for e in fresh.entries()] == [WAN]

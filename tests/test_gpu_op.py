@@ -107,3 +107,25 @@ def test_op_is_captured_in_a_cuda_graph(generator):
     torch.cuda.synchronize()
     assert relative_error(captured, step()) < 1e-6, "replay must recompute from the new q"
     assert relative_error(captured, eager) > 1e-3
+
+
+@pytest.mark.parametrize("linear", ["marginal", "global"])
+def test_autocast_around_a_call_changes_no_bit(generator, linear):
+    """Under a bfloat16 autocast region (a training loop's), the routed op's torch steps keep
+    their dtypes (the selection kernel reads float32 scores): outputs and gradients are the
+    ones without autocast, bit for bit."""
+    q, k, v = random_qkv(1, 3, 1000, 777, 128, torch.bfloat16, generator, device="cuda")
+    w, b = random_projection(128, torch.float32, generator, device="cuda")
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, w, b)]
+        out = torch.ops.sla.attention(*leaves[:3], *leaves[3:], 0.1, 0.1, 128, 64,
+                                      linear=linear)
+        return [out, *torch.autograd.grad(out.float().square().sum(), leaves)]
+
+    plain = run()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        under_autocast = run()
+    assert torch.isfinite(plain[0]).all()
+    for name, a, c in zip("out dq dk dv dw db".split(), plain, under_autocast, strict=True):
+        assert a.dtype == c.dtype and torch.equal(a, c), name

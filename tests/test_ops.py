@@ -179,3 +179,23 @@ def test_compiles_fullgraph_forward_and_backward(generator):
         assert relative_error(grads[name], param.grad) < 1e-4, name
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("linear", ["marginal", "global"])
+def test_autocast_around_a_call_changes_no_bit(generator, linear):
+    """The operators compute in their inputs' dtypes: an autocast region (as a bf16 training
+    loop has) gives the same outputs and gradients, bit for bit."""
+    q, k, v = random_qkv(1, 2, 300, 200, 64, torch.float32, generator)
+    w, b = random_projection(64, torch.float32, generator)
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, w, b)]
+        out = torch.ops.sla.attention(*leaves[:3], *leaves[3:], 0.2, 0.1, 64, 64,
+                                      linear=linear)
+        return [out, *torch.autograd.grad(out.square().sum(), leaves)]
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = run()
+    for name, a, c in zip("out dq dk dv dw db".split(), plain, under_autocast, strict=True):
+        assert a.dtype == c.dtype and torch.equal(a, c), name
