@@ -30,9 +30,10 @@ place the defaults are spelled.
 Every attention operator takes an optional `gate` (SALAD's): O = O_s + g * proj(O_l), g of
 shape (B, H, Lq) in layout "bhsd", (B, Lq, H) in "bshd"; None means g = 1.
 
-The device implementations run with autocast off: an autocast region around a call neither
-casts the operators' inputs nor changes the dtypes they compute in (their torch steps
-would otherwise be recast, e.g. the block scores the selection kernel reads in float32).
+The device implementations run with autocast off (a plan's phases, `sla_tl.phases`; the
+reference backend): an autocast region around a call neither casts the operators' inputs
+nor changes the dtypes they compute in (their torch steps would otherwise be recast, e.g.
+the block scores the selection kernel reads in float32).
 
 None of the device implementations synchronises with the host, so the operators can be
 captured in a CUDA graph. A precomputed routing is checked by its backend: fully on the CPU
@@ -40,8 +41,6 @@ captured in a CUDA graph. A precomputed routing is checked by its backend: fully
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import Tensor
@@ -98,13 +97,6 @@ def _no_gate_grad(q: Tensor) -> Tensor:
     return q.new_empty((0,), dtype=torch.float32)
 
 
-def _as_written(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off for a backend's work on `device`, when the caller has it on."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------- sla::route
 
 
@@ -113,9 +105,7 @@ def route(q: Tensor, k: Tensor, topk: float, k_low: float, block_q: int, block_k
           layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Block classification (see `sla_tl.route`)."""
     check_route(q, k, topk, k_low, block_q, block_kv, layout)
-    with _as_written(q.device):
-        return tuple(BACKENDS[q.device.type].route(q, k, topk, k_low, block_q, block_kv,
-                                                   layout))
+    return tuple(BACKENDS[q.device.type].route(q, k, topk, k_low, block_q, block_kv, layout))
 
 
 @route.register_fake
@@ -137,9 +127,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, lut_count: Tenso
     s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     check_attention(q, k, v, proj_weight, proj_bias, gate, s, routing=routing)
-    with _as_written(q.device):
-        return tuple(BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias,
-                                                     s, gate=gate))
+    return tuple(BACKENDS[q.device.type].forward(q, k, v, routing, proj_weight, proj_bias, s,
+                                                 gate=gate))
 
 
 @attention_fwd.register_fake
@@ -165,9 +154,8 @@ def routed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor,
     neg_count)."""
     s = Settings.from_op_args(block_q, block_kv, feature_map, linear, scale, layout)
     check_attention(q, k, v, proj_weight, proj_bias, gate, s, ratios=(topk, k_low))
-    with _as_written(q.device):
-        outputs, routing = BACKENDS[q.device.type].routed_forward(
-            q, k, v, proj_weight, proj_bias, topk, k_low, s, gate=gate)
+    outputs, routing = BACKENDS[q.device.type].routed_forward(q, k, v, proj_weight, proj_bias,
+                                                              topk, k_low, s, gate=gate)
     return (*outputs, *routing)
 
 
@@ -197,9 +185,8 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     routing = Routing(lut, lut_count, neg_lut, neg_count)
     saved = ForwardOutputs(out, lse, o_lin, h_rows, z_rows)
     check_backward(grad_out, q, k, v, saved, routing, proj_weight, proj_bias, gate, s)
-    with _as_written(q.device):
-        *grads, d_gate = BACKENDS[q.device.type].backward(
-            grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s, gate=gate)
+    *grads, d_gate = BACKENDS[q.device.type].backward(
+        grad_out, q, k, v, saved, routing, proj_weight, proj_bias, s, gate=gate)
     return (*grads, _no_gate_grad(q) if d_gate is None else d_gate)
 
 

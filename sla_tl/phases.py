@@ -104,7 +104,13 @@ class Phase:
         allocated, e.g. outputs poisoned by a test). Returns the outputs, or with `keep`
         every tensor the phase saw. `launch` replaces the kernel launches and `watch` wraps
         each step (a dry run); `only` names the steps to run (with `keep`: a test of one
-        kernel on its own)."""
+        kernel on its own). Autocast is off while it runs: each step computes in the dtypes
+        the plan gives it."""
+        if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            # Re-entered with autocast off, so the common call pays no Python call for it
+            # (a dry run's device has no autocast).
+            with torch.autocast(device.type, enabled=False):
+                return self.run(tensors, device, launch, keep, only, watch)
         env = dict(tensors)
         for index, step in enumerate(self.steps):
             if only is not None and step.name not in only:

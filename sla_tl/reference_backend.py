@@ -3,9 +3,14 @@
 A backend takes and returns tensors in the user's layout; outputs are contiguous in it.
 A routing is checked in full before use: a ValueError names the field and row at fault.
 A gate is (B, H, Lq) in layout "bhsd" and (B, Lq, H) in "bshd": `to_bhsd` views both.
+Each entry runs with autocast off, so the reference computes in its inputs' dtypes.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -14,7 +19,19 @@ from .layout import from_bhsd, to_bhsd
 from .routing import Routing
 from .settings import ForwardOutputs, Settings
 
+Entry = TypeVar("Entry", bound=Callable)
 
+
+def _autocast_off(entry: Entry) -> Entry:
+    """`entry` run with the CPU's autocast off (the backend serves CPU tensors)."""
+    @functools.wraps(entry)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return entry(*args, **kwargs)
+    return run  # type: ignore[return-value]
+
+
+@_autocast_off
 def route(
     q: torch.Tensor, k: torch.Tensor, topk: float, k_low: float, block_q: int, block_kv: int,
     layout: str,
@@ -44,6 +61,7 @@ def _run(
     )
 
 
+@_autocast_off
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
     proj_weight: torch.Tensor, proj_bias: torch.Tensor, s: Settings,
@@ -63,6 +81,7 @@ def forward(
     )
 
 
+@_autocast_off
 def routed_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, topk: float, k_low: float, s: Settings,
@@ -73,6 +92,7 @@ def routed_forward(
     return forward(q, k, v, routing, proj_weight, proj_bias, s, gate), routing
 
 
+@_autocast_off
 def backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     saved: ForwardOutputs, routing: Routing,
