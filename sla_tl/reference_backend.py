@@ -3,7 +3,8 @@
 A backend takes and returns tensors in the user's layout; outputs are contiguous in it.
 A routing is checked in full before use: a ValueError names the field and row at fault.
 A gate is (B, H, Lq) in layout "bhsd" and (B, Lq, H) in "bshd": `to_bhsd` views both.
-Each entry runs with autocast off, so the reference computes in its inputs' dtypes.
+Its route, forward and backward run with autocast off, so the reference computes in its
+inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ def forward(
     )
 
 
-@_autocast_off
 def routed_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor,
     proj_bias: torch.Tensor, topk: float, k_low: float, s: Settings,
