@@ -3,8 +3,8 @@
 # index, for its Python 3.12, as two bundles so that a call carries only what it needs:
 #   .device/pytest.tar.xz  pytest-timeout and pytest-xdist (gpu_check's per-test timeout and
 #                          parallel workers), a few hundred KB;
-#   .device/extras.tar.xz  matplotlib (the plot), diffusers (the diffusers GPU tests; the
-#                          machine has its other needs: huggingface-hub, safetensors, ...) and
+#   .device/extras.tar.xz  diffusers (the diffusers GPU tests; the machine has its other
+#                          needs: huggingface-hub, safetensors, ..., and matplotlib) and
 #                          thu-ml/SLA's `sparse_linear_attention` package (a baseline), from a
 #                          checkout of it.
 #
@@ -20,7 +20,6 @@ download() {  # download DIR ARGS...: wheels for the GPU machine's Python
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d "$@"
 }
-download "$tmp/whl" matplotlib
 download "$tmp/whl" --no-deps "diffusers>=0.35,<0.43" importlib_metadata
 download "$tmp/pytest-whl" --no-deps pytest-timeout pytest-xdist execnet
 unpack() {  # unpack WHEELDIR SITEDIR

@@ -18,6 +18,11 @@
 #                 variants: every forward, dQ and query-pass schedule and alternative timed
 #                           alone (`forward_variants`, also with K and V L2-resident,
 #                           `dq_variants`, `query_pass_variants`);
+#                 counters: Nsight Compute's full set of counters for the kernels of the steps
+#                           in $COUNTER_STEPS (default the forward's and the backward's GEMM
+#                           kernels, `step_counters`), one launch each: the details page at
+#                           $OUT/counters_details.txt, each SASS line's samples at
+#                           $OUT/counters_sass.csv;
 #                 quality:  `sla-tl quality --size gpu` for the seeds in $QUALITY_SEEDS (default
 #                           0; ~5 minutes a seed), at $OUT/quality_seeds_<seeds>.json; merge the
 #                           parts with `sla-tl quality --from A.json B.json ... --plot q.png`.
@@ -58,7 +63,20 @@ variants() {
     python3 -m sla_tl.benchmarks.dq_variants --out "$OUT/dq_variants.json" &&
     python3 -m sla_tl.benchmarks.query_pass_variants --out "$OUT/query_pass_variants.json"
 }
+counters() {
+  local ncu report=/tmp/counters
+  ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)"
+  [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
+  # The clocks are left as they are (the device notes ask it of every measurement).
+  "$ncu" --profile-from-start off --clock-control none --set full -f -o "$report" \
+    python3 -m sla_tl.benchmarks.step_counters \
+    ${COUNTER_STEPS:+--steps "$COUNTER_STEPS"} &&
+    "$ncu" -i "$report.ncu-rep" --page details > "$OUT/counters_details.txt" &&
+    "$ncu" -i "$report.ncu-rep" --page source --csv --print-source sass \
+      > "$OUT/counters_sass.csv"
+}
 step breakdowns breakdowns
+step counters counters
 step variants variants
 step bench python3 -m sla_tl.cli bench --sections "${SECTIONS:-shapes,sparsity,length}" \
   --out "$OUT/bench.json" --plot "$OUT/bench.png" "$@"
