@@ -1,17 +1,27 @@
-"""GPU time per kernel of one forward+backward through `torch.ops.sla.attention`.
+"""GPU time per kernel of `torch.ops.sla.attention` calls, in launch order.
 
-    python -m sla_tl.benchmarks.kernel_profile [--topk 0.05] [--out profile.json]
+    python -m sla_tl.benchmarks.kernel_profile [--mode fwd|fwd+bwd] [--topk 0.05]
+        [--linear marginal] [--calls 7] [--out profile.json]
 
-Runs a few warm-up calls, then profiles `--calls` calls with torch.profiler and lists
-every GPU kernel by total time, so the small torch ops around the TileLang kernels show.
+At the Wan2.1-1.3B shape by default (B=1, H=12, L=32760, D=128, bf16), on fresh random
+inputs. Runs warm-up calls, then profiles `--calls` calls with torch.profiler. A forward is
+called under `torch.no_grad()`; a forward+backward returns its gradients
+(`torch.autograd.grad`, nothing accumulated into `.grad`), as `sla-tl bench` times them.
+Every call launches the same kernels, so they are listed by their place in a call: the
+median GPU time of each over the calls, its name (TileLang names every kernel
+`main_kernel`: the place tells them apart), then the sum per call and the median span from
+a call's first kernel start to its last kernel's end (the difference is the time the GPU
+waited between kernels, for the host or for a launch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import sla_tl
@@ -19,27 +29,45 @@ import sla_tl
 from .environment import describe_environment
 
 
+def kernels_by_call(events: list, calls: int) -> list[list]:
+    """The CUDA kernel events of `calls` identical calls, split into one list per call (in
+    launch order); ValueError when the count does not divide evenly."""
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels or len(kernels) % calls:
+        raise ValueError(f"{len(kernels)} kernels do not split into {calls} equal calls")
+    per_call = len(kernels) // calls
+    return [kernels[i * per_call:(i + 1) * per_call] for i in range(calls)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Profile the op at the Wan2.1-1.3B shape and print a per-kernel table."""
+    """Profile the op and print a per-kernel table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="fwd", choices=("fwd", "fwd+bwd"))
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--length", type=int, default=32760)
     parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
-    parser.add_argument("--calls", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1; got {args.calls}")
     b, h, d = 1, 12, 128
     shape = (b, h, args.length, d)
+    backward = args.mode == "fwd+bwd"
     q, k, v, grad = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
-        x.requires_grad_()
+        x.requires_grad_(backward)
     weight = torch.randn(d, d, device="cuda") / d**0.5
-    bias = torch.zeros(d, device="cuda")
+    bias = torch.randn(d, device="cuda") * 0.1
 
     def call() -> None:
-        out = sla_tl.attention(q, k, v, weight, bias, topk=args.topk, linear=args.linear)
-        out.backward(grad)
+        if backward:
+            out = sla_tl.attention(q, k, v, weight, bias, topk=args.topk, linear=args.linear)
+            torch.autograd.grad(out, (q, k, v), grad)
+        else:
+            with torch.no_grad():
+                sla_tl.attention(q, k, v, weight, bias, topk=args.topk, linear=args.linear)
 
     for _ in range(3):
         call()
@@ -48,20 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.calls):
             call()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
-    total_us = sum(e.device_time_total for e in kernels) / args.calls
-    print(f"B={b} H={h} L={args.length} D={d} bf16 topk={args.topk} linear={args.linear}: "
-          f"{total_us / 1e3:.3f} ms of GPU kernels per forward+backward")
-    rows = []
-    for e in kernels[:args.rows]:
-        per_call_us = e.device_time_total / args.calls
-        rows.append(dict(kernel=e.key, calls=e.count // args.calls, us_per_call=per_call_us))
-        print(f"  {per_call_us:9.1f} us  x{e.count // args.calls:<3} {e.key[:100]}")
+    calls = kernels_by_call(prof.events(), args.calls)
+    rows = [dict(place=i, kernel=column[0].name,
+                 us=statistics.median(e.time_range.elapsed_us() for e in column))
+            for i, column in enumerate(zip(*calls, strict=True))]
+    total_us = sum(r["us"] for r in rows)
+    span_us = statistics.median(c[-1].time_range.end - c[0].time_range.start for c in calls)
+    print(f"B={b} H={h} L={args.length} D={d} bf16 topk={args.topk} linear={args.linear} "
+          f"{args.mode}: {len(rows)} kernels, {total_us / 1e3:.3f} ms of GPU time per call, "
+          f"first start to last end {span_us / 1e3:.3f} ms")
+    for r in rows:
+        print(f"  {r['place']:3d} {r['us']:9.1f} us  {r['kernel'][:100]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args),
-                           total_us=total_us, kernels=rows), f, indent=2)
+                           total_us=total_us, span_us=span_us, kernels=rows), f, indent=2)
     return 0
 
 
