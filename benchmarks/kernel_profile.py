@@ -1,17 +1,18 @@
 """GPU time per kernel of `torch.ops.sla.attention` calls, in launch order.
 
     python -m sla_tl.benchmarks.kernel_profile [--mode fwd|fwd+bwd] [--topk 0.05]
-        [--linear marginal] [--calls 7] [--out profile.json]
+        [--linear marginal] [--block-q 128] [--block-kv 64] [--calls 7] [--out profile.json]
 
-At the Wan2.1-1.3B shape by default (B=1, H=12, L=32760, D=128, bf16), on fresh random
-inputs. Runs warm-up calls, then profiles `--calls` calls with torch.profiler. A forward is
-called under `torch.no_grad()`; a forward+backward returns its gradients
-(`torch.autograd.grad`, nothing accumulated into `.grad`), as `sla-tl bench` times them.
-Every call launches the same kernels, so they are listed by their place in a call: the
-median GPU time of each over the calls, its name (TileLang names every kernel
-`main_kernel`: the place tells them apart), then the sum per call and the median span from
-a call's first kernel start to its last kernel's end (the difference is the time the GPU
-waited between kernels, for the host or for a launch).
+At the Wan2.1-1.3B shape by default (B=1, H=12, L=32760, D=128, bf16), with the bench
+suite's blocks (128x64, not the operator's default 64x64), on fresh random inputs. Runs
+warm-up calls, then profiles `--calls` calls with torch.profiler. A forward is called under
+`torch.no_grad()`; a forward+backward returns its gradients (`torch.autograd.grad`, nothing
+accumulated into `.grad`), as `sla-tl bench` times them. Every call launches the same
+kernels, so they are listed by their place in a call: the median GPU time of each over the
+calls, its name (TileLang names every kernel `main_kernel`: the place tells them apart),
+then the sum per call and the median span from a call's first kernel start to its last
+kernel's end (the difference is the time the GPU waited between kernels, for the host or for
+a launch).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--length", type=int, default=32760)
     parser.add_argument("--linear", default="marginal", choices=("marginal", "global"))
+    parser.add_argument("--block-q", type=int, default=128)
+    parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -61,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     weight = torch.randn(d, d, device="cuda") / d**0.5
     bias = torch.randn(d, device="cuda") * 0.1
 
+    def attend() -> torch.Tensor:
+        return sla_tl.attention(q, k, v, weight, bias, topk=args.topk, block_q=args.block_q,
+                                block_kv=args.block_kv, linear=args.linear)
+
     def call() -> None:
         if backward:
-            out = sla_tl.attention(q, k, v, weight, bias, topk=args.topk, linear=args.linear)
+            out = attend()
             torch.autograd.grad(out, (q, k, v), grad)
         else:
             with torch.no_grad():
-                sla_tl.attention(q, k, v, weight, bias, topk=args.topk, linear=args.linear)
+                attend()
 
     for _ in range(3):
         call()
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     total_us = sum(r["us"] for r in rows)
     span_us = statistics.median(c[-1].time_range.end - c[0].time_range.start for c in calls)
     print(f"B={b} H={h} L={args.length} D={d} bf16 topk={args.topk} linear={args.linear} "
-          f"{args.mode}: {len(rows)} kernels, {total_us / 1e3:.3f} ms of GPU time per call, "
+          f"blocks {args.block_q}x{args.block_kv} {args.mode}: {len(rows)} kernels, "
+          f"{total_us / 1e3:.3f} ms of GPU time per call, "
           f"first start to last end {span_us / 1e3:.3f} ms")
     for r in rows:
         print(f"  {r['place']:3d} {r['us']:9.1f} us  {r['kernel'][:100]}")
