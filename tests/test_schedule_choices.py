@@ -72,12 +72,6 @@ def test_a_schedule_that_does_not_fit_is_refused_by_name():
         kernels.compiled(_forward_spec(64, 64, warp_specialization="manual"))
     with pytest.raises(ValueError, match="hand-written forward only"):
         kernels.compiled(_forward_spec(64, 64, entries_per_step=2))
-    with pytest.raises(ValueError, match="persistent CTAs take one LUT entry a step"):
-        kernels.compiled(_forward_spec(128, 64, warp_specialization="persistent",
-                                       entries_per_step=2))
-    with pytest.raises(ValueError, match="no pingpong"):
-        forward_ws.sla_forward_ws(128, 64, "bfloat16", "softmax", "bhsd", 0.1, 3, True,
-                                  persistent=True)
 
 
 @pytest.mark.parametrize("dim,block_q", [(64, 64), (64, 128), (128, 64), (128, 128)])

@@ -27,13 +27,12 @@ from ..common import DTYPES, LINEAR_EPS, LOG2E, NAN, rows, seq_shape
 from ..feature_maps import feature_map_macro
 from . import SHARED_MEMORY_BYTES, forward_ws
 
-WARP_SPECIALIZATION = ("auto", "manual", "pingpong", "persistent")
+WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
 """How the forward's warpgroups share the work: "auto" is TileLang's automatic
-producer/consumer split (this module's kernel, any block_q); "manual", "pingpong" and
-"persistent" are the hand-written schedule of `forward_ws` (128-row query blocks),
-"pingpong" with the two consumers taking turns on the tensor cores, "persistent" with one
-CTA per SM taking query blocks in turn (one LUT entry a step). `entries_per_step` (1 or 2
-LUT entries a loop step) applies to the hand-written schedule only."""
+producer/consumer split (this module's kernel, any block_q); "manual" and "pingpong" are the
+hand-written schedule of `forward_ws` (128-row query blocks), "pingpong" with the two
+consumers taking turns on the tensor cores. `entries_per_step` (1 or 2 LUT entries a loop
+step) applies to the hand-written schedule only."""
 
 
 def _hand_written_stages(dim: int, block_q: int, block_kv: int,
@@ -68,8 +67,7 @@ def search_space(dim: int, block_q: int, block_kv: int) -> dict[str, tuple]:
     schedule's numbers bit for bit (the order of the work changes, not the arithmetic)."""
     stages = _hand_written_stages(dim, block_q, block_kv)
     if stages:
-        return dict(num_stages=stages,
-                    warp_specialization=("manual", "pingpong", "persistent"))
+        return dict(num_stages=stages, warp_specialization=("manual", "pingpong"))
     # One warpgroup for 128 query rows is left out: it spills, and nvcc takes over ten
     # minutes to say so.
     return dict(num_stages=(1, 2, 3), warp_specialization=("auto",))

@@ -11,13 +11,7 @@ Same computation, arguments and outputs as `forward.sla_forward`; a different sc
   64-key step). Each step issues QK^T(t) and PV(t-1) asynchronously, then runs the softmax
   of step t while PV(t-1) is still on the tensor cores;
 - with `pingpong`, the two consumers take turns issuing their GEMMs (two named barriers),
-  so one's softmax overlaps the other's GEMMs instead of both colliding on the tensor cores;
-- with `persistent`, one CTA per SM takes query blocks in turn: the ring of key blocks runs
-  on across them, the consumers compute phi(Q) and its row scale as a block starts (so Q's
-  tile and Z_i are free at once) and the producer loads the next block's Q, Z_i and first
-  key blocks during this one's loop and epilogue, so no block waits for its first loads,
-  and no CTA launches, initialises its barriers or drains its stores per block. Same
-  arithmetic as one CTA per query block, bit for bit.
+  so one's softmax overlaps the other's GEMMs instead of both colliding on the tensor cores.
 
 Whatever the routing tensors hold, no load leaves its tensor (the count is clamped to the
 row, each entry to an existing key block); ACTIVE < 0 marks a row whose routing the caller
@@ -40,20 +34,13 @@ exponentials (an opaque shared-memory read and branch before that wait, `_ORDER_
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-from ..common import CONSUMER_BARRIER, DTYPES, LINEAR_EPS, LN2, LOG2E, NAN, rows, seq_shape
+from ..common import DTYPES, LINEAR_EPS, LN2, LOG2E, NAN, rows, seq_shape
 from ..feature_maps import feature_map_macro
 from . import SHARED_MEMORY_BYTES
 
 BLOCK_Q = 128
 """Query rows per CTA: two consumer warpgroups of 64 rows."""
 THREADS = 384
-PERSISTENT_CTAS = 132
-"""CTAs of the persistent schedule: one per SM of an H100 SXM or H200. On a GPU with fewer
-SMs the extra CTAs start as others finish (slower, never wrong)."""
-PERSISTENT_REGISTERS = (40, 232)
-"""Registers per thread of the persistent schedule's producer and consumers (the per-block
-schedule's 24 and 240 share the same 168 x 384 at launch): the producer also keeps its
-place in the grid and the ring across query blocks, and spilled with 24."""
 
 # Named barriers 0 (__syncthreads) and the low ids are TileLang's own; the two consumers'
 # turn-taking barriers sit above them.
@@ -100,13 +87,10 @@ def sla_forward_ws(
     pingpong: bool,
     entries_per_step: int = 1,
     gated: bool = False,
-    persistent: bool = False,
 ):
     """The warp-specialised forward's TileLang program (see the module docstring).
 
-    Schedule knobs (speed only): pipeline `num_stages`, `pingpong` and `persistent` (one CTA
-    per SM taking query blocks in turn, see `PERSISTENT_CTAS`; not with pingpong or two
-    entries a step). `entries_per_step`
+    Schedule knobs (speed only): pipeline `num_stages` and `pingpong`. `entries_per_step`
     (1 or 2) is how many LUT entries (key blocks) a loop step takes: with 2, the step's
     fixed costs (rescaling O, the row reductions' shuffles, barriers) are paid once per two
     key blocks, and the online softmax's running maximum moves per pair, which rounds
@@ -114,9 +98,6 @@ def sla_forward_ws(
     """
     if entries_per_step not in (1, 2):
         raise ValueError(f"entries_per_step must be 1 or 2; got {entries_per_step}")
-    if persistent and (pingpong or entries_per_step != 1):
-        raise ValueError("persistent CTAs take one LUT entry a step and no pingpong; got "
-                         f"entries_per_step={entries_per_step}, pingpong={pingpong}")
     if not fits(dim, BLOCK_Q, block_kv, num_stages, entries_per_step):
         raise ValueError(f"the warp-specialised forward does not fit D={dim}, "
                          f"block_kv={block_kv}, num_stages={num_stages}, "
@@ -189,322 +170,6 @@ def sla_forward_ws(
         T.tma_copy(bias[:], bias_s, barrier=barrier)
         T.barrier_arrive(barrier)
 
-    @T.macro
-    def load_states(h_rows, w, z_rows, bias, b, h, state, h_s, w_s, z_s, bias_s, full, empty,
-                    tile):
-        if persistent:
-            # H_i goes where the previous query block's epilogue read its own; W and the
-            # bias stay for every query block; Z_i came with Q.
-            T.barrier_wait(empty, (tile & 1) ^ 1)
-            T.tma_copy(h_rows[b, h, state, :, :], h_s, barrier=full)
-            if tile == 0:
-                T.tma_copy(w[:, :], w_s, barrier=full)
-                T.tma_copy(bias[:], bias_s, barrier=full)
-            T.barrier_arrive(full)
-        else:
-            load_epilogue(h_rows, w, z_rows, bias, b, h, state, h_s, w_s, z_s, bias_s, full)
-
-    @T.macro
-    def produce_steps(K, V, LUT, H_ROWS, W, Z_ROWS, BIAS, k_s, v_s, h_s, w_s, z_s, bias_s,
-                      k_full, v_full, k_empty, v_empty, epilogue_full, epilogue_empty,
-                      bz, by, bx, state, count, steps, base, tile):
-        """One query block's loads: its key blocks into the ring (step t of the block is
-        the ring's step base + t), and the epilogue's operands."""
-        n_kv = T.ceildiv(lk, block_kv)
-        # Per block: behind the first key blocks. Persistent: once the ring is full, when
-        # the producer would wait anyway and the previous block's epilogue has begun.
-        states_step = T.min(steps, num_stages) - 1 if persistent else 0
-        for t in T.serial(steps):
-            g = base + t
-            s = g % num_stages
-            phase = (g // num_stages) & 1
-            first = t * entries_per_step
-            j = T.max(T.min(LUT[bz, by, bx, first], n_kv - 1), 0)
-            if pair:
-                # An odd count's last step loads its one block twice (masked).
-                j_b = T.if_then_else(
-                    first + 1 < count,
-                    T.max(T.min(LUT[bz, by, bx, first + 1], n_kv - 1), 0), j)
-            T.barrier_wait(k_empty[s], phase ^ 1)
-            T.tma_copy(rows(K, bz, by, j * block_kv, block_kv, layout),
-                       k_s[entries_per_step * s, :, :], barrier=k_full[s])
-            if pair:
-                T.tma_copy(rows(K, bz, by, j_b * block_kv, block_kv, layout),
-                           k_s[2 * s + 1, :, :], barrier=k_full[s])
-            T.barrier_arrive(k_full[s])
-            T.barrier_wait(v_empty[s], phase ^ 1)
-            T.tma_copy(rows(V, bz, by, j * block_kv, block_kv, layout),
-                       v_s[entries_per_step * s, :, :], barrier=v_full[s])
-            if pair:
-                T.tma_copy(rows(V, bz, by, j_b * block_kv, block_kv, layout),
-                           v_s[2 * s + 1, :, :], barrier=v_full[s])
-            T.barrier_arrive(v_full[s])
-            if t == states_step:
-                load_states(H_ROWS, W, Z_ROWS, BIAS, bz, by, state, h_s, w_s, z_s, bias_s,
-                            epilogue_full, epilogue_empty, tile)
-        if count == 0:
-            load_states(H_ROWS, W, Z_ROWS, BIAS, bz, by, state, h_s, w_s, z_s, bias_s,
-                        epilogue_full, epilogue_empty, tile)
-
-    @T.macro
-    def consume_steps(q_r, k_s, v_s, scores, probs, scores_b, probs_b, acc_o, row_max,
-                      prev_max, rescale, scaled_max, row_sum, row_sum_b, denom, k_full,
-                      v_full, k_empty, v_empty, LUT, bz, by, bx, count, steps, base, wg):
-        """One query block's sparse loop over the ring (step t is the ring's base + t)."""
-        n_kv = T.ceildiv(lk, block_kv)
-        if steps > 0:
-            if pingpong:
-                if steps > 1:
-                    if wg == 0:  # consumer 0 takes the first turn
-                        T.named_barrier_arrive(_PINGPONG_BARRIER, 256)
-            s0 = base % num_stages
-            T.barrier_wait(k_full[s0], (base // num_stages) & 1)
-            T.wgmma_gemm(q_r, k_s[entries_per_step * s0, :, :], scores, transpose_B=True,
-                         clear_accum=True, policy=row_policy)
-            if pair:
-                T.wgmma_gemm(q_r, k_s[2 * s0 + 1, :, :], scores_b, transpose_B=True,
-                             clear_accum=True, policy=row_policy)
-            T.wait_wgmma(0)
-            T.barrier_arrive(k_empty[s0])
-            j = T.max(T.min(LUT[bz, by, bx, 0], n_kv - 1), 0)
-            if pair:
-                online_softmax_pair(
-                    scores, scores_b, row_max, prev_max, rescale, scaled_max, row_sum,
-                    row_sum_b, denom, j, T.max(T.min(LUT[bz, by, bx, 1], n_kv - 1), 0),
-                    1 < count)
-                T.copy(scores_b, probs_b)
-            else:
-                online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum,
-                               denom, j)
-            T.copy(scores, probs)
-            for t in T.serial(1, steps):
-                g = base + t
-                s = g % num_stages
-                sp = (g - 1) % num_stages
-                T.barrier_wait(k_full[s], (g // num_stages) & 1)
-                if pingpong:
-                    T.sync_threads(_PINGPONG_BARRIER + wg, 256)
-                T.wgmma_gemm(q_r, k_s[entries_per_step * s, :, :], scores,
-                             transpose_B=True, clear_accum=True, policy=row_policy)
-                if pair:
-                    T.wgmma_gemm(q_r, k_s[2 * s + 1, :, :], scores_b, transpose_B=True,
-                                 clear_accum=True, policy=row_policy)
-                # O is rescaled for step t-1's max before P(t-1) V is added.
-                for i, d in T.Parallel(block_q, dim):
-                    acc_o[i, d] *= rescale[i]
-                T.barrier_wait(v_full[sp], ((g - 1) // num_stages) & 1)
-                T.wgmma_gemm(probs, v_s[entries_per_step * sp, :, :], acc_o,
-                             policy=row_policy)
-                if pair:
-                    T.wgmma_gemm(probs_b, v_s[2 * sp + 1, :, :], acc_o,
-                                 policy=row_policy)
-                if pingpong:
-                    # Hand the tensor cores over; consumer 1 leaves no arrival
-                    # behind after its last step.
-                    if wg == 0 or t + 1 < steps:
-                        T.named_barrier_arrive(_PINGPONG_BARRIER + 1 - wg, 256)
-                # S(t) is ready; P(t-1) V is still running.
-                T.wait_wgmma(entries_per_step)
-                T.barrier_arrive(k_empty[s])
-                first = t * entries_per_step
-                j = T.max(T.min(LUT[bz, by, bx, first], n_kv - 1), 0)
-                if pair:
-                    online_softmax_pair(
-                        scores, scores_b, row_max, prev_max, rescale, scaled_max,
-                        row_sum, row_sum_b, denom, j,
-                        T.max(T.min(LUT[bz, by, bx, first + 1], n_kv - 1), 0),
-                        first + 1 < count)
-                else:
-                    online_softmax(scores, row_max, prev_max, rescale, scaled_max,
-                                   row_sum, denom, j)
-                T.call_extern("handle", "sla_order_guard")
-                T.wait_wgmma(0)
-                T.barrier_arrive(v_empty[sp])
-                T.copy(scores, probs)
-                if pair:
-                    T.copy(scores_b, probs_b)
-            for i, d in T.Parallel(block_q, dim):
-                acc_o[i, d] *= rescale[i]
-            last = (base + steps - 1) % num_stages
-            T.barrier_wait(v_full[last], ((base + steps - 1) // num_stages) & 1)
-            T.wgmma_gemm(probs, v_s[entries_per_step * last, :, :], acc_o,
-                         policy=row_policy)
-            if pair:
-                T.wgmma_gemm(probs_b, v_s[2 * last + 1, :, :], acc_o, policy=row_policy)
-            T.wait_wgmma(0)
-            T.barrier_arrive(v_empty[last])
-
-    @T.macro
-    def normalise(acc_o, denom, row_max, rescale, scaled_max, LSE, bz, by, bx, active):
-        # Sparse branch: normalise, and the natural-log LSE (-inf for an empty row).
-        # ACTIVE < 0: the caller found this row's routing invalid; it comes out NaN.
-        for i in T.Parallel(block_q):
-            rescale[i] = T.if_then_else(denom[i] > 0, 1.0 / denom[i], 0.0)
-            scaled_max[i] = T.if_then_else(
-                active < 0, NAN, T.if_then_else(
-                    denom[i] > 0, (T.log2(denom[i]) + row_max[i] * scale_log2) * LN2,
-                    neg_inf))
-        for i, d in T.Parallel(block_q, dim):
-            acc_o[i, d] *= rescale[i]
-        for i in T.Parallel(block_q):
-            if bx * block_q + i < lq:
-                LSE[bz, by, bx * block_q + i] = scaled_max[i]
-
-    @T.macro
-    def linear_scale(lin, row_sum, active):
-        # 1 / (phi(q) . z_i + eps) per row; 0 for a row without routing, NaN for an invalid one.
-        T.reduce_sum(lin, row_sum, dim=1)
-        for i in T.Parallel(block_q):
-            row_sum[i] = T.if_then_else(
-                active > 0, 1.0 / (row_sum[i] + LINEAR_EPS),
-                T.if_then_else(active < 0, NAN, 0.0))
-
-    @T.macro
-    def project(lin_s, w_s, lin, acc_o, bias_s, row_sum, GATE, bz, by, bx, active):
-        # Projection: O = O_s + O_l W^T + b, or O_s + g (O_l W^T + b) with a gate.
-        if gated:
-            # `lin` is dead once stored: it takes the projection, scaled row by row.
-            for i in T.Parallel(block_q):
-                row_sum[i] = T.if_then_else(bx * block_q + i < lq,
-                                            GATE[bz, by, bx * block_q + i], 0.0)
-            T.gemm(lin_s, w_s, lin, transpose_B=True, clear_accum=True,
-                   policy=row_policy)
-            for i, d in T.Parallel(block_q, dim):
-                acc_o[i, d] = T.if_then_else(
-                    active < 0, NAN, acc_o[i, d] + row_sum[i] * (lin[i, d] + bias_s[d]))
-        else:
-            T.gemm(lin_s, w_s, acc_o, transpose_B=True, policy=row_policy)
-            for i, d in T.Parallel(block_q, dim):
-                acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + bias_s[d])
-
-    if persistent:
-        @T.prim_func
-        def main(
-            Q: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
-            K: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
-            V: T.Tensor(seq_shape(batch, heads, lk, dim, layout), dt),
-            LUT: T.Tensor([batch, heads, n_q, width], T.int32),
-            COUNT: T.Tensor([batch, heads, n_q], T.int32),
-            H_ROWS: T.Tensor([batch, heads, n_states, dim, dim], dt),
-            Z_ROWS: T.Tensor([batch, heads, n_states, dim], acc),
-            ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
-            W: T.Tensor([dim, dim], dt),
-            BIAS: T.Tensor([dim], acc),
-            GATE: gate_tensor,
-            O: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
-            O_LIN: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
-            LSE: T.Tensor([batch, heads, lq], acc),
-        ):
-            with T.Kernel(T.min(n_q * heads * batch, PERSISTENT_CTAS), threads=THREADS,
-                          prelude=_ORDER_GUARD) as cta:
-                q_s = T.alloc_shared([block_q, dim], dt)  # Q, free once in registers
-                k_s = T.alloc_shared([num_stages, block_kv, dim], dt)
-                v_s = T.alloc_shared([num_stages, block_kv, dim], dt)
-                h_s = T.alloc_shared([dim, dim], dt)
-                w_s = T.alloc_shared([dim, dim], dt)
-                z_s = T.alloc_shared([dim], acc)
-                bias_s = T.alloc_shared([dim], acc)
-                lin_s = T.alloc_shared([block_q, dim], dt)  # phi(Q), then O_l, then the output
-
-                q_full = T.alloc_barrier(arrive_count=128)
-                q_empty = T.alloc_barrier(arrive_count=256)
-                epilogue_full = T.alloc_barrier(arrive_count=128)
-                epilogue_empty = T.alloc_barrier(arrive_count=256)
-                k_full = T.alloc_barrier(arrive_count=[128] * num_stages)
-                v_full = T.alloc_barrier(arrive_count=[128] * num_stages)
-                k_empty = T.alloc_barrier(arrive_count=[256] * num_stages)
-                v_empty = T.alloc_barrier(arrive_count=[256] * num_stages)
-
-                tx = T.get_thread_binding()
-                # Query blocks in the per-block grid's order (blocks of one head side by side,
-                # so that they share its K and V in L2), dealt out to the CTAs round-robin.
-                n_tiles = n_q * heads * batch
-                n_ctas = T.min(n_tiles, PERSISTENT_CTAS)
-                base = T.alloc_var(T.int32, init=0)  # ring steps of the CTA's earlier blocks
-
-                if tx >= 256:
-                    T.set_max_nreg(PERSISTENT_REGISTERS[0], 0)
-                    bx, by, bz = T.alloc_var(T.int32), T.alloc_var(T.int32), T.alloc_var(T.int32)
-                    for it in T.serial(T.ceildiv(n_tiles - cta, n_ctas)):
-                        tile = cta + it * n_ctas  # decoded once a block
-                        bx = tile % n_q
-                        by = (tile // n_q) % heads
-                        bz = tile // (n_q * heads)
-                        count = T.max(T.min(COUNT[bz, by, bx], width), 0)
-                        state = T.if_then_else(n_states == 1, 0, bx)
-                        # Q and Z_i of the next block as soon as this one's are in registers.
-                        T.barrier_wait(q_empty, (it & 1) ^ 1)
-                        T.tma_copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s,
-                                   barrier=q_full)
-                        T.tma_copy(Z_ROWS[bz, by, state, :], z_s, barrier=q_full)
-                        T.barrier_arrive(q_full)
-                        produce_steps(K, V, LUT, H_ROWS, W, Z_ROWS, BIAS, k_s, v_s, h_s, w_s, z_s,
-                                      bias_s, k_full, v_full, k_empty, v_empty, epilogue_full,
-                                      epilogue_empty, bz, by, bx, state, count, count, base, it)
-                        base = base + count
-                else:
-                    T.set_max_nreg(PERSISTENT_REGISTERS[1], 1)
-                    wg = tx // 128
-                    q_r = T.alloc_fragment([block_q, dim], dt)
-                    scores = T.alloc_fragment([block_q, block_kv], acc)
-                    probs = T.alloc_fragment([block_q, block_kv], dt)
-                    acc_o = T.alloc_fragment([block_q, dim], acc)
-                    lin = T.alloc_fragment([block_q, dim], acc)
-                    row_max = T.alloc_fragment([block_q], acc)
-                    prev_max = T.alloc_fragment([block_q], acc)
-                    rescale = T.alloc_fragment([block_q], acc)
-                    scaled_max = T.alloc_fragment([block_q], acc)
-                    row_sum = T.alloc_fragment([block_q], acc)
-                    denom = T.alloc_fragment([block_q], acc)
-                    lin_norm = T.alloc_fragment([block_q], acc)
-                    bx, by, bz = T.alloc_var(T.int32), T.alloc_var(T.int32), T.alloc_var(T.int32)
-                    for it in T.serial(T.ceildiv(n_tiles - cta, n_ctas)):
-                        tile = cta + it * n_ctas  # decoded once a block
-                        bx = tile % n_q
-                        by = (tile // n_q) % heads
-                        bz = tile // (n_q * heads)
-                        count = T.max(T.min(COUNT[bz, by, bx], width), 0)
-                        T.barrier_wait(q_full, it & 1)
-                        T.copy(q_s, q_r)
-                        # phi(Q) and its row scale first, so that Q's tile and Z_i are free for
-                        # the next block; the arithmetic is the per-block kernel's.
-                        T.copy(q_s, lin)
-                        phi(lin, prev_max, row_sum, block_q, dim)
-                        T.tma_store_wait()  # the previous block's output has left lin_s
-                        T.sync_threads(CONSUMER_BARRIER, 256)
-                        T.copy(lin, lin_s)
-                        for i, d in T.Parallel(block_q, dim):
-                            lin[i, d] = lin[i, d] * z_s[d]
-                        linear_scale(lin, lin_norm, ACTIVE[bz, by, bx])
-                        T.barrier_arrive(q_empty)
-                        T.fill(acc_o, 0)
-                        T.fill(denom, 0)
-                        T.fill(row_max, neg_inf)
-                        consume_steps(q_r, k_s, v_s, scores, probs, None, None, acc_o, row_max,
-                                      prev_max, rescale, scaled_max, row_sum, None, denom, k_full,
-                                      v_full, k_empty, v_empty, LUT, bz, by, bx, count, count,
-                                      base, wg)
-                        # Read again rather than held through the loop: a register less there.
-                        active = ACTIVE[bz, by, bx]
-                        normalise(acc_o, denom, row_max, rescale, scaled_max, LSE, bz, by, bx,
-                                  active)
-                        T.barrier_wait(epilogue_full, it & 1)
-                        T.gemm(lin_s, h_s, lin, clear_accum=True, policy=row_policy)
-                        T.barrier_arrive(epilogue_empty)
-                        for i, d in T.Parallel(block_q, dim):
-                            lin[i, d] *= lin_norm[i]
-                        T.copy(lin, lin_s)
-                        T.tma_copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
-                        project(lin_s, w_s, lin, acc_o, bias_s, row_sum, GATE, bz, by, bx, active)
-                        T.tma_store_wait()  # O_l's store has read the tile
-                        T.sync_threads(CONSUMER_BARRIER, 256)
-                        T.copy(acc_o, lin_s)
-                        T.tma_copy(lin_s, rows(O, bz, by, bx * block_q, block_q, layout))
-                        base = base + count
-                    T.tma_store_wait()
-
-        return main
-
     @T.prim_func
     def main(
         Q: T.Tensor(seq_shape(batch, heads, lq, dim, layout), dt),
@@ -543,6 +208,7 @@ def sla_forward_ws(
             v_empty = T.alloc_barrier(arrive_count=[256] * num_stages)
 
             tx = T.get_thread_binding()
+            n_kv = T.ceildiv(lk, block_kv)
             # Whatever the routing tensors hold, no load leaves the row or the key blocks.
             count = T.max(T.min(COUNT[bz, by, bx], width), 0)
             steps = T.ceildiv(count, entries_per_step)
@@ -553,18 +219,47 @@ def sla_forward_ws(
                 T.set_max_nreg(24, 0)
                 T.tma_copy(rows(Q, bz, by, bx * block_q, block_q, layout), q_s, barrier=q_full)
                 T.barrier_arrive(q_full)
-                produce_steps(K, V, LUT, H_ROWS, W, Z_ROWS, BIAS, k_s, v_s, h_s, w_s, z_s,
-                              bias_s, k_full, v_full, k_empty, v_empty, epilogue_full, None,
-                              bz, by, bx, state, count, steps, 0, 0)
+                for t in T.serial(steps):
+                    s = t % num_stages
+                    phase = (t // num_stages) & 1
+                    first = t * entries_per_step
+                    j = T.max(T.min(LUT[bz, by, bx, first], n_kv - 1), 0)
+                    if pair:
+                        # An odd count's last step loads its one block twice (masked).
+                        j_b = T.if_then_else(
+                            first + 1 < count,
+                            T.max(T.min(LUT[bz, by, bx, first + 1], n_kv - 1), 0), j)
+                    T.barrier_wait(k_empty[s], phase ^ 1)
+                    T.tma_copy(rows(K, bz, by, j * block_kv, block_kv, layout),
+                               k_s[entries_per_step * s, :, :], barrier=k_full[s])
+                    if pair:
+                        T.tma_copy(rows(K, bz, by, j_b * block_kv, block_kv, layout),
+                                   k_s[2 * s + 1, :, :], barrier=k_full[s])
+                    T.barrier_arrive(k_full[s])
+                    T.barrier_wait(v_empty[s], phase ^ 1)
+                    T.tma_copy(rows(V, bz, by, j * block_kv, block_kv, layout),
+                               v_s[entries_per_step * s, :, :], barrier=v_full[s])
+                    if pair:
+                        T.tma_copy(rows(V, bz, by, j_b * block_kv, block_kv, layout),
+                                   v_s[2 * s + 1, :, :], barrier=v_full[s])
+                    T.barrier_arrive(v_full[s])
+                    if t == 0:
+                        # The epilogue's operands, behind the first key blocks.
+                        load_epilogue(H_ROWS, W, Z_ROWS, BIAS, bz, by, state, h_s, w_s, z_s,
+                                      bias_s, epilogue_full)
+                if count == 0:
+                    load_epilogue(H_ROWS, W, Z_ROWS, BIAS, bz, by, state, h_s, w_s, z_s,
+                                  bias_s, epilogue_full)
             else:
                 T.set_max_nreg(240, 1)
                 wg = tx // 128
                 q_r = T.alloc_fragment([block_q, dim], dt)
                 scores = T.alloc_fragment([block_q, block_kv], acc)
                 probs = T.alloc_fragment([block_q, block_kv], dt)
-                scores_b = T.alloc_fragment([block_q, block_kv], acc) if pair else None
-                probs_b = T.alloc_fragment([block_q, block_kv], dt) if pair else None
-                row_sum_b = T.alloc_fragment([block_q], acc) if pair else None
+                if pair:
+                    scores_b = T.alloc_fragment([block_q, block_kv], acc)
+                    probs_b = T.alloc_fragment([block_q, block_kv], dt)
+                    row_sum_b = T.alloc_fragment([block_q], acc)
                 acc_o = T.alloc_fragment([block_q, dim], acc)
                 row_max = T.alloc_fragment([block_q], acc)
                 prev_max = T.alloc_fragment([block_q], acc)
@@ -577,27 +272,149 @@ def sla_forward_ws(
                 T.fill(row_max, neg_inf)
                 T.barrier_wait(q_full, 0)
                 T.copy(q_s, q_r)
-                consume_steps(q_r, k_s, v_s, scores, probs, scores_b, probs_b, acc_o, row_max,
-                              prev_max, rescale, scaled_max, row_sum, row_sum_b, denom, k_full,
-                              v_full, k_empty, v_empty, LUT, bz, by, bx, count, steps, 0, wg)
-                active = ACTIVE[bz, by, bx]
-                normalise(acc_o, denom, row_max, rescale, scaled_max, LSE, bz, by, bx, active)
 
-                # Linear branch from this query block's H_i and Z_i (prefetched).
+                if steps > 0:
+                    if pingpong:
+                        if steps > 1:
+                            if wg == 0:  # consumer 0 takes the first turn
+                                T.named_barrier_arrive(_PINGPONG_BARRIER, 256)
+                    T.barrier_wait(k_full[0], 0)
+                    T.wgmma_gemm(q_r, k_s[0, :, :], scores, transpose_B=True, clear_accum=True,
+                                 policy=row_policy)
+                    if pair:
+                        T.wgmma_gemm(q_r, k_s[1, :, :], scores_b, transpose_B=True,
+                                     clear_accum=True, policy=row_policy)
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(k_empty[0])
+                    j = T.max(T.min(LUT[bz, by, bx, 0], n_kv - 1), 0)
+                    if pair:
+                        online_softmax_pair(
+                            scores, scores_b, row_max, prev_max, rescale, scaled_max, row_sum,
+                            row_sum_b, denom, j, T.max(T.min(LUT[bz, by, bx, 1], n_kv - 1), 0),
+                            1 < count)
+                        T.copy(scores_b, probs_b)
+                    else:
+                        online_softmax(scores, row_max, prev_max, rescale, scaled_max, row_sum,
+                                       denom, j)
+                    T.copy(scores, probs)
+                    for t in T.serial(1, steps):
+                        s = t % num_stages
+                        sp = (t - 1) % num_stages
+                        T.barrier_wait(k_full[s], (t // num_stages) & 1)
+                        if pingpong:
+                            T.sync_threads(_PINGPONG_BARRIER + wg, 256)
+                        T.wgmma_gemm(q_r, k_s[entries_per_step * s, :, :], scores,
+                                     transpose_B=True, clear_accum=True, policy=row_policy)
+                        if pair:
+                            T.wgmma_gemm(q_r, k_s[2 * s + 1, :, :], scores_b, transpose_B=True,
+                                         clear_accum=True, policy=row_policy)
+                        # O is rescaled for step t-1's max before P(t-1) V is added.
+                        for i, d in T.Parallel(block_q, dim):
+                            acc_o[i, d] *= rescale[i]
+                        T.barrier_wait(v_full[sp], ((t - 1) // num_stages) & 1)
+                        T.wgmma_gemm(probs, v_s[entries_per_step * sp, :, :], acc_o,
+                                     policy=row_policy)
+                        if pair:
+                            T.wgmma_gemm(probs_b, v_s[2 * sp + 1, :, :], acc_o,
+                                         policy=row_policy)
+                        if pingpong:
+                            # Hand the tensor cores over; consumer 1 leaves no arrival
+                            # behind after its last step.
+                            if wg == 0 or t + 1 < steps:
+                                T.named_barrier_arrive(_PINGPONG_BARRIER + 1 - wg, 256)
+                        # S(t) is ready; P(t-1) V is still running.
+                        T.wait_wgmma(entries_per_step)
+                        T.barrier_arrive(k_empty[s])
+                        first = t * entries_per_step
+                        j = T.max(T.min(LUT[bz, by, bx, first], n_kv - 1), 0)
+                        if pair:
+                            online_softmax_pair(
+                                scores, scores_b, row_max, prev_max, rescale, scaled_max,
+                                row_sum, row_sum_b, denom, j,
+                                T.max(T.min(LUT[bz, by, bx, first + 1], n_kv - 1), 0),
+                                first + 1 < count)
+                        else:
+                            online_softmax(scores, row_max, prev_max, rescale, scaled_max,
+                                           row_sum, denom, j)
+                        T.call_extern("handle", "sla_order_guard")
+                        T.wait_wgmma(0)
+                        T.barrier_arrive(v_empty[sp])
+                        T.copy(scores, probs)
+                        if pair:
+                            T.copy(scores_b, probs_b)
+                    for i, d in T.Parallel(block_q, dim):
+                        acc_o[i, d] *= rescale[i]
+                    last = (steps - 1) % num_stages
+                    T.barrier_wait(v_full[last], ((steps - 1) // num_stages) & 1)
+                    T.wgmma_gemm(probs, v_s[entries_per_step * last, :, :], acc_o,
+                                 policy=row_policy)
+                    if pair:
+                        T.wgmma_gemm(probs_b, v_s[2 * last + 1, :, :], acc_o, policy=row_policy)
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(v_empty[last])
+
+                # Linear branch from this query block's H_i and Z_i (prefetched). Both of its
+                # GEMMs take their A operand from registers (phi(Q), then O_l), as the loop
+                # takes P: no shared-memory round trip and no barrier between the two
+                # consumers stands before either, and phi(Q) H_i runs while the sparse branch
+                # is normalised.
+                active = ACTIVE[bz, by, bx]
                 T.barrier_wait(epilogue_full, 0)
                 lin = T.alloc_fragment([block_q, dim], acc)
+                lin_r = T.alloc_fragment([block_q, dim], dt)  # phi(Q), then O_l
                 T.copy(q_s, lin)
                 phi(lin, prev_max, row_sum, block_q, dim)
-                T.copy(lin, q_s)  # phi(Q), the A operand of the next GEMM
+                T.copy(lin, lin_r)
                 for i, d in T.Parallel(block_q, dim):
                     lin[i, d] = lin[i, d] * z_s[d]
-                linear_scale(lin, row_sum, active)
-                T.gemm(q_s, h_s, lin, clear_accum=True, policy=row_policy)
+                T.reduce_sum(lin, row_sum, dim=1)
+                for i in T.Parallel(block_q):
+                    row_sum[i] = T.if_then_else(
+                        active > 0, 1.0 / (row_sum[i] + LINEAR_EPS),
+                        T.if_then_else(active < 0, NAN, 0.0))
+                T.wgmma_gemm(lin_r, h_s, lin, clear_accum=True, policy=row_policy)
+
+                # Sparse branch: normalise, and the natural-log LSE (-inf for an empty row).
+                # ACTIVE < 0: the caller found this row's routing invalid; it comes out NaN.
+                for i in T.Parallel(block_q):
+                    rescale[i] = T.if_then_else(denom[i] > 0, 1.0 / denom[i], 0.0)
+                    scaled_max[i] = T.if_then_else(
+                        active < 0, NAN, T.if_then_else(
+                            denom[i] > 0, (T.log2(denom[i]) + row_max[i] * scale_log2) * LN2,
+                            neg_inf))
+                for i, d in T.Parallel(block_q, dim):
+                    acc_o[i, d] *= rescale[i]
+                for i in T.Parallel(block_q):
+                    if bx * block_q + i < lq:
+                        LSE[bz, by, bx * block_q + i] = scaled_max[i]
+
+                T.wait_wgmma(0)
                 for i, d in T.Parallel(block_q, dim):
                     lin[i, d] *= row_sum[i]
-                T.copy(lin, lin_s)
-                T.tma_copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
-                project(lin_s, w_s, lin, acc_o, bias_s, row_sum, GATE, bz, by, bx, active)
+                T.copy(lin, lin_r)
+
+                # Projection: O = O_s + O_l W^T + b, or O_s + g (O_l W^T + b) with a gate.
+                # O_l's store goes out while the projection runs.
+                if gated:
+                    # `lin` is dead once stored: it takes the projection, scaled row by row.
+                    T.copy(lin, lin_s)
+                    T.tma_copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
+                    for i in T.Parallel(block_q):
+                        row_sum[i] = T.if_then_else(bx * block_q + i < lq,
+                                                    GATE[bz, by, bx * block_q + i], 0.0)
+                    T.wgmma_gemm(lin_r, w_s, lin, transpose_B=True, clear_accum=True,
+                                 policy=row_policy)
+                    T.wait_wgmma(0)
+                    for i, d in T.Parallel(block_q, dim):
+                        acc_o[i, d] = T.if_then_else(
+                            active < 0, NAN, acc_o[i, d] + row_sum[i] * (lin[i, d] + bias_s[d]))
+                else:
+                    T.wgmma_gemm(lin_r, w_s, acc_o, transpose_B=True, policy=row_policy)
+                    T.copy(lin, lin_s)
+                    T.tma_copy(lin_s, rows(O_LIN, bz, by, bx * block_q, block_q, layout))
+                    T.wait_wgmma(0)
+                    for i, d in T.Parallel(block_q, dim):
+                        acc_o[i, d] = T.if_then_else(active < 0, NAN, acc_o[i, d] + bias_s[d])
                 if pair:
                     # O_l's store must have read the tile before O overwrites it.
                     T.tma_store_wait()

@@ -65,7 +65,7 @@ def _forward(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, la
                          f"got {block_q}")
     return forward_ws.sla_forward_ws(dim, block_kv, dtype, feature, layout, scale,
                                      merged["num_stages"], variant == "pingpong", entries,
-                                     gated=gated, persistent=variant == "persistent")
+                                     gated=gated)
 
 
 def sla_forward(dim: int, block_q: int, block_kv: int, dtype: str, feature: str, layout: str,
