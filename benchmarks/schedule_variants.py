@@ -4,12 +4,14 @@
 The schedules of a kernel are `sla_tl.kernels.every_schedule`: its default first, every
 other combination of its searched knobs, then its alternatives (which may round
 differently). Each is built (a schedule that cannot be is reported in its row), timed on
-the tensors of kept runs of the plan, and its output compared with the first schedule's.
+the tensors of kept runs of the plan, side by side with the others in rounds, and its
+output compared with the first schedule's.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -21,6 +23,8 @@ from sla_tl.phases import Phase
 from sla_tl.settings import Settings
 from sla_tl.timing import median_ms
 
+ROUNDS = 5
+"""Rounds of side-by-side timing per schedule (`time_each`)."""
 
 def label(knobs: Mapping) -> str:
     """A schedule's knobs as text."""
@@ -98,12 +102,17 @@ def compile_steps(phases: Sequence[Phase], step: str) -> None:
 def time_each(candidates: Sequence[dict], phases: Sequence[Phase], step: str, output: str,
               runs: Sequence[dict[str, torch.Tensor]], repeats: int, flops: float,
               before_output: Callable[[], None] | None = None,
-              build: Callable = kernels.compiled, timer: Callable = median_ms) -> list[dict]:
+              build: Callable = kernels.compiled, timer: Callable = median_ms,
+              rounds: int = ROUNDS) -> list[dict]:
     """A row per schedule: its median ms running `step` alone, rotating through `runs`, its
     TFLOP/s for `flops`, and whether its `output` on `runs[0]` (after `before_output`, for a
-    step that adds to its output) is the first schedule's bit for bit, else how far off."""
-    rows = []
-    first = None
+    step that adds to its output) is the first schedule's bit for bit, else how far off.
+
+    The schedules are timed side by side: `rounds` rounds, each timing every schedule once
+    (`repeats` calls), and each schedule's time is its median over the rounds, so that a
+    drift of the GPU's clocks over the run does not favour the schedules timed late."""
+    rows: list[dict] = []
+    ready_to_time = []
     for knobs, phase in zip(candidates, phases, strict=True):
         ready = time.perf_counter()
         try:
@@ -115,24 +124,33 @@ def time_each(candidates: Sequence[dict], phases: Sequence[Phase], step: str, ou
         # kernel was compiled again here.
         print(f"timing {label(knobs)} (kernel ready in {time.perf_counter() - ready:.1f} s)",
               flush=True)
+
         def run(env, phase=phase):
             phase.run_step(step, env)
 
-        sets = [(env,) for env in runs]
-        if first is None:
-            # Timed once more before its measured run, and discarded: on the H200 the first
-            # schedule of a run timed 12-15% slower than the same kernel later in the run.
-            timer(run, sets, repeats)
-        ms = timer(run, sets, repeats)
+        row = dict(knobs=knobs)
+        rows.append(row)
+        ready_to_time.append((row, phase, run))
+    sets = [(env,) for env in runs]
+    if ready_to_time:
+        # Timed once before the rounds, and discarded: on the H200 the first schedule of a
+        # run timed 12-15% slower than the same kernel later in the run.
+        timer(ready_to_time[0][2], sets, repeats)
+    times: list[list[float]] = [[] for _ in ready_to_time]
+    for _ in range(rounds):
+        for (_, _, run), samples in zip(ready_to_time, times, strict=True):
+            samples.append(timer(run, sets, repeats))
+    first = None
+    for (row, phase, _), samples in zip(ready_to_time, times, strict=True):
+        ms = statistics.median(samples)
         if before_output is not None:
             before_output()
         phase.run_step(step, runs[0])
         out = runs[0][output].clone()
         if first is None:
             first = out
-        rows.append(dict(knobs=knobs, ms=ms, tflops=flops / ms / 1e9,
-                         bit_identical_to_first=torch.equal(out, first),
-                         max_abs_diff_to_first=(out.float() - first.float()).abs().max().item()))
+        row.update(ms=ms, tflops=flops / ms / 1e9, bit_identical_to_first=torch.equal(out, first),
+                   max_abs_diff_to_first=(out.float() - first.float()).abs().max().item())
     return rows
 
 

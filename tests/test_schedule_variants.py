@@ -74,8 +74,10 @@ def test_each_row_says_its_time_rate_and_distance_from_the_first(capsys):
         runs[0]["out"].zero_()
 
     rows = schedule_variants.time_each(knobs, phases, "the_step", "out", runs, 7, 4e9,
-                                       before_output=reset, build=build, timer=timer)
-    assert timed == [7, 7, 7, 7]  # the first schedule twice
+                                       before_output=reset, build=build, timer=timer,
+                                       rounds=3)
+    # The first schedule's warm-up, then three rounds over the three that build.
+    assert timed == [7] * (1 + 3 * 3)
     assert [r["knobs"] for r in rows] == knobs
     assert rows[2] == {"knobs": {"n": 2}, "error": "RuntimeError: ptxas error: spills"}
     assert [r["bit_identical_to_first"] for r in rows if "ms" in r] == [True, True, False]
@@ -109,3 +111,21 @@ def test_knob_settings_parse_to_a_schedule():
 def test_a_malformed_knob_setting_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="KERNEL.KNOB=VALUE"):
         schedule_variants.knob_setting(text)
+
+
+def test_schedules_are_timed_in_interleaved_rounds_and_take_their_median():
+    phases = [_Phase(1.0, "a"), _Phase(1.0, "b")]
+    runs = [{"out": torch.zeros(1)}]
+    order, readings = [], iter([9.0, 5.0, 4.0, 1.0, 6.0, 2.0, 5.0])
+
+    def timer(fn, input_sets, repeats):
+        before = [p.runs for p in phases]
+        fn(*input_sets[0])
+        order.append(next(i for i, p in enumerate(phases) if p.runs > before[i]))
+        return next(readings)
+
+    rows = schedule_variants.time_each([{"n": 0}, {"n": 1}], phases, "the_step", "out", runs,
+                                       3, 1e9, build=lambda kernel: None, timer=timer,
+                                       rounds=3)
+    assert order == [0, 0, 1, 0, 1, 0, 1]  # a warm-up, then rounds of both
+    assert [r["ms"] for r in rows] == [2.0, 5.0]  # medians of (5, 1, 2) and (4, 6, 5)
