@@ -44,6 +44,10 @@ def kernels_ahead() -> list[KernelSpec]:
     specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES for linear in ("marginal", "global")
               for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, linear, lay),
                                    backward=False)]
+    specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES
+              for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, "marginal", lay),
+                                   backward=False, schedule=OVERLAPPED_STORES)
+              if s.kind == "key_pass"]
     specs += [s for c in SCHEDULE_CASES for s in _forward_schedule_specs(c)]
     specs += [s for c in DQ_SCHEDULE_CASES for s in _dq_schedule_specs(c)]
     return specs
@@ -160,11 +164,12 @@ def _key_settings(block_kv: int, feature: str, linear: str, layout: str) -> Sett
                     layout=layout)
 
 
-def _step_outputs(k: torch.Tensor, v: torch.Tensor, s: Settings, step: str) -> dict:
+def _step_outputs(k: torch.Tensor, v: torch.Tensor, s: Settings, step: str,
+                  schedule: dict | None = None) -> dict:
     """The tensors one step of the forward's plan leaves, run alone on k and v."""
     b, h, lk, d = k.shape if s.layout == "bhsd" else k.transpose(1, 2).shape
     shape = CallShape(b, h, 1, lk, d, k.dtype, s, False, (1, 0))
-    phase = attention_plan(target_of(k.device), shape, {}).forward
+    phase = attention_plan(target_of(k.device), shape, schedule or {}).forward
     return phase.run(dict(k=k, v=v), k.device, keep=True, only=[step])
 
 
@@ -198,6 +203,22 @@ def test_key_pass_matches_reference(generator, dim, block_kv, dtype, feature, la
     z_block, h_group = found["z_block"], found["h_group"]
     assert relative_error(h_group.sum(dim=2), phi_k.transpose(-1, -2) @ vb) < TOLERANCE
     assert relative_error(z_block.sum(dim=2), phi_k.sum(dim=2)) < 1e-3
+
+
+OVERLAPPED_STORES = {"key_pass": {"stores": "overlapped"}}
+
+
+@pytest.mark.parametrize("dim,block_kv,dtype,feature,layout,lk", KEY_CASES)
+def test_key_pass_with_overlapped_stores_gives_the_default_bits(generator, dim, block_kv, dtype,
+                                                                feature, layout, lk):
+    _, k, v = random_qkv(2, 3, 1, lk, dim, getattr(torch, dtype), generator, device="cuda")
+    if layout == "bshd":
+        k, v = (t.transpose(1, 2).contiguous() for t in (k, v))
+    s = _key_settings(block_kv, feature, "marginal", layout)
+    default = _step_outputs(k, v, s, "key_pass")
+    overlapped = _step_outputs(k, v, s, "key_pass", OVERLAPPED_STORES)
+    for name in ("h_block", "z_block"):
+        assert torch.equal(overlapped[name], default[name]), name
 
 
 @pytest.mark.parametrize("block,layout,length", [(64, "bhsd", 1000), (128, "bshd", 300)])

@@ -10,7 +10,7 @@ import pytest
 
 from sla_tl import kernels
 from sla_tl.kernels import KernelSpec
-from sla_tl.schedules.sm90 import SHARED_MEMORY_BYTES, forward_ws, programs
+from sla_tl.schedules.sm90 import SHARED_MEMORY_BYTES, forward_ws, key_pass, programs
 from sla_tl.schedules.sm90 import backward_dkdv_ws as dkdv_ws
 from sla_tl.spec import softmax_scale
 
@@ -72,6 +72,8 @@ def test_a_schedule_that_does_not_fit_is_refused_by_name():
         kernels.compiled(_forward_spec(64, 64, warp_specialization="manual"))
     with pytest.raises(ValueError, match="hand-written forward only"):
         kernels.compiled(_forward_spec(64, 64, entries_per_step=2))
+    with pytest.raises(ValueError, match="stores must be one of"):
+        key_pass.key_pass(128, 64, "bfloat16", "softmax", "bhsd", True, 8, 256, stores="late")
 
 
 @pytest.mark.parametrize("dim,block_q", [(64, 64), (64, 128), (128, 64), (128, 128)])

@@ -27,7 +27,7 @@ def default_schedule(dim: int, block_kv: int) -> dict:
     the second pipelined block on (a TileLang 0.1.15 lowering problem not pinned down);
     one warpgroup is exact there and fits its registers at D=64.
     """
-    return dict(group=8, threads=128 if dim == 64 else 256)
+    return dict(group=8, threads=128 if dim == 64 else 256, stores="waited")
 
 
 def search_space(dim: int, block_kv: int, linear: str) -> dict[str, tuple]:
@@ -36,6 +36,13 @@ def search_space(dim: int, block_kv: int, linear: str) -> dict[str, tuple]:
     in "marginal" mode only: in "global" mode each group's float32 sum of h_j is a partial
     sum of the total H, so the group size sets the order of that sum and its rounding."""
     return dict(group=(4, 8, 16)) if linear == "marginal" else {}
+
+
+STORES = ("waited", "overlapped")
+"""When the store of a block's h_j is waited for ("marginal" mode): at once ("waited"), or
+only before h_s is written again and at the end ("overlapped", so the next block's work runs
+while the store reads shared memory). The same instructions otherwise, so the same bits; not
+in the search space until it has run on a GPU."""
 
 
 def key_pass(
@@ -47,13 +54,18 @@ def key_pass(
     store_blocks: bool,
     group: int,
     threads: int,
+    stores: str = "waited",
     pool_keys: bool = False,
 ):
     """The key pass's TileLang program for one combination of compile-time settings.
 
     With `pool_keys` it also writes POOLED (B, H, Nk, D) float32, each key block's mean
     row (routing's pooled K, over the rows the block has), from the tile it loads anyway.
+    `stores`: see `STORES`.
     """
+    if stores not in STORES:
+        raise ValueError(f"stores must be one of {STORES}; got {stores!r}")
+    overlapped = stores == "overlapped"
     dt = DTYPES[dtype]
     acc = T.float32
     batch, heads, lk = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lk")
@@ -122,13 +134,20 @@ def key_pass(
                 if store_blocks:
                     # Staged through shared memory for a coalesced store; as with phi_s, both
                     # warpgroups must be done storing the previous block's tile first.
+                    if overlapped:
+                        T.tma_store_wait()  # the previous block's h_j has left h_s
                     T.sync_threads(CONSUMER_BARRIER, threads)
                     T.copy(h_j, h_s)
-                    T.copy(h_s, H_BLOCK[bz, by, j, :, :])
+                    if overlapped:
+                        T.tma_copy(h_s, H_BLOCK[bz, by, j, :, :])
+                    else:
+                        T.copy(h_s, H_BLOCK[bz, by, j, :, :])
                 else:
                     for a, d in T.Parallel(dim, dim):
                         h_sum[a, d] += h_j[a, d]
             if not store_blocks:
                 T.copy(h_sum, H_GROUP[bz, by, bx, :, :])
+            elif overlapped:
+                T.tma_store_wait()
 
     return main

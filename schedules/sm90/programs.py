@@ -38,7 +38,7 @@ def key_major(block_map_dtype: str | None = None):
 
 def key_pass(dim: int, block_kv: int, dtype: str, feature: str, layout: str,
              store_blocks: bool, knobs: Mapping, pool_keys: bool = False):
-    """Per-key-block linear states (knobs `group`, `threads`); with `pool_keys`, also
+    """Per-key-block linear states (knobs `group`, `threads`, `stores`); with `pool_keys`, also
     routing's pooled K."""
     merged = merged_knobs("key_pass", key_pass_module, dict(dim=dim, block_kv=block_kv), knobs)
     return key_pass_module.key_pass(dim, block_kv, dtype, feature, layout, store_blocks,
