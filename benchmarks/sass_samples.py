@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import io
 from collections import Counter
 from typing import NamedTuple
 
@@ -39,7 +38,7 @@ def read_rows(path: str) -> tuple[list[str], list[list[str]]]:
     """The header and the instruction rows of a SASS source CSV (plain or gzipped)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", newline="") as f:
-        rows = list(csv.reader(io.StringIO(f.read())))
+        rows = list(csv.reader(f))
     for index, row in enumerate(rows):
         if "Address" in row and "Source" in row:
             return row, [r for r in rows[index + 1:] if len(r) == len(row)]

@@ -26,6 +26,7 @@ from sla_tl.timing import median_ms
 ROUNDS = 5
 """Rounds of side-by-side timing per schedule (`time_each`)."""
 
+
 def label(knobs: Mapping) -> str:
     """A schedule's knobs as text."""
     return ",".join(f"{name}={value}" for name, value in knobs.items())

@@ -86,6 +86,26 @@ def feature_map_macro(feature: str):
     return _macros(feature).phi
 
 
+def linear_rows_macro(feature: str):
+    """The macro `(src, x, phi_out, z, dots, row_max, row_sum, n_rows, dim)` every kernel of
+    the linear branch's query side starts with: x <- phi(src) in float32, phi_out <- phi(src)
+    in its own dtype (the operand of phi(Q) H_i), dots <- phi(src) . z per row (before the
+    rounding, so numerator and denominator see one phi); x holds phi(src) * z afterwards. The
+    two row buffers are phi's scratch, as for `feature_map_macro`."""
+    phi = feature_map_macro(feature)
+
+    @T.macro
+    def linear_rows(src, x, phi_out, z, dots, row_max, row_sum, n_rows, dim):
+        T.copy(src, x)
+        phi(x, row_max, row_sum, n_rows, dim)
+        T.copy(x, phi_out)
+        for i, d in T.Parallel(n_rows, dim):
+            x[i, d] = x[i, d] * z[d]
+        T.reduce_sum(x, dots, dim=1)
+
+    return linear_rows
+
+
 def feature_map_vjp_macro(feature: str):
     """The macro `(x, grad, row_max, row_sum, n_rows, dim)`: grad <- phi'(x)^T grad, row by
     row; x (raw inputs, float32) is overwritten as scratch."""

@@ -31,7 +31,7 @@ import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
 from ..common import DTYPES, LINEAR_EPS, rows, seq_shape
-from ..feature_maps import feature_map_macro, feature_map_vjp_macro
+from ..feature_maps import feature_map_vjp_macro, linear_rows_macro
 
 LOADS = ("staged", "tma")
 
@@ -58,7 +58,7 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
     acc = T.float32
     batch, heads, lq = T.dynamic("B"), T.dynamic("H"), T.dynamic("Lq")
     n_q, n_saved = T.dynamic("Mq"), T.dynamic("Ns")
-    phi = feature_map_macro(feature)
+    linear_rows = linear_rows_macro(feature)
     phi_vjp = feature_map_vjp_macro(feature)
     # A parameter annotated with None is a compile-time constant, not a kernel argument.
     # Each annotation is a buffer of its own: one object for two parameters would alias them.
@@ -196,12 +196,7 @@ def backward_query(dim: int, block_q: int, dtype: str, feature: str, layout: str
                 T.barrier_wait(q_full, 0)
             else:
                 T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), stage_s)
-            T.copy(q_s, work)
-            phi(work, row_a, row_b, block_q, dim)
-            T.copy(work, phi_s)
-            for i, d in T.Parallel(block_q, dim):
-                work[i, d] = work[i, d] * z_s[d]
-            T.reduce_sum(work, den, dim=1)
+            linear_rows(q_s, work, phi_s, z_s, den, row_a, row_b, block_q, dim)
             # One reciprocal per row: a per-element division compiles to an IEEE division
             # call. `den` holds 1 / (phi(Q) . Z_i + eps) from here on.
             for i in T.Parallel(block_q):

@@ -24,7 +24,7 @@ found invalid; its O, O_l and LSE are written as NaN.
 import tilelang.language as T
 
 from ..common import DTYPES, LINEAR_EPS, LOG2E, NAN, rows, seq_shape
-from ..feature_maps import feature_map_macro
+from ..feature_maps import linear_rows_macro
 from . import SHARED_MEMORY_BYTES, forward_ws
 
 WARP_SPECIALIZATION = ("auto", "manual", "pingpong")
@@ -119,7 +119,7 @@ def sla_forward(
     # One state per query block ("marginal"), or a single shared one ("global").
     n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
-    phi = feature_map_macro(feature)
+    linear_rows = linear_rows_macro(feature)
     # A parameter annotated with None is a compile-time constant, not a kernel argument.
     gate_tensor = T.Tensor([batch, heads, lq], acc) if gated else None
 
@@ -213,16 +213,12 @@ def sla_forward(
             # so it takes that GEMM's register layout. Q comes from global memory, not q_s:
             # with an empty LUT row the loop never waits for q_s's load.
             lin = T.alloc_fragment([block_q, dim], acc)
-            T.copy(rows(Q, bz, by, bx * block_q, block_q, layout), lin)
             phi_max = T.alloc_fragment([block_q], acc)
             phi_sum = T.alloc_fragment([block_q], acc)
-            phi(lin, phi_max, phi_sum, block_q, dim)
             phi_q_s = T.alloc_shared([block_q, dim], dt)
-            T.copy(lin, phi_q_s)
             lin_den = T.alloc_fragment([block_q], acc)
-            for i, d in T.Parallel(block_q, dim):
-                lin[i, d] = lin[i, d] * z_i[d]
-            T.reduce_sum(lin, lin_den, dim=1)
+            linear_rows(rows(Q, bz, by, bx * block_q, block_q, layout), lin, phi_q_s, z_i,
+                        lin_den, phi_max, phi_sum, block_q, dim)
             T.gemm(phi_q_s, h_i_s, lin, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
             for i, d in T.Parallel(block_q, dim):
                 lin[i, d] = T.if_then_else(active > 0, lin[i, d] / (lin_den[i] + LINEAR_EPS),

@@ -35,7 +35,7 @@ exponentials (an opaque shared-memory read and branch before that wait, `_ORDER_
 import tilelang.language as T
 
 from ..common import DTYPES, LINEAR_EPS, LN2, LOG2E, NAN, rows, seq_shape
-from ..feature_maps import feature_map_macro
+from ..feature_maps import linear_rows_macro
 from . import SHARED_MEMORY_BYTES
 
 BLOCK_Q = 128
@@ -110,7 +110,7 @@ def sla_forward_ws(
     n_q, width = T.dynamic("Mq"), T.dynamic("Kc")
     n_states = T.dynamic("Ns")
     scale_log2 = scale * LOG2E
-    phi = feature_map_macro(feature)
+    linear_rows = linear_rows_macro(feature)
     neg_inf = -T.infinity(acc)
     row_policy = T.GemmWarpPolicy.FullRow
     # A parameter annotated with None is a compile-time constant, not a kernel argument.
@@ -189,7 +189,7 @@ def sla_forward_ws(
     ):
         with T.Kernel(T.ceildiv(lq, block_q), heads, batch, threads=THREADS,
                       prelude=_ORDER_GUARD) as (bx, by, bz):
-            q_s = T.alloc_shared([block_q, dim], dt)  # Q, then phi(Q), then the output tile
+            q_s = T.alloc_shared([block_q, dim], dt)  # Q, then the output tile
             # Stage s's key blocks (one, or the step's pair) are rows [entries * s + e].
             k_s = T.alloc_shared([num_stages * entries_per_step, block_kv, dim], dt)
             v_s = T.alloc_shared([num_stages * entries_per_step, block_kv, dim], dt)
@@ -362,12 +362,7 @@ def sla_forward_ws(
                 T.barrier_wait(epilogue_full, 0)
                 lin = T.alloc_fragment([block_q, dim], acc)
                 lin_r = T.alloc_fragment([block_q, dim], dt)  # phi(Q), then O_l
-                T.copy(q_s, lin)
-                phi(lin, prev_max, row_sum, block_q, dim)
-                T.copy(lin, lin_r)
-                for i, d in T.Parallel(block_q, dim):
-                    lin[i, d] = lin[i, d] * z_s[d]
-                T.reduce_sum(lin, row_sum, dim=1)
+                linear_rows(q_s, lin, lin_r, z_s, row_sum, prev_max, row_sum, block_q, dim)
                 for i in T.Parallel(block_q):
                     row_sum[i] = T.if_then_else(
                         active > 0, 1.0 / (row_sum[i] + LINEAR_EPS),
