@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sla_tl import kernels
-from sla_tl.benchmarks import query_pass_variants, schedule_variants
+from sla_tl.benchmarks import key_pass_variants, query_pass_variants, schedule_variants
 
 ARCH = "sm_90a"
 
@@ -95,6 +95,29 @@ def test_each_row_says_its_time_rate_and_distance_from_the_first(capsys):
 def test_query_pass_bytes_count_six_tiles_per_query_block():
     # L=1000 in 128-row blocks: 8 query blocks (the last one partial, moved whole).
     assert query_pass_variants.query_pass_bytes(2, 3, 1000, 64, 128) == 2 * 3 * 8 * 6 * 128 * 64 * 2
+
+
+def test_key_pass_bytes_count_keys_values_and_each_blocks_states():
+    # L=1000 in 64-key blocks: 16 key blocks; h_j only where "marginal" keeps it per block.
+    kv = 2 * 2 * 3 * 1000 * 64 * 2
+    blocks = 2 * 3 * 16
+    assert key_pass_variants.key_pass_bytes(2, 3, 1000, 64, 64, True) == (
+        kv + blocks * (64 * 64 * 2 + 64 * 4))
+    assert key_pass_variants.key_pass_bytes(2, 3, 1000, 64, 64, False) == kv + blocks * 64 * 4
+
+
+def test_key_pass_candidates_cover_every_searched_schedule_with_each_store_order():
+    stores = ("waited", "overlapped")
+    found = key_pass_variants.candidates_of(ARCH, 128, 128, 64, "marginal", stores)
+    default = kernels.default_knobs(ARCH, "key_pass", 128, 128, 64)
+    assert found[0] == {"group": default["group"], "stores": default["stores"]}
+    groups = kernels.search_space(ARCH, "key_pass", 128, 128, 64, "marginal")["group"]
+    assert sorted((c["group"], c["stores"]) for c in found) == sorted(
+        (g, s) for g in groups for s in stores)
+    # "global" searches no knob: the default, and each other store order.
+    assert key_pass_variants.candidates_of(ARCH, 128, 128, 64, "global", stores) == [
+        {"stores": default["stores"]},
+        *({"stores": s} for s in stores if s != default["stores"])]
 
 
 def test_knob_settings_parse_to_a_schedule():

@@ -1,0 +1,99 @@
+"""The key pass under each of its schedules, timed alone, as a routed call runs it.
+
+    python -m sla_tl.benchmarks.key_pass_variants [--topk 0.05] [--linear marginal] [--out r.json]
+
+At the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16) by default, blocks 128x64, on
+fresh random inputs. The schedules are every one the autotuner may pick
+(`sla_tl.kernels.every_schedule`), each also with the stores knob at every value it takes
+(`sla_tl.schedules.sm90.key_pass.STORES`; the ones the tuner does not search yet are timed here
+to decide that). Per schedule: median ms of the key pass alone, the rate at which it moves
+the bytes it must (K and V read, h_j and z_j written), and whether its h_j are the default
+schedule's bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from sla_tl import kernels, spec
+from sla_tl.plan import call_shape, routed_plan
+from sla_tl.schedules.sm90.key_pass import STORES
+from sla_tl.settings import Settings
+from sla_tl.targets import target_of
+
+from .environment import describe_environment
+from .plan_steps import kept_runs
+from .schedule_variants import add_shape_arguments, compile_steps, label, time_each
+
+
+def key_pass_bytes(batch: int, heads: int, length: int, dim: int, block_kv: int,
+                   marginal: bool) -> float:
+    """Bytes the key pass must move at least: K and V read (16-bit), and per key block its
+    h_j (16-bit, "marginal" mode only) and z_j (float32) written."""
+    blocks = batch * heads * spec.num_blocks(length, block_kv)
+    h_bytes = dim * dim * 2 if marginal else 0
+    return 2.0 * batch * heads * length * dim * 2 + blocks * (h_bytes + dim * 4)
+
+
+def candidates_of(arch: str, dim: int, block_q: int, block_kv: int, linear: str,
+                  stores: tuple[str, ...]) -> list[dict]:
+    """Every schedule the tuner may pick in `linear` mode (the default first), each with
+    every value of the stores knob."""
+    searched = kernels.searched_schedules(arch, "key_pass", dim, block_q, block_kv, linear)
+    default = kernels.default_knobs(arch, "key_pass", dim, block_q, block_kv)
+    first = [{**knobs, "stores": default["stores"]} for knobs in searched]
+    return first + [{**knobs, "stores": value} for knobs in searched for value in stores
+                    if value != default["stores"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every key-pass schedule and print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser)
+    args = parser.parse_args(argv)
+    b, h, length, d = 1, args.heads, args.length, args.dim
+    bq, bkv = args.block_q, args.block_kv
+    s = Settings(block_q=bq, block_kv=bkv, linear=args.linear)
+    device = torch.device("cuda")
+    target = target_of(device)
+    inputs = []
+    for _ in range(3):
+        q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        inputs.append(dict(q=q, k=k, v=v, proj_weight=torch.randn(d, d, device="cuda") / d**0.5,
+                           proj_bias=torch.randn(d, device="cuda") * 0.1))
+    n_kv = spec.num_blocks(length, bkv)
+    shape = call_shape(inputs[0]["q"], inputs[0]["k"], s, False,
+                       (spec.num_critical(args.topk, n_kv), 0))
+    candidates = candidates_of(target.arch.target, d, bq, bkv, args.linear, STORES)
+    phases = [routed_plan(target, shape, {"key_pass": knobs}).forward for knobs in candidates]
+    compile_steps(phases, "key_pass")
+    runs = kept_runs(phases[0], inputs, device)
+    marginal = args.linear == "marginal"
+    moved = key_pass_bytes(b, h, length, d, bkv, marginal)
+    output = "h_block" if marginal else "h_group"
+    with torch.no_grad():
+        # time_each's rate is flop / ms / 1e9: given bytes, it reads as GB/s / 1000.
+        rows = time_each(candidates, phases, "key_pass", output, runs, args.repeats, moved)
+    print(f"B={b} H={h} L={length} D={d} bf16 linear={args.linear} blocks {bq}x{bkv} "
+          f"on {torch.cuda.get_device_name()}")
+    for row in rows:
+        if "error" in row:
+            print(f"  {label(row['knobs']):<36} {row['error']}")
+            continue
+        row["tb_per_s"] = row.pop("tflops")
+        print(f"  {label(row['knobs']):<36} {row['ms']:7.3f} ms {row['tb_per_s']:5.2f} TB/s "
+              f"{'=' if row['bit_identical_to_first'] else '~'}first "
+              f"(max diff {row['max_abs_diff_to_first']:.2e})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(environment=describe_environment(), args=vars(args),
+                           bytes_moved=moved, schedules=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
