@@ -3,12 +3,10 @@
     python -m sla_tl.benchmarks.key_pass_variants [--topk 0.05] [--linear marginal] [--out r.json]
 
 At the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16) by default, blocks 128x64, on
-fresh random inputs. The schedules are every one the autotuner may pick
-(`sla_tl.kernels.every_schedule`), each also with the stores knob at every value it takes
-(`sla_tl.schedules.sm90.key_pass.STORES`; the ones the tuner does not search yet are timed here
-to decide that). Per schedule: median ms of the key pass alone, the rate at which it moves
-the bytes it must (K and V read, h_j and z_j written), and whether its h_j are the default
-schedule's bit for bit.
+fresh random inputs. The schedules are every one the autotuner may pick in that linear mode
+(`sla_tl.kernels.searched_schedules`, the default first). Per schedule: median ms of the
+key pass alone, the rate at which it moves the bytes it must (K and V read, h_j and z_j
+written), and whether its h_j are the default schedule's bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import torch
 
 from sla_tl import kernels, spec
 from sla_tl.plan import call_shape, routed_plan
-from sla_tl.schedules.sm90.key_pass import STORES
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
 
@@ -36,17 +33,6 @@ def key_pass_bytes(batch: int, heads: int, length: int, dim: int, block_kv: int,
     blocks = batch * heads * spec.num_blocks(length, block_kv)
     h_bytes = dim * dim * 2 if marginal else 0
     return 2.0 * batch * heads * length * dim * 2 + blocks * (h_bytes + dim * 4)
-
-
-def candidates_of(arch: str, dim: int, block_q: int, block_kv: int, linear: str,
-                  stores: tuple[str, ...]) -> list[dict]:
-    """Every schedule the tuner may pick in `linear` mode (the default first), each with
-    every value of the stores knob."""
-    searched = kernels.searched_schedules(arch, "key_pass", dim, block_q, block_kv, linear)
-    default = kernels.default_knobs(arch, "key_pass", dim, block_q, block_kv)
-    first = [{**knobs, "stores": default["stores"]} for knobs in searched]
-    return first + [{**knobs, "stores": value} for knobs in searched for value in stores
-                    if value != default["stores"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     n_kv = spec.num_blocks(length, bkv)
     shape = call_shape(inputs[0]["q"], inputs[0]["k"], s, False,
                        (spec.num_critical(args.topk, n_kv), 0))
-    candidates = candidates_of(target.arch.target, d, bq, bkv, args.linear, STORES)
+    candidates = kernels.searched_schedules(target.arch.target, "key_pass", d, bq, bkv,
+                                            args.linear)
     phases = [routed_plan(target, shape, {"key_pass": knobs}).forward for knobs in candidates]
     compile_steps(phases, "key_pass")
     runs = kept_runs(phases[0], inputs, device)

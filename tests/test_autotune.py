@@ -193,7 +193,7 @@ def test_pruning_marks_failures_before_anything_is_timed():
     assert reasons[("forward", "num_stages=3,warp_specialization=pingpong")] == "spills registers"
     assert reasons[("backward_dq", "num_stages=3,warp_specialization=pingpong")] == (
         "spills registers")
-    assert reasons[("key_pass", "group=16")].startswith("fails to compile")
+    assert reasons[("key_pass", "group=16,stores=overlapped")].startswith("fails to compile")
     # The first candidate of each kernel is its default schedule.
     firsts = {c.kernel: c.knobs for c in reversed(found)}
     assert firsts["forward"] == {"num_stages": 3, "warp_specialization": "manual"}

@@ -106,20 +106,6 @@ def test_key_pass_bytes_count_keys_values_and_each_blocks_states():
     assert key_pass_variants.key_pass_bytes(2, 3, 1000, 64, 64, False) == kv + blocks * 64 * 4
 
 
-def test_key_pass_candidates_cover_every_searched_schedule_with_each_store_order():
-    stores = ("waited", "overlapped")
-    found = key_pass_variants.candidates_of(ARCH, 128, 128, 64, "marginal", stores)
-    default = kernels.default_knobs(ARCH, "key_pass", 128, 128, 64)
-    assert found[0] == {"group": default["group"], "stores": default["stores"]}
-    groups = kernels.search_space(ARCH, "key_pass", 128, 128, 64, "marginal")["group"]
-    assert sorted((c["group"], c["stores"]) for c in found) == sorted(
-        (g, s) for g in groups for s in stores)
-    # "global" searches no knob: the default, and each other store order.
-    assert key_pass_variants.candidates_of(ARCH, 128, 128, 64, "global", stores) == [
-        {"stores": default["stores"]},
-        *({"stores": s} for s in stores if s != default["stores"])]
-
-
 def test_knob_settings_parse_to_a_schedule():
     settings = [schedule_variants.knob_setting(text) for text in
                 ("backward_query.loads=tma", "forward.num_stages=3",
