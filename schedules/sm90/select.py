@@ -1,8 +1,10 @@
 """Routing's selection in one kernel: each query block's critical and negligible key blocks.
 
-One warp per row (batch, head, query block) of the block scores S (float32). The warp finds
-the `Kc`-th largest score by a radix search over the scores' order-preserving 32-bit keys
-(32 rounds of a strided count and a warp sum), then writes every key block above it, and
+One warp per row (batch, head, query block) of the block scores S (float32). The warp
+first writes the row, as the scores' order-preserving 32-bit keys, to its row of shared
+memory (zero past the row's end), so that the search reads each key with one shared load
+and no index arithmetic. It finds the `Kc`-th largest key by a radix search (32 rounds of a
+strided count and a warp sum), then writes every key block above it, and
 as many of those equal to it as are needed, in ascending order (a ballot and a prefix count
 per 32 entries). The negligible blocks are the `Kn` smallest of the rest, found the same
 way on the reversed keys, with the critical blocks (remembered as one bit each in shared
@@ -17,7 +19,8 @@ Ties at a threshold go to the lower block index; the reference breaks them by it
 import tilelang.language as T
 
 MAX_KEY_BLOCKS = 4096
-"""Key blocks a row may have (the critical-block bitmap in shared memory is sized for it)."""
+"""Key blocks a row may have (the keys and the critical-block bitmap in shared memory are
+sized for it: 64 KiB of keys a CTA)."""
 WARPS = 4
 _WORDS = MAX_KEY_BLOCKS // 32
 
@@ -50,41 +53,47 @@ def top_bottom_select(block_map_dtype: str | None = None):
         for step in T.unroll(5):
             value[0] = value[0] + T.shfl_xor(value[0], 16 >> step)
 
-    def key_of(SCORES, b, h, row, j, negligible, critical_bits, warp):
-        """The selection key of key block j: the ordered score, or for the negligible
-        pass the reversed one, 0 for a critical block (never taken)."""
-        ordered = _ordered(SCORES[b, h, row, j])
-        if negligible:
-            return T.if_then_else(
-                (critical_bits[warp, j // 32] >> T.Cast("uint32", j % 32)) & T.uint32(1)
-                == T.uint32(1), T.uint32(0), ordered ^ T.uint32(0xFFFFFFFF))
-        return ordered
+    def key_at(keys, warp, lane, m):
+        """The lane's m-th key (of key block m * 32 + lane) in the warp's row."""
+        return keys[warp, m * 32 + lane]
 
     @T.macro
-    def select(SCORES, OUT, COUNT_OUT, b, h, row, k, lane, negligible, critical_bits,
-               taken_bits, warp, threshold, counter, position, equal_seen):
-        """OUT[b, h, row, :k] <- the k key blocks of largest key, ascending."""
+    def load_keys(SCORES, keys, b, h, row, warp, lane):
+        """The warp's row of keys <- the ordered keys of the row's key blocks, 0 past its
+        end (never counted: every candidate threshold has a bit set)."""
+        for m in T.serial(T.ceildiv(n_kv, 32)):
+            j = m * 32 + lane
+            keys[warp, j] = T.if_then_else(
+                j < n_kv, _ordered(SCORES[b, h, row, T.min(j, n_kv - 1)]), T.uint32(0))
+
+    @T.macro
+    def reverse_keys(keys, critical_bits, warp, lane):
+        """For the negligible pass: the reversed keys, 0 for a critical block (never
+        taken) and past the row's end."""
+        for m in T.serial(T.ceildiv(n_kv, 32)):
+            j = m * 32 + lane
+            critical = (critical_bits[warp, m] >> T.Cast("uint32", lane)) & T.uint32(1)
+            keys[warp, j] = T.if_then_else(T.Or(j >= n_kv, critical == T.uint32(1)),
+                                           T.uint32(0), keys[warp, j] ^ T.uint32(0xFFFFFFFF))
+
+    @T.macro
+    def select(keys, OUT, COUNT_OUT, b, h, row, k, lane, taken_bits, warp, threshold,
+               counter, position, equal_seen):
+        """OUT[b, h, row, :k] <- the k key blocks of largest key (`keys`), ascending; the
+        taken ones' bits to `taken_bits`."""
         chunks = T.ceildiv(n_kv, 32)
         threshold[0] = T.uint32(0)
         for bit in T.serial(32):
             candidate = threshold[0] | (T.uint32(1) << T.Cast("uint32", 31 - bit))
             counter[0] = 0
             for m in T.serial(chunks):
-                j = m * 32 + lane
-                if j < n_kv:
-                    if key_of(SCORES, b, h, row, j, negligible, critical_bits,
-                              warp) >= candidate:
-                        counter[0] = counter[0] + 1
+                counter[0] = counter[0] + T.Cast("int32", key_at(keys, warp, lane, m) >= candidate)
             warp_sum(counter)
             if counter[0] >= k:
                 threshold[0] = candidate
         counter[0] = 0
         for m in T.serial(chunks):
-            j = m * 32 + lane
-            if j < n_kv:
-                if key_of(SCORES, b, h, row, j, negligible, critical_bits,
-                          warp) > threshold[0]:
-                    counter[0] = counter[0] + 1
+            counter[0] = counter[0] + T.Cast("int32", key_at(keys, warp, lane, m) > threshold[0])
         warp_sum(counter)
         needed_equal = k - counter[0]  # the threshold's ties to take, lowest index first
         below = (T.uint32(1) << T.Cast("uint32", lane)) - T.uint32(1)
@@ -92,9 +101,7 @@ def top_bottom_select(block_map_dtype: str | None = None):
         equal_seen[0] = 0
         for m in T.serial(chunks):
             j = m * 32 + lane
-            key = T.if_then_else(j < n_kv, key_of(SCORES, b, h, row, T.min(j, n_kv - 1),
-                                                  negligible, critical_bits, warp),
-                                 T.uint32(0))
+            key = key_at(keys, warp, lane, m)
             inside = j < n_kv
             equal = T.Cast("uint32", T.ballot(T.And(inside, key == threshold[0])))
             rank = equal_seen[0] + T.Cast("int32", T.popcount(equal & below))
@@ -127,18 +134,20 @@ def top_bottom_select(block_map_dtype: str | None = None):
             counter = T.alloc_local([1], T.int32)
             position = T.alloc_local([1], T.int32)
             equal_seen = T.alloc_local([1], T.int32)
+            keys = T.alloc_shared([WARPS, MAX_KEY_BLOCKS], T.uint32)
             tx = T.get_thread_binding()
             lane = tx % 32
             warp = tx // 32
             row = bx * WARPS + warp
             if row < n_q:
-                select(SCORES, LUT, COUNT, bz, by, row, width, lane, False, critical_bits,
-                       critical_bits, warp, threshold, counter, position, equal_seen)
+                load_keys(SCORES, keys, bz, by, row, warp, lane)
+                select(keys, LUT, COUNT, bz, by, row, width, lane, critical_bits, warp,
+                       threshold, counter, position, equal_seen)
                 T.sync_warp()
                 if neg_width > 0:
-                    select(SCORES, NEG_LUT, NEG_COUNT, bz, by, row, neg_width, lane, True,
-                           critical_bits, negligible_bits, warp, threshold, counter, position,
-                           equal_seen)
+                    reverse_keys(keys, critical_bits, warp, lane)
+                    select(keys, NEG_LUT, NEG_COUNT, bz, by, row, neg_width, lane,
+                           negligible_bits, warp, threshold, counter, position, equal_seen)
                 else:
                     if lane == 0:
                         NEG_COUNT[bz, by, row] = 0
