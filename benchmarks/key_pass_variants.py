@@ -4,9 +4,10 @@
 
 At the Wan2.1-1.3B shape (B=1, H=12, L=32760, D=128, bf16) by default, blocks 128x64, on
 fresh random inputs. The schedules are every one the autotuner may pick in that linear mode
-(`sla_tl.kernels.searched_schedules`, the default first). Per schedule: median ms of the
-key pass alone, the rate at which it moves the bytes it must (K and V read, h_j and z_j
-written), and whether its h_j are the default schedule's bit for bit.
+(`sla_tl.kernels.searched_schedules`, the default first), then the alternatives that round
+differently. Per schedule: median ms of the key pass alone, the rate at which it moves the
+bytes it must (K and V read, h_j and z_j written), and whether its h_j are the default
+schedule's bit for bit.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     n_kv = spec.num_blocks(length, bkv)
     shape = call_shape(inputs[0]["q"], inputs[0]["k"], s, False,
                        (spec.num_critical(args.topk, n_kv), 0))
-    candidates = kernels.searched_schedules(target.arch.target, "key_pass", d, bq, bkv,
-                                            args.linear)
+    arch = target.arch.target
+    candidates = (kernels.searched_schedules(arch, "key_pass", d, bq, bkv, args.linear)
+                  + kernels.alternatives(arch, "key_pass", d, bq, bkv))
     phases = [routed_plan(target, shape, {"key_pass": knobs}).forward for knobs in candidates]
     compile_steps(phases, "key_pass")
     runs = kept_runs(phases[0], inputs, device)

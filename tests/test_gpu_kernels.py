@@ -44,6 +44,12 @@ def kernels_ahead() -> list[KernelSpec]:
     specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES for linear in ("marginal", "global")
               for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, linear, lay),
                                    backward=False)]
+    specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES
+              for knobs in kernels.alternatives(ARCH, "key_pass", d, 128, bkv)
+              for linear in ("marginal", "global")
+              for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, linear, lay),
+                                   backward=False, schedule={"key_pass": knobs})
+              if s.kind == "key_pass"]
     specs += [s for d, bkv, dt, f, lay, _ in KEY_CASES for knobs in _key_pass_schedules(d, bkv)
               for s in kernels_for(ARCH, d, dt, _key_settings(bkv, f, "marginal", lay),
                                    backward=False, schedule={"key_pass": knobs})
@@ -184,25 +190,31 @@ KEY_CASES = [  # dim, block_kv, dtype, feature, layout, lk: several pipelined bl
 
 @pytest.mark.parametrize("dim,block_kv,dtype,feature,layout,lk", KEY_CASES)
 def test_key_pass_matches_reference(generator, dim, block_kv, dtype, feature, layout, lk):
+    """The default schedule and each alternative (the column sums on the tensor cores)."""
     _, k, v = random_qkv(2, 3, 1, lk, dim, getattr(torch, dtype), generator, device="cuda")
     if layout == "bshd":
         k, v = (t.transpose(1, 2).contiguous() for t in (k, v))
     kb, vb = (bhsd64(t, layout, "cpu") for t in (k, v))
     n_kv = spec.num_blocks(lk, block_kv)
     phi_k = reference.feature_map(kb, feature)
-    # "marginal" stores h per block, "global" per group of blocks; both store z per block.
-    found = _step_outputs(k, v, _key_settings(block_kv, feature, "marginal", layout), "key_pass")
-    h_block, z_block = found["h_block"], found["z_block"]
-    for j in range(n_kv):
-        rows = slice(j * block_kv, min(lk, (j + 1) * block_kv))
-        h_j = phi_k[:, :, rows].transpose(-1, -2) @ vb[:, :, rows]
-        assert relative_error(h_block[:, :, j], h_j) < TOLERANCE, f"h of block {j}"
-        # z_j sums phi rounded to the input dtype (the GEMM's operand): ~1e-4 relative.
-        assert relative_error(z_block[:, :, j], phi_k[:, :, rows].sum(dim=2)) < 1e-3, f"z {j}"
-    found = _step_outputs(k, v, _key_settings(block_kv, feature, "global", layout), "key_pass")
-    z_block, h_group = found["z_block"], found["h_group"]
-    assert relative_error(h_group.sum(dim=2), phi_k.transpose(-1, -2) @ vb) < TOLERANCE
-    assert relative_error(z_block.sum(dim=2), phi_k.sum(dim=2)) < 1e-3
+    for knobs in [{}, *kernels.alternatives(ARCH, "key_pass", dim, 128, block_kv)]:
+        schedule = {"key_pass": knobs}
+        # "marginal" stores h per block, "global" per group of blocks; both store z per block.
+        found = _step_outputs(k, v, _key_settings(block_kv, feature, "marginal", layout),
+                              "key_pass", schedule)
+        h_block, z_block = found["h_block"], found["z_block"]
+        for j in range(n_kv):
+            rows = slice(j * block_kv, min(lk, (j + 1) * block_kv))
+            h_j = phi_k[:, :, rows].transpose(-1, -2) @ vb[:, :, rows]
+            assert relative_error(h_block[:, :, j], h_j) < TOLERANCE, (knobs, f"h of block {j}")
+            # z_j sums phi rounded to the input dtype (the GEMM's operand): ~1e-4 relative.
+            assert relative_error(z_block[:, :, j], phi_k[:, :, rows].sum(dim=2)) < 1e-3, (
+                knobs, f"z of block {j}")
+        found = _step_outputs(k, v, _key_settings(block_kv, feature, "global", layout),
+                              "key_pass", schedule)
+        z_block, h_group = found["z_block"], found["h_group"]
+        assert relative_error(h_group.sum(dim=2), phi_k.transpose(-1, -2) @ vb) < TOLERANCE, knobs
+        assert relative_error(z_block.sum(dim=2), phi_k.sum(dim=2)) < 1e-3, knobs
 
 
 def _key_pass_schedules(dim: int, block_kv: int) -> list[dict]:

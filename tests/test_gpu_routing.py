@@ -40,9 +40,11 @@ def kernels_ahead() -> list[KernelSpec]:
             specs += kernels_for(ARCH, 128, "bfloat16", FUSED_SETTINGS, backward=False,
                                  selection=selection, fusions=fusions)
     for dim, block_kv in ((64, 128), (128, 64)):
-        for fusions in ((), ("pooled_keys",)):
-            specs += kernels_for(ARCH, dim, "bfloat16", Settings(block_q=128, block_kv=block_kv),
-                                 backward=False, fusions=fusions)
+        for knobs in [{}, *kernels.alternatives(ARCH, "key_pass", dim, 128, block_kv)]:
+            for fusions in ((), ("pooled_keys",)):
+                specs += kernels_for(ARCH, dim, "bfloat16",
+                                     Settings(block_q=128, block_kv=block_kv), backward=False,
+                                     schedule={"key_pass": knobs}, fusions=fusions)
     return specs
 
 
@@ -155,8 +157,9 @@ def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
                       False, (1, 0))
     n_kv = spec.num_blocks(lk, block_kv)
 
-    def run(fusions: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        phase = routed_plan(target_of(k.device), shape, {}, fusions=fusions).forward
+    def run(fusions: tuple[str, ...], knobs: dict) -> dict[str, torch.Tensor]:
+        phase = routed_plan(target_of(k.device), shape, {"key_pass": knobs},
+                            fusions=fusions).forward
         poisoned = dict(h_block=torch.full((2, 3, n_kv, dim, dim), float("nan"),
                                            dtype=torch.bfloat16, device="cuda"),
                         z_block=torch.full((2, 3, n_kv, dim), float("nan"), device="cuda"),
@@ -165,11 +168,13 @@ def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
         torch.cuda.synchronize()
         return found
 
-    plain, pooled = run(()), run(("pooled_keys",))
-    assert torch.equal(plain["h_block"], pooled["h_block"])
-    assert torch.equal(plain["z_block"], pooled["z_block"])
     expected = reference.mean_pool(k.double().cpu(), block_kv)
-    assert relative_error(pooled["pooled_k"], expected) < 1e-5
+    # The default schedule and each alternative (the column sums on the tensor cores).
+    for knobs in [{}, *kernels.alternatives(ARCH, "key_pass", dim, 128, block_kv)]:
+        plain, pooled = run((), knobs), run(("pooled_keys",), knobs)
+        assert torch.equal(plain["h_block"], pooled["h_block"]), knobs
+        assert torch.equal(plain["z_block"], pooled["z_block"]), knobs
+        assert relative_error(pooled["pooled_k"], expected) < 1e-5, knobs
 
 
 @pytest.mark.parametrize("selection,fusions", [

@@ -73,7 +73,11 @@ def test_a_schedule_that_does_not_fit_is_refused_by_name():
     with pytest.raises(ValueError, match="hand-written forward only"):
         kernels.compiled(_forward_spec(64, 64, entries_per_step=2))
     with pytest.raises(ValueError, match="stores must be one of"):
-        key_pass.key_pass(128, 64, "bfloat16", "softmax", "bhsd", True, 8, 256, stores="late")
+        key_pass.key_pass(128, 64, "bfloat16", "softmax", "bhsd", True, 8, 256, stores="late",
+                          sums="serial")
+    with pytest.raises(ValueError, match="sums must be one of"):
+        key_pass.key_pass(128, 64, "bfloat16", "softmax", "bhsd", True, 8, 256,
+                          stores="waited", sums="atomic")
 
 
 @pytest.mark.parametrize("dim,block_q", [(64, 64), (64, 128), (128, 64), (128, 128)])

@@ -26,6 +26,15 @@ next block's work runs while the store reads shared memory). The same instructio
 otherwise, so the same bits. "overlapped" is the default: on the H200 at the Wan2.1-1.3B
 shape the key pass took 0.167 ms against 0.176 ms (benchmarks/NOTES.md)."""
 
+SUMS = ("serial", "gemm")
+"""How a block's column sums (z_j of phi(K); with `pool_keys`, routing's pooled K) are
+taken: each thread adding its columns' rows one by one from shared memory ("serial"), or as
+a GEMM of the tile with a column of ones on the tensor cores ("gemm"). They add the same
+products in another order, so they round differently: a choice of the default, not of the
+tuner."""
+SUM_COLUMNS = 8
+"""Columns of ones in the sums' GEMM (the narrowest wgmma); the first is the sum."""
+
 
 def default_schedule(dim: int, block_kv: int) -> dict:
     """Schedule knobs measured correct on the H200 for these sizes.
@@ -34,7 +43,7 @@ def default_schedule(dim: int, block_kv: int) -> dict:
     the second pipelined block on (a TileLang 0.1.15 lowering problem not pinned down);
     one warpgroup is exact there and fits its registers at D=64.
     """
-    return dict(group=8, threads=128 if dim == 64 else 256, stores="overlapped")
+    return dict(group=8, threads=128 if dim == 64 else 256, stores="overlapped", sums="serial")
 
 
 def search_space(dim: int, block_kv: int, linear: str) -> dict[str, tuple]:
@@ -44,6 +53,14 @@ def search_space(dim: int, block_kv: int, linear: str) -> dict[str, tuple]:
     sum of the total H, so the group size sets the order of that sum and its rounding;
     `stores` too, since "global" stores no h_j (both values build the same kernel)."""
     return dict(group=(4, 8, 16), stores=STORES) if linear == "marginal" else {}
+
+
+def alternatives(dim: int, block_kv: int) -> list[dict]:
+    """Schedules that compute the same states but round differently: the column sums on
+    the tensor cores (see `SUMS`), timed by `benchmarks/key_pass_variants.py` and checked
+    against float64 by the GPU tests, never tuned. Not at D=128 with 128-key blocks:
+    TileLang 0.1.15 finds no layout for the ones tile split over two warpgroups there."""
+    return [] if (dim, block_kv) == (128, 128) else [dict(sums="gemm")]
 
 
 def key_pass(
@@ -56,16 +73,20 @@ def key_pass(
     group: int,
     threads: int,
     stores: str,
+    sums: str,
     pool_keys: bool = False,
 ):
     """The key pass's TileLang program for one combination of compile-time settings.
 
     With `pool_keys` it also writes POOLED (B, H, Nk, D) float32, each key block's mean
     row (routing's pooled K, over the rows the block has), from the tile it loads anyway.
-    `stores`: see `STORES`.
+    `stores`, `sums`: see `STORES`, `SUMS`.
     """
     if stores not in STORES:
         raise ValueError(f"stores must be one of {STORES}; got {stores!r}")
+    if sums not in SUMS:
+        raise ValueError(f"sums must be one of {SUMS}; got {sums!r}")
+    gemm_sums = sums == "gemm"
     overlapped = stores == "overlapped"
     dt = DTYPES[dtype]
     acc = T.float32
@@ -100,6 +121,10 @@ def key_pass(
                 T.clear(h_sum)
             row_max = T.alloc_fragment([block_kv], acc)
             row_sum = T.alloc_fragment([block_kv], acc)
+            if gemm_sums:
+                ones_s = T.alloc_shared([SUM_COLUMNS, block_kv], dt)  # K-major, as wgmma reads B
+                sums_r = T.alloc_fragment([dim, SUM_COLUMNS], acc)
+                T.fill(ones_s, 1)
 
             first = bx * group
             blocks = T.min(group, n_kv - first)
@@ -110,12 +135,19 @@ def key_pass(
                 T.copy(rows(V, bz, by, j * block_kv, block_kv, layout), v_s)
                 if pool_keys:
                     # Rows past Lk are zeros (TMA fills them), so the sum is the block's own.
-                    T.clear(col)
-                    for r in T.serial(block_kv):
+                    if gemm_sums:
+                        T.gemm(k_s, ones_s, sums_r, transpose_A=True, transpose_B=True,
+                               clear_accum=True)
+                        for d, c in T.Parallel(dim, SUM_COLUMNS):
+                            if c == 0:
+                                POOLED[bz, by, j, d] = sums_r[d, c] / valid
+                    else:
+                        T.clear(col)
+                        for r in T.serial(block_kv):
+                            for d in T.Parallel(dim):
+                                col[d] += k_s[r, d]
                         for d in T.Parallel(dim):
-                            col[d] += k_s[r, d]
-                    for d in T.Parallel(dim):
-                        POOLED[bz, by, j, d] = col[d] / valid
+                            POOLED[bz, by, j, d] = col[d] / valid
                 T.copy(k_s, keys)
                 phi(keys, row_max, row_sum, block_kv, dim)
                 for r, d in T.Parallel(block_kv, dim):
@@ -125,13 +157,20 @@ def key_pass(
                 T.sync_threads(CONSUMER_BARRIER, threads)
                 T.copy(keys, phi_s)
                 T.gemm(phi_s, v_s, h_j, transpose_A=True, clear_accum=True)
-                # z_j: serial per-thread column sums of phi_s (no cross-thread reduction).
-                T.clear(col)
-                for r in T.serial(block_kv):
+                if gemm_sums:
+                    T.gemm(phi_s, ones_s, sums_r, transpose_A=True, transpose_B=True,
+                           clear_accum=True)
+                    for d, c in T.Parallel(dim, SUM_COLUMNS):
+                        if c == 0:
+                            Z_BLOCK[bz, by, j, d] = sums_r[d, c]
+                else:
+                    # z_j: serial per-thread column sums of phi_s (no cross-thread reduction).
+                    T.clear(col)
+                    for r in T.serial(block_kv):
+                        for d in T.Parallel(dim):
+                            col[d] += phi_s[r, d]
                     for d in T.Parallel(dim):
-                        col[d] += phi_s[r, d]
-                for d in T.Parallel(dim):
-                    Z_BLOCK[bz, by, j, d] = col[d]
+                        Z_BLOCK[bz, by, j, d] = col[d]
                 if store_blocks:
                     # Staged through shared memory for a coalesced store; as with phi_s, both
                     # warpgroups must be done storing the previous block's tile first.
