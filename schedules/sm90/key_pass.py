@@ -30,8 +30,17 @@ SUMS = ("serial", "gemm")
 """How a block's column sums (z_j of phi(K); with `pool_keys`, routing's pooled K) are
 taken: each thread adding its columns' rows one by one from shared memory ("serial"), or as
 a GEMM of the tile with a column of ones on the tensor cores ("gemm"). They add the same
-products in another order, so they round differently: a choice of the default, not of the
-tuner."""
+values in another order, so they round differently: a choice of the default, not of the
+tuner. "gemm" is the default where TileLang lays it out (not at D=128 with 128-key blocks:
+it finds no layout for the ones tile split over two warpgroups there): on the H200 at the
+Wan2.1-1.3B shape the key pass took 0.125 ms against 0.167 ms (benchmarks/NOTES.md)."""
+
+
+def _gemm_sums(dim: int, block_kv: int) -> bool:
+    """Whether the column sums can be a GEMM at these sizes (see `SUMS`)."""
+    return (dim, block_kv) != (128, 128)
+
+
 SUM_COLUMNS = 8
 """Columns of ones in the sums' GEMM (the narrowest wgmma); the first is the sum."""
 
@@ -43,7 +52,8 @@ def default_schedule(dim: int, block_kv: int) -> dict:
     the second pipelined block on (a TileLang 0.1.15 lowering problem not pinned down);
     one warpgroup is exact there and fits its registers at D=64.
     """
-    return dict(group=8, threads=128 if dim == 64 else 256, stores="overlapped", sums="serial")
+    return dict(group=8, threads=128 if dim == 64 else 256, stores="overlapped",
+                sums="gemm" if _gemm_sums(dim, block_kv) else "serial")
 
 
 def search_space(dim: int, block_kv: int, linear: str) -> dict[str, tuple]:
@@ -56,11 +66,11 @@ def search_space(dim: int, block_kv: int, linear: str) -> dict[str, tuple]:
 
 
 def alternatives(dim: int, block_kv: int) -> list[dict]:
-    """Schedules that compute the same states but round differently: the column sums on
-    the tensor cores (see `SUMS`), timed by `benchmarks/key_pass_variants.py` and checked
-    against float64 by the GPU tests, never tuned. Not at D=128 with 128-key blocks:
-    TileLang 0.1.15 finds no layout for the ones tile split over two warpgroups there."""
-    return [] if (dim, block_kv) == (128, 128) else [dict(sums="gemm")]
+    """Schedules that compute the same states but round differently: the column sums one
+    by one (see `SUMS`) where the default takes them on the tensor cores, timed by
+    `benchmarks/key_pass_variants.py` and checked against float64 by the GPU tests, never
+    tuned."""
+    return [dict(sums="serial")] if _gemm_sums(dim, block_kv) else []
 
 
 def key_pass(
