@@ -1,7 +1,9 @@
 """Mean pooling of a sequence over blocks of rows (float32), for routing's block scores.
 
 One CTA per (group of blocks, head, batch); a partial last block is averaged over the
-rows it has.
+rows it has. Each block's column sums are one GEMM with a column of ones on the tensor cores
+(as the key pass takes its own, `key_pass.SUMS`): on the H200 the serial per-thread sums
+left the pooling of Q at 1.6x its byte floor (benchmarks/NOTES.md).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
@@ -9,6 +11,7 @@ rows it has.
 import tilelang.language as T
 
 from ..common import DTYPES, rows, seq_shape
+from .key_pass import SUM_COLUMNS
 
 
 def mean_pool(dim: int, block: int, dtype: str, layout: str, group: int = 8, threads: int = 128):
@@ -24,18 +27,18 @@ def mean_pool(dim: int, block: int, dtype: str, layout: str, group: int = 8, thr
     ):
         with T.Kernel(T.ceildiv(n_blocks, group), heads, batch, threads=threads) as (bx, by, bz):
             x_s = T.alloc_shared([block, dim], dt)
-            col = T.alloc_fragment([dim], acc)
+            ones_s = T.alloc_shared([SUM_COLUMNS, block], dt)  # K-major, as wgmma reads B
+            sums = T.alloc_fragment([dim, SUM_COLUMNS], acc)
+            T.fill(ones_s, 1)
             first = bx * group
             for t in T.Pipelined(T.min(group, n_blocks - first), num_stages=2):
                 j = first + t
                 T.copy(rows(X, bz, by, j * block, block, layout), x_s)
-                # Column sums as serial per-thread sums over the rows: no cross-thread
-                # reduction rounds.
-                T.clear(col)
-                for r in T.serial(block):
-                    for d in T.Parallel(dim):
-                        col[d] += x_s[r, d]
-                for d in T.Parallel(dim):
-                    POOLED[bz, by, j, d] = col[d] / T.min(block, length - j * block)
+                # Column sums on the tensor cores: X_j^T times a column of ones (rows past
+                # L are zeros, TMA fills them).
+                T.gemm(x_s, ones_s, sums, transpose_A=True, transpose_B=True, clear_accum=True)
+                for d, c in T.Parallel(dim, SUM_COLUMNS):
+                    if c == 0:
+                        POOLED[bz, by, j, d] = sums[d, c] / T.min(block, length - j * block)
 
     return main
