@@ -17,9 +17,9 @@
 #                           at $OUT/baseline.json (to copy to benchmarks/baselines/<GPU>.json).
 #                 ulysses:  Ulysses sequence parallelism on every visible GPU (2 or more) against
 #                           one GPU at the Wan2.1-14B 720p shape, at $OUT/ulysses.json.
-#                 variants: every forward, dQ and query-pass schedule and alternative timed
-#                           alone (`forward_variants`, also with K and V L2-resident,
-#                           `dq_variants`, `query_pass_variants`);
+#                 variants: every forward, dQ, query-pass and key-pass schedule and alternative
+#                           timed alone (`forward_variants`, also with K and V L2-resident,
+#                           `dq_variants`, `query_pass_variants`, `key_pass_variants`);
 #                 counters: Nsight Compute's full set of counters for the kernels of the steps
 #                           in $COUNTER_STEPS (default the forward's and the backward's GEMM
 #                           kernels, `step_counters`), one launch each: the details page at
@@ -66,7 +66,8 @@ variants() {
     python3 -m sla_tl.benchmarks.forward_variants --lut shared \
       --out "$OUT/forward_variants_shared.json" &&
     python3 -m sla_tl.benchmarks.dq_variants --out "$OUT/dq_variants.json" &&
-    python3 -m sla_tl.benchmarks.query_pass_variants --out "$OUT/query_pass_variants.json"
+    python3 -m sla_tl.benchmarks.query_pass_variants --out "$OUT/query_pass_variants.json" &&
+    python3 -m sla_tl.benchmarks.key_pass_variants --out "$OUT/key_pass_variants.json"
 }
 counters() {
   local ncu report=/tmp/counters

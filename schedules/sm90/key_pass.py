@@ -122,7 +122,6 @@ def key_pass(
             v_s = T.alloc_shared([block_kv, dim], dt)
             phi_s = T.alloc_shared([block_kv, dim], dt)
             keys = T.alloc_fragment([block_kv, dim], acc)
-            col = T.alloc_fragment([dim], acc)
             h_j = T.alloc_fragment([dim, dim], acc)
             if store_blocks:
                 h_s = T.alloc_shared([dim, dim], dt)
@@ -135,6 +134,8 @@ def key_pass(
                 ones_s = T.alloc_shared([SUM_COLUMNS, block_kv], dt)  # K-major, as wgmma reads B
                 sums_r = T.alloc_fragment([dim, SUM_COLUMNS], acc)
                 T.fill(ones_s, 1)
+            else:
+                col = T.alloc_fragment([dim], acc)
 
             first = bx * group
             blocks = T.min(group, n_kv - first)

@@ -2,8 +2,9 @@
 
 One CTA per (group of blocks, head, batch); a partial last block is averaged over the
 rows it has. Each block's column sums are one GEMM with a column of ones on the tensor cores
-(as the key pass takes its own, `key_pass.SUMS`): on the H200 the serial per-thread sums
-left the pooling of Q at 1.6x its byte floor (benchmarks/NOTES.md).
+(as the key pass takes its own, `key_pass.SUMS`), in place of a chain of shared loads and
+adds per thread; on the H200 both took the same time, bound by the loads of X
+(benchmarks/NOTES.md).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations

@@ -4,12 +4,12 @@ One warp per row (batch, head, query block) of the block scores S (float32). The
 first writes the row, as the scores' order-preserving 32-bit keys, to its row of shared
 memory (zero past the row's end), so that the search reads each key with one shared load
 and no index arithmetic. It finds the `Kc`-th largest key by a radix search (32 rounds of a
-strided count and a warp sum), then writes every key block above it, and
-as many of those equal to it as are needed, in ascending order (a ballot and a prefix count
-per 32 entries). The negligible blocks are the `Kn` smallest of the rest, found the same
-way on the reversed keys, with the critical blocks (remembered as one bit each in shared
-memory) ruled out. The widths Kc >= 1 and Kn >= 0 of LUT and NEG_LUT are the counts. The
-variant with a block map also writes each row's marginal blocks and whether it has any.
+strided count and a warp sum), then writes every key block above it, and as many of those
+equal to it as are needed, in ascending order (a ballot and a prefix count per 32 entries).
+The negligible blocks are the `Kn` smallest of the rest, found the same way on the
+reversed keys, with the critical blocks (remembered as one bit each in shared memory)
+ruled out. The widths Kc >= 1 and Kn >= 0 of LUT and NEG_LUT are the counts. The variant
+with a block map also writes each row's marginal blocks and whether it has any.
 
 Ties at a threshold go to the lower block index; the reference breaks them by its sort.
 """
