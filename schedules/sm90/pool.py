@@ -1,10 +1,7 @@
 """Mean pooling of a sequence over blocks of rows (float32), for routing's block scores.
 
 One CTA per (group of blocks, head, batch); a partial last block is averaged over the
-rows it has. Each block's column sums are one GEMM with a column of ones on the tensor cores
-(as the key pass takes its own, `key_pass.SUMS`), in place of a chain of shared loads and
-adds per thread; on the H200 both took the same time, bound by the loads of X
-(benchmarks/NOTES.md).
+rows it has.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations
@@ -12,7 +9,6 @@ adds per thread; on the H200 both took the same time, bound by the loads of X
 import tilelang.language as T
 
 from ..common import DTYPES, rows, seq_shape
-from .key_pass import SUM_COLUMNS
 
 
 def mean_pool(dim: int, block: int, dtype: str, layout: str, group: int = 8, threads: int = 128):
@@ -28,18 +24,18 @@ def mean_pool(dim: int, block: int, dtype: str, layout: str, group: int = 8, thr
     ):
         with T.Kernel(T.ceildiv(n_blocks, group), heads, batch, threads=threads) as (bx, by, bz):
             x_s = T.alloc_shared([block, dim], dt)
-            ones_s = T.alloc_shared([SUM_COLUMNS, block], dt)  # K-major, as wgmma reads B
-            sums = T.alloc_fragment([dim, SUM_COLUMNS], acc)
-            T.fill(ones_s, 1)
+            col = T.alloc_fragment([dim], acc)
             first = bx * group
             for t in T.Pipelined(T.min(group, n_blocks - first), num_stages=2):
                 j = first + t
                 T.copy(rows(X, bz, by, j * block, block, layout), x_s)
-                # Column sums on the tensor cores: X_j^T times a column of ones (rows past
-                # L are zeros, TMA fills them).
-                T.gemm(x_s, ones_s, sums, transpose_A=True, transpose_B=True, clear_accum=True)
-                for d, c in T.Parallel(dim, SUM_COLUMNS):
-                    if c == 0:
-                        POOLED[bz, by, j, d] = sums[d, c] / T.min(block, length - j * block)
+                # Column sums as serial per-thread sums over the rows: no cross-thread
+                # reduction rounds.
+                T.clear(col)
+                for r in T.serial(block):
+                    for d in T.Parallel(dim):
+                        col[d] += x_s[r, d]
+                for d in T.Parallel(dim):
+                    POOLED[bz, by, j, d] = col[d] / T.min(block, length - j * block)
 
     return main
