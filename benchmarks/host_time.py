@@ -1,0 +1,129 @@
+"""The host's time per eager call of `sla.attention`, and per launch of each step, on the GPU.
+
+    python -m sla_tl.benchmarks.host_time [--shape 1,12,9360,128] [--calls 200] [--out r.json]
+
+At each shape (default: the suite's shortest Wan2.1-1.3B length, L=9360, and a small call,
+L=1024 with one head) on fresh random inputs, blocks 128x64, topk 0.05:
+
+- the forward and the forward+backward as called, back to back, `--calls` of them, then
+  one synchronize: the wall time per call is the host's where the host is slower than the
+  GPU (the host enqueues, the GPU keeps up), else the GPU's;
+- the same call replayed from a CUDA graph: the GPU's time alone;
+- each step of the routed forward's plan launched alone, back to back (`Phase.run_step`
+  on the tensors of a kept run), timed the same way: where its GPU work is the shorter
+  (the small call), the host's time for a TileLang kernel's argument checks and launch,
+  or for a torch step's ops.
+
+So `as called - replayed` is how far the host holds a call back, and the steps' sum says
+where the host's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+import sla_tl
+from sla_tl import spec
+from sla_tl.plan import call_shape, routed_plan
+from sla_tl.settings import Settings
+from sla_tl.targets import target_of
+from sla_tl.timing import graphed, median_ms, replay
+
+from .environment import describe_environment
+from .plan_steps import kept_runs
+
+DEFAULT_SHAPES = ((1, 12, 9360, 128), (1, 1, 1024, 128))
+TOPK = 0.05
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """`B,H,L,D` as four positive ints; argparse.ArgumentTypeError otherwise."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected B,H,L,D (positive integers), got {text!r}")
+    b, h, length, d = (int(p) for p in parts)
+    return b, h, length, d
+
+
+def back_to_back_us(fn: Callable[[], object], calls: int) -> float:
+    """Wall microseconds per call of `calls` calls of `fn` issued back to back, then one
+    synchronize (after a warm-up of a tenth as many)."""
+    for _ in range(max(1, calls // 10)):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure_shape(b: int, h: int, length: int, d: int, calls: int) -> dict:
+    """The figures of one shape (see the module's docstring)."""
+    s = Settings(block_q=128, block_kv=64)
+    q, k, v, grad = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(4))
+    weight = torch.randn(d, d, device="cuda") / d**0.5
+    bias = torch.randn(d, device="cuda") * 0.1
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            sla_tl.attention(q, k, v, weight, bias, topk=TOPK, block_q=128, block_kv=64)
+
+    def forward_backward() -> None:
+        out = sla_tl.attention(*leaves, weight, bias, topk=TOPK, block_q=128, block_kv=64)
+        torch.autograd.grad(out, leaves, grad)
+
+    row = dict(shape=[b, h, length, d])
+    for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        (graph,), = graphed(fn, [()])
+        row[name] = dict(as_called_us=back_to_back_us(fn, calls),
+                         replayed_us=median_ms(replay, [(graph,)], calls) * 1e3)
+    n_kv = spec.num_blocks(length, 64)
+    shape = call_shape(q, k, s, False, (spec.num_critical(TOPK, n_kv), 0))
+    phase = routed_plan(target_of(q.device), shape).forward
+    env, = kept_runs(phase, [dict(q=q, k=k, v=v, proj_weight=weight, proj_bias=bias)],
+                     q.device)
+    with torch.no_grad():
+        row["steps_us"] = {step.name: back_to_back_us(
+            lambda name=step.name: phase.run_step(name, env), calls) for step in phase.steps}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every shape and print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", type=parse_shape,
+                        help="B,H,L,D, repeatable (default: 1,12,9360,128 and 1,1,1024,128)")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1; got {args.calls}")
+    rows = [measure_shape(*shape, args.calls) for shape in args.shape or DEFAULT_SHAPES]
+    print(f"bf16, blocks 128x64, topk {TOPK}, on {torch.cuda.get_device_name()}")
+    for row in rows:
+        print("B={} H={} L={} D={}".format(*row["shape"]))
+        for mode in ("fwd", "fwd+bwd"):
+            m = row[mode]
+            print(f"  {mode:<8} as called {m['as_called_us']:8.1f} us, "
+                  f"replayed {m['replayed_us']:8.1f} us")
+        total = sum(row["steps_us"].values())
+        print(f"  routed forward's steps launched alone ({total:.1f} us together):")
+        for name, us in row["steps_us"].items():
+            print(f"    {name:<22} {us:7.1f} us")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(environment=describe_environment(), args=vars(args), topk=TOPK,
+                           rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
