@@ -13,7 +13,6 @@ schedule's bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -22,9 +21,8 @@ from sla_tl.plan import call_shape, routed_plan
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
 
-from .environment import describe_environment
 from .plan_steps import kept_runs
-from .schedule_variants import add_shape_arguments, compile_steps, label, time_each
+from .schedule_variants import add_shape_arguments, bandwidth_report, compile_steps, time_each
 
 
 def key_pass_bytes(batch: int, heads: int, length: int, dim: int, block_kv: int,
@@ -69,18 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = time_each(candidates, phases, "key_pass", output, runs, args.repeats, moved)
     print(f"B={b} H={h} L={length} D={d} bf16 linear={args.linear} blocks {bq}x{bkv} "
           f"on {torch.cuda.get_device_name()}")
-    for row in rows:
-        if "error" in row:
-            print(f"  {label(row['knobs']):<36} {row['error']}")
-            continue
-        row["tb_per_s"] = row.pop("tflops")
-        print(f"  {label(row['knobs']):<36} {row['ms']:7.3f} ms {row['tb_per_s']:5.2f} TB/s "
-              f"{'=' if row['bit_identical_to_first'] else '~'}first "
-              f"(max diff {row['max_abs_diff_to_first']:.2e})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=describe_environment(), args=vars(args),
-                           bytes_moved=moved, schedules=rows), f, indent=2)
+    bandwidth_report(rows, args, moved)
     return 0
 
 

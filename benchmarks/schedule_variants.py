@@ -11,6 +11,7 @@ output compared with the first schedule's.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ from sla_tl.parallel import compile_in_parallel
 from sla_tl.phases import Phase
 from sla_tl.settings import Settings
 from sla_tl.timing import median_ms
+
+from .environment import describe_environment
 
 ROUNDS = 5
 """Rounds of side-by-side timing per schedule (`time_each`)."""
@@ -165,3 +168,21 @@ def print_rows(rows: Sequence[dict], cudnn_tflops: float, cudnn_what: str) -> No
               f"({row['tflops'] / cudnn_tflops:4.0%} of {cudnn_what}) "
               f"{'=' if row['bit_identical_to_first'] else '~'}first "
               f"(max diff {row['max_abs_diff_to_first']:.2e})")
+
+
+def bandwidth_report(rows: Sequence[dict], args: argparse.Namespace, moved: float) -> None:
+    """The rows of a kernel that `time_each` timed by the bytes it must move (`moved` given
+    for its flop, so its rate is GB/s / 1000): each rate renamed TB/s, printed as a table,
+    and with `args.out` written there as JSON with the environment and the arguments."""
+    for row in rows:
+        if "error" in row:
+            print(f"  {label(row['knobs']):<36} {row['error']}")
+            continue
+        row["tb_per_s"] = row.pop("tflops")
+        print(f"  {label(row['knobs']):<36} {row['ms']:7.3f} ms {row['tb_per_s']:5.2f} TB/s "
+              f"{'=' if row['bit_identical_to_first'] else '~'}first "
+              f"(max diff {row['max_abs_diff_to_first']:.2e})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(environment=describe_environment(), args=vars(args),
+                           bytes_moved=moved, schedules=list(rows)), f, indent=2)

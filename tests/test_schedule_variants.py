@@ -5,6 +5,7 @@ benchmarks says (fake phases and timer: the GPU runs them for real)."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from types import SimpleNamespace
 
@@ -90,6 +91,23 @@ def test_each_row_says_its_time_rate_and_distance_from_the_first(capsys):
     assert broken[0] == "n=2" and broken[1:] == "RuntimeError: ptxas error: spills".split()
     assert "( 50% of cuDNN) =first (max diff 0.00e+00)" in out[-4]
     assert "~first (max diff 2.00e+00)" in out[-1]
+
+
+def test_a_bandwidth_report_reads_rates_as_tb_per_s_and_writes_them(capsys, tmp_path):
+    rows = [dict(knobs={"loads": "tma"}, ms=0.35, tflops=1.72, bit_identical_to_first=True,
+                 max_abs_diff_to_first=0.0),
+            dict(knobs={"loads": "staged"}, error="RuntimeError: spills")]
+    out = tmp_path / "r.json"
+    args = argparse.Namespace(out=str(out), length=1000)
+    schedule_variants.bandwidth_report(rows, args, 6e8)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["loads=tma", "0.350", "ms", "1.72", "TB/s", "=first", "(max",
+                                "diff", "0.00e+00)"]
+    assert lines[1].split() == ["loads=staged", "RuntimeError:", "spills"]
+    written = json.loads(out.read_text())
+    assert written["bytes_moved"] == 6e8 and written["args"]["length"] == 1000
+    assert written["schedules"][0]["tb_per_s"] == 1.72 and "tflops" not in written["schedules"][0]
+    assert "environment" in written
 
 
 def test_query_pass_bytes_count_six_tiles_per_query_block():
