@@ -28,6 +28,15 @@ def query_states(h_block: torch.Tensor, z_block: torch.Tensor, marginal: torch.T
     _apply(marginal.to(z_block.dtype), z_block, z_rows)
 
 
+def query_states_of_maps(h_block: torch.Tensor, z_block: torch.Tensor,
+                         marginal: torch.Tensor, marginal_f32: torch.Tensor,
+                         h_rows: torch.Tensor, z_rows: torch.Tensor) -> None:
+    """`query_states` with the marginal map given in both dtypes its GEMMs take (the
+    selection kernel writes both): no cast."""
+    _apply(marginal, h_block, h_rows)
+    _apply(marginal_f32, z_block, z_rows)
+
+
 def global_states(h_group: torch.Tensor, z_block: torch.Tensor, h_rows: torch.Tensor,
                   z_rows: torch.Tensor) -> None:
     """Write the one H (B, H, 1, D, D) and Z (B, H, 1, D) every query block shares

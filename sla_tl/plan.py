@@ -184,6 +184,8 @@ class Fusion(NamedTuple):
     kernel: str | None = None
     """The arch kernel it launches where that kernel's size limits (`KernelDef.limits`)
     bound the calls it can serve by default."""
+    needs: tuple[str, ...] = ()
+    """The fusions it builds on, which a call naming it must name too."""
 
 
 def _index(steps: list[Step], name: str) -> int:
@@ -212,6 +214,17 @@ def _selection_block_map(steps: list[Step], buffers: dict[str, Buffer],
     rows = (shape.batch, shape.heads, shape.n_q)
     buffers.update(marginal=Buffer((*rows, shape.n_kv), shape.dtype),
                    active=Buffer(rows, torch.int32))
+
+
+def _selection_float_map(steps: list[Step], buffers: dict[str, Buffer],
+                         shape: CallShape) -> None:
+    index = _index(steps, "select")
+    steps[index] = _with_args(steps[index], ("marginal_f32",), float_map=True)
+    buffers["marginal_f32"] = Buffer((shape.batch, shape.heads, shape.n_q, shape.n_kv),
+                                     torch.float32)
+    steps[_index(steps, "linear_states")] = torch_step(
+        "linear_states", block_states.query_states_of_maps,
+        ["h_block", "z_block", "marginal", "marginal_f32"], fills=["h_rows", "z_rows"])
 
 
 def _key_major_step(shape: CallShape, arch: str,
@@ -287,6 +300,11 @@ FUSIONS: dict[str, Fusion] = {
         "the selection kernel also writes the marginal block map and the rows' flags (the "
         "routing_flags torch ops go)",
         _needs_marginal_kernel_selection, _selection_block_map),
+    "selection_float_map": Fusion(
+        "the selection kernel also writes the marginal block map in float32, for Z_i's GEMM "
+        "(the map's cast goes; with selection_block_map)",
+        _needs_marginal_kernel_selection, _selection_float_map,
+        needs=("selection_block_map",)),
     "key_major_flags": Fusion(
         "the key-major kernel writes the forward's marginal block map and rows' flags from a "
         "sorted routing (the routing_flags torch ops go)",
@@ -302,7 +320,8 @@ FUSIONS: dict[str, Fusion] = {
 DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "key_major_kernel")
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
-the benchmarks: it is slower than the selection kernel's block map. "key_major_kernel"
+the benchmarks: it is slower than the selection kernel's block map. "selection_float_map"
+runs when asked: it has not run on a GPU yet. "key_major_kernel"
 serves every backward, a fixed routing's too: there it reruns each backward (0.07 ms at
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""
@@ -352,11 +371,15 @@ def fusions_serving(shape: CallShape, selection: str | None) -> tuple[str, ...]:
 
 
 def _check_fusions(fusions: tuple[str, ...], shape: CallShape, selection: str | None) -> None:
-    """ValueError naming a fusion that cannot serve this call."""
+    """ValueError naming a fusion that cannot serve this call, or that lacks a fusion it
+    builds on."""
     for name in fusions:
         refusal = FUSIONS[name].refusal(shape, selection)
         if refusal is not None:
             raise ValueError(f"fusion {name!r} {refusal}")
+        for needed in FUSIONS[name].needs:
+            if needed not in fusions:
+                raise ValueError(f"fusion {name!r} needs {needed!r} too (it builds on it)")
 
 
 # ---------------------------------------------------------------- attention

@@ -33,8 +33,8 @@ def kernels_ahead() -> list[KernelSpec]:
     """The kernels this module's tests build (compiled ahead by its fixture, and by
     `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [KernelSpec("select", (), ARCH)]
-    specs += [KernelSpec("select", (("block_map_dtype", dtype),), ARCH)
-              for dtype in ("bfloat16", "float32")]
+    specs += [KernelSpec("select", (("block_map_dtype", dtype), *extra), ARCH)
+              for dtype in ("bfloat16", "float32") for extra in ((), (("float_map", True),))]
     for selection in ("kernel", "sort"):
         for fusions in ((), _serving(selection)):
             specs += kernels_for(ARCH, 128, "bfloat16", FUSED_SETTINGS, backward=False,
@@ -145,6 +145,19 @@ def test_selection_kernel_writes_the_marginal_block_map_and_flags(generator, blo
     if n_neg:
         excluded.scatter_(-1, got.neg_lut.long(), True)
     assert torch.equal(marginal, (~excluded).to(dtype))
+    assert (active == int(n_crit + n_neg < n_kv)).all()
+    # The variant that also writes the map in float32 (fusion selection_float_map).
+    again = _poisoned_routing(rows, n_crit, n_neg)
+    marginal_f32 = torch.full(scores.shape, float("nan"), device="cuda")
+    marginal.fill_(float("nan"))
+    active.fill_(-7)
+    both = kernels.compiled(KernelSpec("select", (("block_map_dtype", block_map_dtype),
+                                                  ("float_map", True)), arch))
+    both(scores, *again, marginal, active, marginal_f32)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(again, got, strict=True))
+    assert torch.equal(marginal, (~excluded).to(dtype))
+    assert torch.equal(marginal_f32, (~excluded).float())
     assert (active == int(n_crit + n_neg < n_kv)).all()
 
 

@@ -64,6 +64,9 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
     assert _steps(("pooled_keys",)) == ["key_pass", *(n for n in plain
                                                       if n not in ("key_pass", "pool_k"))]
     assert _steps(("selection_block_map",)) == [n for n in plain if n != "routing_flags"]
+    # The float32 copy of the map changes the linear states' step, not the step list.
+    assert _steps(("selection_block_map", "selection_float_map")) == _steps(
+        ("selection_block_map",))
     # Every fusion that serves the call, applied in FUSIONS' order whatever the order given.
     both = _steps(tuple(reversed(fusions_serving(_shape(), "kernel"))))
     assert both == ["key_pass", "pool_q", "scores", "select", "linear_states",
@@ -77,7 +80,7 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
 def test_the_fusions_serving_a_call_are_those_that_do_not_refuse_it():
     glob = _shape(Settings(block_q=128, block_kv=64, linear="global"))
     assert fusions_serving(_shape(), "kernel") == (
-        "pooled_keys", "selection_block_map", "key_major_kernel")
+        "pooled_keys", "selection_block_map", "selection_float_map", "key_major_kernel")
     assert fusions_serving(_shape(), "sort") == (
         "pooled_keys", "key_major_flags", "key_major_kernel")
     assert fusions_serving(glob, "sort") == ("pooled_keys", "key_major_kernel")
@@ -112,6 +115,12 @@ def test_the_key_major_kernel_takes_the_reverse_lut_step_of_every_backward(linea
                                                    ()).forward.kernels()
 
 
+def test_the_float_map_needs_the_selection_kernels_block_map():
+    with pytest.raises(ValueError, match="fusion 'selection_float_map' needs "
+                                         "'selection_block_map' too"):
+        routed_plan(TARGET, _shape(), {}, "kernel", ("selection_float_map",))
+
+
 def test_a_given_routings_plan_refuses_a_routed_forwards_fusion_by_name():
     with pytest.raises(ValueError, match="fusion 'pooled_keys' rewrites the forward of a call "
                                          "that routes"):
@@ -125,9 +134,13 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     key_pass, select = fused.step("key_pass"), fused.step("select")
     assert dict(key_pass.kernel.args)["pool_keys"] is True
     assert key_pass.fills[-1] == "pooled_k"
-    assert select.kernel.args == (("block_map_dtype", "bfloat16"),)
-    assert select.fills[-2:] == ("marginal", "active")
+    assert select.kernel.args == (("block_map_dtype", "bfloat16"), ("float_map", True))
+    assert select.fills[-3:] == ("marginal", "active", "marginal_f32")
     assert fused.buffers["marginal"].shape == (2, 3, 8, 24)
+    assert fused.buffers["marginal_f32"].shape == (2, 3, 8, 24)
+    assert fused.buffers["marginal_f32"].dtype == torch.float32
+    assert fused.step("linear_states").reads == ("h_block", "z_block", "marginal",
+                                                 "marginal_f32")
     plain = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel", fusions=(),
                         routes=True)
     enumerated = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel",
@@ -159,9 +172,10 @@ def test_warm_and_the_gate_enumerate_both_kinds_of_call_and_the_routing_that_mak
 def test_each_fusions_kernels_build_their_programs(fusion):
     """Each variant a fusion launches is a program its arch builds (no compile: cheap)."""
     selection = "kernel" if fusion in fusions_serving(_shape(), "kernel") else "sort"
-    plain = set(routed_plan(TARGET, _shape(), {}, selection, ()).kernels())
-    variants = [s for s in routed_plan(TARGET, _shape(), {}, selection, (fusion,)).kernels()
-                if s not in plain]
+    needs = FUSIONS[fusion].needs
+    plain = set(routed_plan(TARGET, _shape(), {}, selection, needs).kernels())
+    variants = [s for s in routed_plan(TARGET, _shape(), {}, selection,
+                                       (*needs, fusion)).kernels() if s not in plain]
     assert len(variants) == 1
     for variant in variants:
         definition = variant.definition()

@@ -24,10 +24,11 @@ def pool(dim: int, block: int, dtype: str, layout: str):
     return mean_pool(dim, block, dtype, layout)
 
 
-def select(block_map_dtype: str | None = None):
+def select(block_map_dtype: str | None = None, float_map: bool = False):
     """Routing's selection of critical and negligible blocks from the block scores; with
-    `block_map_dtype`, also the marginal block map (in that dtype) and the rows' flags."""
-    return top_bottom_select(block_map_dtype)
+    `block_map_dtype`, also the marginal block map (in that dtype) and the rows' flags; with
+    `float_map` as well, the map in float32 too."""
+    return top_bottom_select(block_map_dtype, float_map)
 
 
 def key_major(block_map_dtype: str | None = None):

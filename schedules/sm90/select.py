@@ -32,21 +32,25 @@ def _ordered(score):
                           bits | T.uint32(0x80000000))
 
 
-def top_bottom_select(block_map_dtype: str | None = None):
+def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = False):
     """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT.
 
     With `block_map_dtype` ("bfloat16", "float16" or "float32") it also writes what the
     linear branch derives from the routing: MARGINAL (B, H, Mq, Nk), 1 where key block j is
     neither critical nor negligible for the row (the weights of the query blocks' H_i and
     Z_i sums, and transposed of the key blocks' dH_j, dZ_j), and ACTIVE (B, H, Mq) int32, 1
-    where the row has a marginal block.
+    where the row has a marginal block. With `float_map` as well, the same map in float32,
+    MARGINAL_F32, for the float32 GEMM of Z_i (so that no cast of the map runs after).
     """
+    if float_map and block_map_dtype is None:
+        raise ValueError("float_map needs block_map_dtype (it is the block map's second copy)")
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
     with_map = block_map_dtype is not None
     # A parameter annotated with None is a compile-time constant, not a kernel argument.
     map_tensor = T.Tensor([batch, heads, n_q, n_kv], block_map_dtype) if with_map else None
     active_tensor = T.Tensor([batch, heads, n_q], T.int32) if with_map else None
+    float_map_tensor = T.Tensor([batch, heads, n_q, n_kv], T.float32) if float_map else None
 
     @T.macro
     def warp_sum(value):
@@ -126,6 +130,7 @@ def top_bottom_select(block_map_dtype: str | None = None):
         NEG_COUNT: T.Tensor([batch, heads, n_q], T.int32),
         MARGINAL: map_tensor,
         ACTIVE: active_tensor,
+        MARGINAL_F32: float_map_tensor,
     ):
         with T.Kernel(T.ceildiv(n_q, WARPS), heads, batch, threads=32 * WARPS) as (bx, by, bz):
             critical_bits = T.alloc_shared([WARPS, _WORDS], T.uint32)
@@ -157,11 +162,13 @@ def top_bottom_select(block_map_dtype: str | None = None):
                         j = m * 32 + lane
                         excluded = critical_bits[warp, m] | T.if_then_else(
                             neg_width > 0, negligible_bits[warp, m], T.uint32(0))
+                        taken = (excluded >> T.Cast("uint32", lane)) & T.uint32(1) == T.uint32(1)
                         if j < n_kv:
                             MARGINAL[bz, by, row, j] = T.if_then_else(
-                                (excluded >> T.Cast("uint32", lane)) & T.uint32(1)
-                                == T.uint32(1), T.Cast(block_map_dtype, 0),
-                                T.Cast(block_map_dtype, 1))
+                                taken, T.Cast(block_map_dtype, 0), T.Cast(block_map_dtype, 1))
+                            if float_map:
+                                MARGINAL_F32[bz, by, row, j] = T.if_then_else(
+                                    taken, T.float32(0), T.float32(1))
                     if lane == 0:
                         ACTIVE[bz, by, row] = T.if_then_else(width + neg_width < n_kv, 1, 0)
 
