@@ -61,3 +61,16 @@ def key_states(g_rows: torch.Tensor, gz_rows: torch.Tensor, marginal_t: torch.Te
     _apply(marginal_t, g_rows, dh)
     _apply(marginal_t.to(gz_rows.dtype), gz_rows, dz)
     return dh, dz
+
+
+def key_states_of_maps(g_rows: torch.Tensor, gz_rows: torch.Tensor, marginal_t: torch.Tensor,
+                       marginal_t_f32: torch.Tensor,
+                       n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`key_states` ("marginal") with the transposed map given in both dtypes its GEMMs
+    take (the key-major kernel writes both): no cast."""
+    b, h, _, d, _ = g_rows.shape
+    dh = g_rows.new_empty((b, h, n_kv, d, d))
+    dz = gz_rows.new_empty((b, h, n_kv, d))
+    _apply(marginal_t, g_rows, dh)
+    _apply(marginal_t_f32, gz_rows, dz)
+    return dh, dz

@@ -262,6 +262,31 @@ def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: Call
     steps[index:index + 1] = [kernel, view]
 
 
+def _key_major_float_map(steps: list[Step], buffers: dict[str, Buffer],
+                         shape: CallShape) -> None:
+    index = _index(steps, "key_major")
+    steps[index] = _with_args(steps[index], ("marginal_f32",), float_map=True)
+    buffers["marginal_f32"] = Buffer((shape.batch, shape.heads, shape.n_q, shape.n_kv),
+                                     torch.float32)
+    steps[_index(steps, "marginal_t")] = torch_step(
+        "marginal_t", _transposed_pair, ["marginal", "marginal_f32"],
+        makes=["marginal_t", "marginal_t_f32"])
+    steps[_index(steps, "key_states")] = torch_step(
+        "key_states", functools.partial(block_states.key_states_of_maps, n_kv=shape.n_kv),
+        ["g_rows", "gz_rows", "marginal_t", "marginal_t_f32"], makes=["dh", "dz"])
+
+
+def _transposed_pair(marginal: torch.Tensor,
+                     marginal_f32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return marginal.transpose(-1, -2), marginal_f32.transpose(-1, -2)
+
+
+def _needs_marginal(shape: CallShape, selection: str | None) -> str | None:
+    if shape.settings.linear != "marginal":
+        return "needs linear='marginal' (the global branch has no block map)"
+    return None
+
+
 def _key_major_flags(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
     kernel, _ = _key_major_step(shape, steps[_index(steps, "forward")].kernel.arch, buffers)
     steps[_index(steps, "routing_flags")] = kernel
@@ -314,6 +339,11 @@ FUSIONS: dict[str, Fusion] = {
         "(the reverse_lut and routing_flags torch ops go)",
         lambda shape, selection: None, _key_major_kernel, phase="backward",
         kernel="key_major"),
+    "key_major_float_map": Fusion(
+        "the key-major kernel also writes the marginal block map in float32, for dZ_j's GEMM "
+        "(the map's cast goes; with key_major_kernel)",
+        _needs_marginal, _key_major_float_map, phase="backward", kernel="key_major",
+        needs=("key_major_kernel",)),
 }
 """The fusions a routed call may run, by name, applied in this order."""
 
@@ -321,7 +351,7 @@ DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "key_m
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
 the benchmarks: it is slower than the selection kernel's block map. "selection_float_map"
-runs when asked: it has not run on a GPU yet. "key_major_kernel"
+and "key_major_float_map" run when asked: they have not run on a GPU yet. "key_major_kernel"
 serves every backward, a fixed routing's too: there it reruns each backward (0.07 ms at
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""

@@ -1,6 +1,7 @@
 """The backward's key-major kernel on the GPU (the reverse LUT, marginal map and rows' flags
-of a routing, the `key_major_kernel` fusion) against the torch ops it replaces, on valid and forged
-routings; and the backward with it against the backward without it, bit for bit."""
+of a routing, the `key_major_kernel` fusion; the map in float32 too, `key_major_float_map`)
+against the torch ops it replaces, on valid and forged routings; and the backward with it
+against the backward without it, bit for bit."""
 
 from __future__ import annotations
 
@@ -21,19 +22,21 @@ pytestmark = pytest.mark.gpu
 ARCH = "sm_90a"
 MAP_DTYPES = ("bfloat16", "float16", "float32")
 FUSION = ("key_major_kernel",)
+FLOAT_MAP_FUSIONS = ("key_major_kernel", "key_major_float_map")
 
 
-def _spec(block_map_dtype: str | None) -> KernelSpec:
+def _spec(block_map_dtype: str | None, float_map: bool = False) -> KernelSpec:
     args = () if block_map_dtype is None else (("block_map_dtype", block_map_dtype),)
-    return KernelSpec("key_major", args, ARCH)
+    return KernelSpec("key_major", args + ((("float_map", True),) if float_map else ()), ARCH)
 
 
 def kernels_ahead() -> list[KernelSpec]:
     """The kernels this module's tests build (compiled ahead by its fixture, and by
     `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [_spec(dtype) for dtype in (None, *MAP_DTYPES)]
+    specs += [_spec(dtype, float_map=True) for dtype in MAP_DTYPES]
     for linear in ("marginal", "global"):
-        for fusions in ((), FUSION):
+        for fusions in ((), FUSION, *([FLOAT_MAP_FUSIONS] if linear == "marginal" else [])):
             specs += kernels_for(ARCH, 128, "bfloat16",
                                  Settings(block_q=128, block_kv=64, linear=linear),
                                  fusions=fusions)
@@ -92,6 +95,18 @@ def test_key_major_kernel_writes_what_the_torch_ops_derive(generator, block_map_
         listed = routing.listing(forged, n_kv, negligible=True)
         assert torch.equal(marginal, routing.marginal_map(listed, dtype))
         linear = "marginal"
+        # The variant that also writes the map in float32 (fusion key_major_float_map).
+        again = [poisoned(x.shape, x.dtype, -7) for x in (reverse, reverse_count, active)]
+        marginal.fill_(float("nan"))
+        marginal_f32 = poisoned((*rows, n_kv), torch.float32, float("nan"))
+        compiled(_spec(block_map_dtype, float_map=True))(
+            lut, count, neg_lut, neg_count, again[0], again[1], marginal, again[2],
+            marginal_f32)
+        torch.cuda.synchronize()
+        assert torch.equal(marginal, routing.marginal_map(listed, dtype))
+        assert torch.equal(marginal_f32, routing.marginal_map(listed, torch.float32))
+        assert all(torch.equal(a, b) for a, b in zip(again, (reverse, reverse_count, active),
+                                                      strict=True))
     torch.cuda.synchronize()
     assert torch.equal(reverse_count, expected_count)
     assert torch.equal(reverse, expected)
@@ -111,9 +126,10 @@ def test_the_backward_with_the_key_major_kernel_is_the_backward_without_it(gener
     grad = torch.randn(q.shape, generator=generator).to(q)
     plain = tilelang_backend.backward(grad, q, k, v, saved, routed, weight, bias, s,
                                       keep_routing=False, fusions=())
-    fused = tilelang_backend.backward(grad, q, k, v, saved, routed, weight, bias, s,
-                                      keep_routing=False, fusions=FUSION)
     names = ("dq", "dk", "dv", "d_weight", "d_bias")
-    for name, a, b in zip(names, plain[:5], fused[:5], strict=True):
-        assert not a.isnan().any(), name
-        assert torch.equal(a, b), name
+    for fusions in (FUSION, *([FLOAT_MAP_FUSIONS] if linear == "marginal" else [])):
+        fused = tilelang_backend.backward(grad, q, k, v, saved, routed, weight, bias, s,
+                                          keep_routing=False, fusions=fusions)
+        for name, a, b in zip(names, plain[:5], fused[:5], strict=True):
+            assert not a.isnan().any(), (fusions, name)
+            assert torch.equal(a, b), (fusions, name)

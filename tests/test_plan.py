@@ -80,11 +80,13 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
 def test_the_fusions_serving_a_call_are_those_that_do_not_refuse_it():
     glob = _shape(Settings(block_q=128, block_kv=64, linear="global"))
     assert fusions_serving(_shape(), "kernel") == (
-        "pooled_keys", "selection_block_map", "selection_float_map", "key_major_kernel")
+        "pooled_keys", "selection_block_map", "selection_float_map", "key_major_kernel",
+        "key_major_float_map")
     assert fusions_serving(_shape(), "sort") == (
-        "pooled_keys", "key_major_flags", "key_major_kernel")
+        "pooled_keys", "key_major_flags", "key_major_kernel", "key_major_float_map")
     assert fusions_serving(glob, "sort") == ("pooled_keys", "key_major_kernel")
-    assert fusions_serving(_shape(), None) == ("key_major_kernel",)  # a given routing
+    # A given routing: the backward's.
+    assert fusions_serving(_shape(), None) == ("key_major_kernel", "key_major_float_map")
     for selection in ("kernel", "sort"):
         routed_plan(TARGET, _shape(), {}, selection, fusions_serving(_shape(), selection))
 
@@ -119,6 +121,23 @@ def test_the_float_map_needs_the_selection_kernels_block_map():
     with pytest.raises(ValueError, match="fusion 'selection_float_map' needs "
                                          "'selection_block_map' too"):
         routed_plan(TARGET, _shape(), {}, "kernel", ("selection_float_map",))
+
+
+def test_the_key_major_kernels_float_map_feeds_the_key_states_without_a_cast():
+    plain = attention_plan(TARGET, _shape(), {}, fusions=("key_major_kernel",)).backward
+    fused = attention_plan(TARGET, _shape(), {},
+                           fusions=("key_major_kernel", "key_major_float_map")).backward
+    assert [s.name for s in fused.steps] == [s.name for s in plain.steps]
+    kernel = fused.step("key_major")
+    assert kernel.kernel.args == (("block_map_dtype", "bfloat16"), ("float_map", True))
+    assert kernel.fills[-1] == "marginal_f32"
+    assert fused.buffers["marginal_f32"].dtype == torch.float32
+    assert fused.step("marginal_t").makes == ("marginal_t", "marginal_t_f32")
+    assert fused.step("key_states").reads == ("g_rows", "gz_rows", "marginal_t",
+                                              "marginal_t_f32")
+    with pytest.raises(ValueError, match="fusion 'key_major_float_map' needs "
+                                         "'key_major_kernel' too"):
+        attention_plan(TARGET, _shape(), {}, fusions=("key_major_float_map",))
 
 
 def test_a_given_routings_plan_refuses_a_routed_forwards_fusion_by_name():

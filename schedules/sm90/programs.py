@@ -31,10 +31,10 @@ def select(block_map_dtype: str | None = None, float_map: bool = False):
     return top_bottom_select(block_map_dtype, float_map)
 
 
-def key_major(block_map_dtype: str | None = None):
+def key_major(block_map_dtype: str | None = None, float_map: bool = False):
     """The backward's reverse LUT of a routing; with `block_map_dtype`, also its marginal
-    block map (in that dtype)."""
-    return _key_major(block_map_dtype)
+    block map (in that dtype); with `float_map` as well, the map in float32 too."""
+    return _key_major(block_map_dtype, float_map)
 
 
 def key_pass(dim: int, block_kv: int, dtype: str, feature: str, layout: str,

@@ -31,7 +31,7 @@ _UNROLL = 4
 """Query-block chunks of 32 a warp reads before it counts them."""
 
 
-def key_major(block_map_dtype: str | None = None):
+def key_major(block_map_dtype: str | None = None, float_map: bool = False):
     """The program: LUT (B, H, Mq, Kc), COUNT (B, H, Mq) -> REVERSE (B, H, Nk, Mq) and
     RCOUNT (B, H, Nk), int32; and ACTIVE (B, H, Mq) int32, 1 for every row (the linear
     branch over all blocks). Mq may be at most `MAX_QUERY_BLOCKS`.
@@ -39,8 +39,11 @@ def key_major(block_map_dtype: str | None = None):
     With `block_map_dtype` ("bfloat16", "float16" or "float32", the linear branch over the
     marginal blocks) it also reads NEG_LUT (B, H, Mq, Kn) and NEG_COUNT and writes MARGINAL
     (B, H, Mq, Nk) in that dtype, and ACTIVE is 1 where COUNT + NEG_COUNT < Nk (the row has
-    a marginal block), else 0.
+    a marginal block), else 0. With `float_map` as well, the same map in float32,
+    MARGINAL_F32, for the float32 GEMM of the key blocks' dZ_j (so that no cast runs after).
     """
+    if float_map and block_map_dtype is None:
+        raise ValueError("float_map needs block_map_dtype (it is the block map's second copy)")
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
     with_map = block_map_dtype is not None
@@ -48,6 +51,7 @@ def key_major(block_map_dtype: str | None = None):
     neg_lut = T.Tensor([batch, heads, n_q, neg_width], T.int32) if with_map else None
     neg_count = T.Tensor([batch, heads, n_q], T.int32) if with_map else None
     marginal_map = T.Tensor([batch, heads, n_q, n_kv], block_map_dtype) if with_map else None
+    float_map_tensor = T.Tensor([batch, heads, n_q, n_kv], T.float32) if float_map else None
 
     @T.macro
     def mark(LISTS, COUNTS, MAP, b, h, first, tx, list_width):
@@ -79,6 +83,7 @@ def key_major(block_map_dtype: str | None = None):
         RCOUNT: T.Tensor([batch, heads, n_kv], T.int32),
         MARGINAL: marginal_map,
         ACTIVE: T.Tensor([batch, heads, n_q], T.int32),
+        MARGINAL_F32: float_map_tensor,
     ):
         with T.Kernel(T.ceildiv(n_kv, CHUNK), heads, batch, threads=THREADS) as (bx, by, bz):
             critical = T.alloc_shared([CHUNK, MAX_QUERY_BLOCKS], T.uint8)
@@ -123,6 +128,10 @@ def key_major(block_map_dtype: str | None = None):
                                 MARGINAL[bz, by, i, j] = T.if_then_else(
                                     T.Or(listed, negligible[warp, i] == T.uint8(1)),
                                     T.Cast(block_map_dtype, 0), T.Cast(block_map_dtype, 1))
+                                if float_map:
+                                    MARGINAL_F32[bz, by, i, j] = T.if_then_else(
+                                        T.Or(listed, negligible[warp, i] == T.uint8(1)),
+                                        T.float32(0), T.float32(1))
                         position[0] = position[0] + T.Cast("int32", T.popcount(taken))
                 for m in T.serial(T.ceildiv(n_q, 32)):
                     slot = m * 32 + lane
