@@ -216,12 +216,19 @@ def _selection_block_map(steps: list[Step], buffers: dict[str, Buffer],
                    active=Buffer(rows, torch.int32))
 
 
-def _selection_float_map(steps: list[Step], buffers: dict[str, Buffer],
-                         shape: CallShape) -> None:
-    index = _index(steps, "select")
+def _with_float_map(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape,
+                    kernel: str) -> None:
+    """The step `kernel`, which writes the marginal map, writes it in float32 as well, to
+    the buffer "marginal_f32"."""
+    index = _index(steps, kernel)
     steps[index] = _with_args(steps[index], ("marginal_f32",), float_map=True)
     buffers["marginal_f32"] = Buffer((shape.batch, shape.heads, shape.n_q, shape.n_kv),
                                      torch.float32)
+
+
+def _selection_float_map(steps: list[Step], buffers: dict[str, Buffer],
+                         shape: CallShape) -> None:
+    _with_float_map(steps, buffers, shape, "select")
     steps[_index(steps, "linear_states")] = torch_step(
         "linear_states", block_states.query_states_of_maps,
         ["h_block", "z_block", "marginal", "marginal_f32"], fills=["h_rows", "z_rows"])
@@ -264,10 +271,7 @@ def _key_major_kernel(steps: list[Step], buffers: dict[str, Buffer], shape: Call
 
 def _key_major_float_map(steps: list[Step], buffers: dict[str, Buffer],
                          shape: CallShape) -> None:
-    index = _index(steps, "key_major")
-    steps[index] = _with_args(steps[index], ("marginal_f32",), float_map=True)
-    buffers["marginal_f32"] = Buffer((shape.batch, shape.heads, shape.n_q, shape.n_kv),
-                                     torch.float32)
+    _with_float_map(steps, buffers, shape, "key_major")
     steps[_index(steps, "marginal_t")] = torch_step(
         "marginal_t", _transposed_pair, ["marginal", "marginal_f32"],
         makes=["marginal_t", "marginal_t_f32"])
