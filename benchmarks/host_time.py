@@ -15,13 +15,18 @@ L=1024 with one head) on fresh random inputs, blocks 128x64, topk 0.05:
   or for a torch step's ops.
 
 So `as called - replayed` is how far the host holds a call back, and the steps' sum says
-where the host's time goes.
+where the host's time goes. With `--profile N`, the eager forward of each shape also runs
+`--calls` times under cProfile: the N functions with the most time of their own, in
+microseconds per forward (cProfile's own cost inflates them alike: read them as shares), so
+the time outside the steps is named by function.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from collections.abc import Callable
 
@@ -63,7 +68,26 @@ def back_to_back_us(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure_shape(b: int, h: int, length: int, d: int, calls: int) -> dict:
+def profiled(fn: Callable[[], object], calls: int, top: int) -> list[dict]:
+    """The `top` functions by own time over `calls` calls of `fn` under cProfile (after a
+    warm-up), per call: own and cumulative microseconds and the number of calls."""
+    for _ in range(max(1, calls // 10)):
+        fn()
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (prim, calls, own, cum, _)}
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [dict(function=f"{file.rsplit('/', 2)[-1] if '/' in file else file}:{line}({name})",
+                 calls=n / calls, own_us=own / calls * 1e6, cumulative_us=cum / calls * 1e6)
+            for (file, line, name), (_, n, own, cum, _) in rows]
+
+
+def measure_shape(b: int, h: int, length: int, d: int, calls: int, top: int = 0) -> dict:
     """The figures of one shape (see the module's docstring)."""
     s = Settings(block_q=128, block_kv=64)
     q, k, v, grad = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16)
@@ -85,6 +109,8 @@ def measure_shape(b: int, h: int, length: int, d: int, calls: int) -> dict:
         (graph,), = graphed(fn, [()])
         row[name] = dict(as_called_us=back_to_back_us(fn, calls),
                          replayed_us=median_ms(replay, [(graph,)], calls) * 1e3)
+    if top:
+        row["profile"] = profiled(forward, calls, top)
     n_kv = spec.num_blocks(length, 64)
     shape = call_shape(q, k, s, False, (spec.num_critical(TOPK, n_kv), 0))
     phase = routed_plan(target_of(q.device), shape).forward
@@ -102,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", action="append", type=parse_shape,
                         help="B,H,L,D, repeatable (default: 1,12,9360,128 and 1,1,1024,128)")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile the eager forward: the N functions with the most "
+                        "time of their own")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error(f"--calls must be at least 1; got {args.calls}")
-    rows = [measure_shape(*shape, args.calls) for shape in args.shape or DEFAULT_SHAPES]
+    if args.profile < 0:
+        parser.error(f"--profile must be 0 or more; got {args.profile}")
+    rows = [measure_shape(*shape, args.calls, args.profile)
+            for shape in args.shape or DEFAULT_SHAPES]
     print(f"bf16, blocks 128x64, topk {TOPK}, on {torch.cuda.get_device_name()}")
     for row in rows:
         print("B={} H={} L={} D={}".format(*row["shape"]))
@@ -118,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  routed forward's steps launched alone ({total:.1f} us together):")
         for name, us in row["steps_us"].items():
             print(f"    {name:<22} {us:7.1f} us")
+        if "profile" in row:
+            print("  eager forward under cProfile, per forward (own, cumulative us, calls):")
+            for p in row["profile"]:
+                print(f"    {p['own_us']:7.1f} {p['cumulative_us']:8.1f} {p['calls']:5.1f}  "
+                      f"{p['function']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args), topk=TOPK,

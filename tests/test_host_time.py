@@ -24,3 +24,10 @@ def test_no_calls_is_refused_in_one_line(capsys):
         host_time.main(["--calls", "0"])
     assert raised.value.code == 2
     assert "--calls must be at least 1; got 0" in capsys.readouterr().err
+
+
+def test_a_negative_profile_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as raised:
+        host_time.main(["--profile", "-1"])
+    assert raised.value.code == 2
+    assert "--profile must be 0 or more; got -1" in capsys.readouterr().err
