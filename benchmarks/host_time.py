@@ -9,6 +9,11 @@ L=1024 with one head) on fresh random inputs, blocks 128x64, topk 0.05:
   one synchronize: the wall time per call is the host's where the host is slower than the
   GPU (the host enqueues, the GPU keeps up), else the GPU's;
 - the same call replayed from a CUDA graph: the GPU's time alone;
+- the eager forward entered one layer lower each time, back to back the same way: the
+  plan's run (`tilelang_backend.routed_forward`), the building block
+  (`sla::routed_attention_fwd`: its checks and torch's dispatch on top), and the user's
+  `sla_tl.attention` (the composite operator on top): the differences are each layer's
+  host time, where the host is the slower;
 - each step of the routed forward's plan launched alone, back to back (`Phase.run_step`
   on the tensors of a kept run), timed the same way: where its GPU work is the shorter
   (the small call), the host's time for a TileLang kernel's argument checks and launch,
@@ -33,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 import sla_tl
-from sla_tl import spec
+from sla_tl import spec, tilelang_backend
 from sla_tl.plan import call_shape, routed_plan
 from sla_tl.settings import Settings
 from sla_tl.targets import target_of
@@ -104,7 +109,18 @@ def measure_shape(b: int, h: int, length: int, d: int, calls: int, top: int = 0)
         out = sla_tl.attention(*leaves, weight, bias, topk=TOPK, block_q=128, block_kv=64)
         torch.autograd.grad(out, leaves, grad)
 
+    def plan_run() -> None:
+        tilelang_backend.routed_forward(q, k, v, weight, bias, TOPK, 0.0, s)
+
+    def building_block() -> None:
+        torch.ops.sla.routed_attention_fwd.default(q, k, v, weight, bias, TOPK, 0.0,
+                                                   *s.op_args(), None)
+
     row = dict(shape=[b, h, length, d])
+    with torch.no_grad():
+        row["layers_us"] = {name: back_to_back_us(fn, calls) for name, fn in (
+            ("plan run", plan_run), ("sla::routed_attention_fwd", building_block),
+            ("sla_tl.attention", forward))}
     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
         (graph,), = graphed(fn, [()])
         row[name] = dict(as_called_us=back_to_back_us(fn, calls),
@@ -146,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             m = row[mode]
             print(f"  {mode:<8} as called {m['as_called_us']:8.1f} us, "
                   f"replayed {m['replayed_us']:8.1f} us")
+        print("  the eager forward, entered at each layer:")
+        for name, us in row["layers_us"].items():
+            print(f"    {name:<26} {us:7.1f} us")
         total = sum(row["steps_us"].values())
         print(f"  routed forward's steps launched alone ({total:.1f} us together):")
         for name, us in row["steps_us"].items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import tilelang
@@ -107,6 +107,21 @@ def compiled(spec: KernelSpec):
     program = definition.program(**dict(spec.args), **knobs)
     with kernel_cache.compiling_for(spec.arch):
         return compile_program(program, spec.arch, fast_arithmetic=definition.fast_arithmetic)
+
+
+@functools.cache
+def launcher(spec: KernelSpec) -> Callable[..., None]:
+    """The entry function of `compiled(spec)`, called on every argument, outputs included
+    (`compile_program` has TileLang allocate none). The host code TileLang generates checks
+    each argument's shape, dtype and device and takes torch's current stream itself; the
+    Python wrapper TileLang puts around it allocates outputs and otherwise passes the
+    arguments on, at ~8 us a launch on the H200 machine's host (`host_time --profile`), so
+    the plans call this instead."""
+    kernel = compiled(spec)
+    if kernel.adapter.result_idx:  # the wrapper would allocate these: not ours to skip
+        raise ValueError(f"{spec.name}: kernels are compiled with no output of their own; "
+                         f"this one has {kernel.adapter.result_idx}")
+    return kernel.adapter.get_exportable_executable()["main"]
 
 
 def _tuning(arch: str, kernel: str):

@@ -90,10 +90,11 @@ class Phase:
         return next(s for s in self.steps if s.name == name)
 
     def _launch(self, index: int, args: list) -> None:
-        """Launch the kernel of step `index`, compiled on first use (kept with the phase)."""
+        """Launch the kernel of step `index`, compiled on first use (its entry function
+        kept with the phase, `kernels.launcher`)."""
         kernel = self._compiled[index]
         if kernel is None:
-            kernel = self._compiled[index] = kernels.compiled(self.steps[index].kernel)
+            kernel = self._compiled[index] = kernels.launcher(self.steps[index].kernel)
         kernel(*args)
 
     def run(self, tensors: Mapping[str, torch.Tensor], device: torch.device,

@@ -135,8 +135,9 @@ def _route_steps(target: Target, shape: CallShape,
                          "(use selection='sort')")
     buffers.update({name: Buffer(size, routing.DTYPE) for name, size in
                     routing.field_shapes((b, h, n_q), shape.widths)._asdict().items()})
+    buffers["scores"] = Buffer((b, h, n_q, n_kv), torch.float32)
     steps += [torch_step("scores", routing.raw_scores, ["pooled_q", "pooled_k"],
-                         makes=["scores"]),
+                         fills=["scores"]),
               kernel_step("select", _spec(target, "select", {}), ["scores"], ROUTING)]
     return steps, buffers
 
@@ -351,11 +352,13 @@ FUSIONS: dict[str, Fusion] = {
 }
 """The fusions a routed call may run, by name, applied in this order."""
 
-DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "key_major_kernel")
+DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "selection_float_map",
+                                    "key_major_kernel")
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
-the benchmarks: it is slower than the selection kernel's block map. "selection_float_map"
-and "key_major_float_map" run when asked: they have not run on a GPU yet. "key_major_kernel"
+the benchmarks: it is slower than the selection kernel's block map. "key_major_float_map"
+runs when asked: on the H200 the key-major kernel took 23 us longer writing the float32
+map than the cast it saves (5 us, benchmarks/NOTES.md). "key_major_kernel"
 serves every backward, a fixed routing's too: there it reruns each backward (0.07 ms at
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""

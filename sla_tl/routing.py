@@ -205,10 +205,13 @@ def select_by_sort(pooled_q: torch.Tensor, pooled_k: torch.Tensor, lk: int, bloc
     )
 
 
-def raw_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor) -> torch.Tensor:
-    """Block scores against the unsmoothed keys: smoothing K subtracts pooled_q . mean(k)
-    from a whole row, which moves no row's ranking (what a selection kernel reads)."""
-    return pooled_q @ pooled_k.transpose(-1, -2)
+def raw_scores(pooled_q: torch.Tensor, pooled_k: torch.Tensor, scores: torch.Tensor) -> None:
+    """Write the block scores against the unsmoothed keys to `scores` (B, H, Mq, Nk, float32):
+    smoothing K subtracts pooled_q . mean(k) from a whole row, which moves no row's ranking
+    (what a selection kernel reads). One bmm into the plan's buffer: the product of the 4-D
+    tensors would run the same GEMM after a few more ops on the host."""
+    torch.bmm(pooled_q.flatten(0, 1), pooled_k.flatten(0, 1).transpose(1, 2),
+              out=scores.flatten(0, 1))
 
 
 # ---------------------------------------------------------------- what the kernels derive
