@@ -13,7 +13,8 @@ One CTA per `CHUNK` key blocks of a (batch, head), a warp per key block. The CTA
 head's whole LUT (B * H * Mq * Kc entries are few: 25 KB a head at the Wan2.1-1.3B shape,
 from L2) and marks, in a byte map in shared memory, the (key block, query block) pairs of
 its key blocks; after a CTA barrier each warp reads its key block's row of the map, 32
-query blocks a ballot, and writes the critical ones at their rank. Spreading the key blocks
+query blocks a ballot, and writes the critical ones at their rank; then the CTA writes its
+key blocks' columns of the marginal map, row by row. Spreading the key blocks
 over CTAs is what keeps it short: one CTA per head (12 CTAs at B=1, H=12) took 0.27 ms on
 the H200, latency-bound.
 """
@@ -27,6 +28,10 @@ CHUNK = THREADS // 32
 """Key blocks a CTA serves: one per warp."""
 MAX_QUERY_BLOCKS = 4096
 """Query blocks a head may have (the byte maps in shared memory are sized for it)."""
+_MAP_ROW = MAX_QUERY_BLOCKS + 4
+"""Bytes a key block's row of a byte map takes in shared memory: 4 past a multiple of the
+banks' 128 bytes, so that the map's writers, reading one query block of CHUNK rows, read
+CHUNK banks."""
 _UNROLL = 4
 """Query-block chunks of 32 a warp reads before it counts them."""
 
@@ -86,9 +91,8 @@ def key_major(block_map_dtype: str | None = None, float_map: bool = False):
         MARGINAL_F32: float_map_tensor,
     ):
         with T.Kernel(T.ceildiv(n_kv, CHUNK), heads, batch, threads=THREADS) as (bx, by, bz):
-            critical = T.alloc_shared([CHUNK, MAX_QUERY_BLOCKS], T.uint8)
-            negligible = T.alloc_shared([CHUNK, MAX_QUERY_BLOCKS], T.uint8) if with_map \
-                else None
+            critical = T.alloc_shared([CHUNK, _MAP_ROW], T.uint8)
+            negligible = T.alloc_shared([CHUNK, _MAP_ROW], T.uint8) if with_map else None
             position = T.alloc_local([1], T.int32)
             tx = T.get_thread_binding()
             lane = tx % 32
@@ -123,15 +127,6 @@ def key_major(block_map_dtype: str | None = None, float_map: bool = False):
                         if listed:
                             REVERSE[bz, by, j, position[0] + T.Cast(
                                 "int32", T.popcount(taken & below))] = i
-                        if with_map:
-                            if i < n_q:
-                                MARGINAL[bz, by, i, j] = T.if_then_else(
-                                    T.Or(listed, negligible[warp, i] == T.uint8(1)),
-                                    T.Cast(block_map_dtype, 0), T.Cast(block_map_dtype, 1))
-                                if float_map:
-                                    MARGINAL_F32[bz, by, i, j] = T.if_then_else(
-                                        T.Or(listed, negligible[warp, i] == T.uint8(1)),
-                                        T.float32(0), T.float32(1))
                         position[0] = position[0] + T.Cast("int32", T.popcount(taken))
                 for m in T.serial(T.ceildiv(n_q, 32)):
                     slot = m * 32 + lane
@@ -139,5 +134,21 @@ def key_major(block_map_dtype: str | None = None, float_map: bool = False):
                         REVERSE[bz, by, j, slot] = 0
                 if lane == 0:
                     RCOUNT[bz, by, j] = position[0]
+            if with_map:
+                # The CTA's CHUNK columns of the map, a row's CHUNK entries by consecutive
+                # threads: one write a sector (a warp per key block would write one entry a
+                # sector, a query block a lane).
+                for n in T.serial(T.ceildiv(n_q * CHUNK, THREADS)):
+                    flat = n * THREADS + tx
+                    i = flat // CHUNK
+                    column = flat % CHUNK
+                    if T.And(i < n_q, first + column < n_kv):
+                        excluded = T.Or(critical[column, i] == T.uint8(1),
+                                        negligible[column, i] == T.uint8(1))
+                        MARGINAL[bz, by, i, first + column] = T.if_then_else(
+                            excluded, T.Cast(block_map_dtype, 0), T.Cast(block_map_dtype, 1))
+                        if float_map:
+                            MARGINAL_F32[bz, by, i, first + column] = T.if_then_else(
+                                excluded, T.float32(0), T.float32(1))
 
     return main
