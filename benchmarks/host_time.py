@@ -13,17 +13,19 @@ L=1024 with one head) on fresh random inputs, blocks 128x64, topk 0.05:
   plan's run (`tilelang_backend.routed_forward`), the building block
   (`sla::routed_attention_fwd`: its checks and torch's dispatch on top), and the user's
   `sla_tl.attention` (the composite operator on top): the differences are each layer's
-  host time, where the host is the slower;
-- each step of the routed forward's plan launched alone, back to back (`Phase.run_step`
-  on the tensors of a kept run), timed the same way: where its GPU work is the shorter
-  (the small call), the host's time for a TileLang kernel's argument checks and launch,
-  or for a torch step's ops.
+  host time, where the host is the slower; and the backward likewise, on one forward's
+  saved tensors: the plan's run (`tilelang_backend.backward`) and the building block
+  (`sla::attention_bwd`), against the backward through autograd (`fwd+bwd` less `fwd`);
+- each step of the routed forward's plan, and of the backward's, launched alone, back to
+  back (`Phase.run_step` on the tensors of a kept run), timed the same way: where its GPU
+  work is the shorter (the small call), the host's time for a TileLang kernel's launch, or
+  for a torch step's ops.
 
 So `as called - replayed` is how far the host holds a call back, and the steps' sum says
-where the host's time goes. With `--profile N`, the eager forward of each shape also runs
-`--calls` times under cProfile: the N functions with the most time of their own, in
-microseconds per forward (cProfile's own cost inflates them alike: read them as shares), so
-the time outside the steps is named by function.
+where the host's time goes. With `--profile N`, the eager forward of each shape, and its
+building block's backward, also run `--calls` times under cProfile: the N functions with
+the most time of their own, in microseconds per call (cProfile's own cost inflates them
+alike: read them as shares), so the time outside the steps is named by function.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import torch
 
 import sla_tl
 from sla_tl import spec, tilelang_backend
-from sla_tl.plan import call_shape, routed_plan
-from sla_tl.settings import Settings
+from sla_tl.plan import attention_plan, call_shape, routed_plan
+from sla_tl.routing import Routing
+from sla_tl.settings import ForwardOutputs, Settings
 from sla_tl.targets import target_of
 from sla_tl.timing import graphed, median_ms, replay
 
@@ -116,25 +119,46 @@ def measure_shape(b: int, h: int, length: int, d: int, calls: int, top: int = 0)
         torch.ops.sla.routed_attention_fwd.default(q, k, v, weight, bias, TOPK, 0.0,
                                                    *s.op_args(), None)
 
+    with torch.no_grad():
+        made = torch.ops.sla.routed_attention_fwd.default(q, k, v, weight, bias, TOPK, 0.0,
+                                                          *s.op_args(), None)
+    saved, routing = ForwardOutputs(*made[:5]), Routing(*made[5:])
+
+    def backward_plan_run() -> None:
+        tilelang_backend.backward(grad, q, k, v, saved, routing, weight, bias, s)
+
+    def backward_block() -> None:
+        torch.ops.sla.attention_bwd.default(grad, q, k, v, *made, weight, bias, None,
+                                            *s.op_args())
+
     row = dict(shape=[b, h, length, d])
     with torch.no_grad():
         row["layers_us"] = {name: back_to_back_us(fn, calls) for name, fn in (
             ("plan run", plan_run), ("sla::routed_attention_fwd", building_block),
-            ("sla_tl.attention", forward))}
+            ("sla_tl.attention", forward), ("backward plan run", backward_plan_run),
+            ("sla::attention_bwd", backward_block))}
     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
         (graph,), = graphed(fn, [()])
         row[name] = dict(as_called_us=back_to_back_us(fn, calls),
                          replayed_us=median_ms(replay, [(graph,)], calls) * 1e3)
     if top:
         row["profile"] = profiled(forward, calls, top)
+        row["backward_profile"] = profiled(backward_block, calls, top)
     n_kv = spec.num_blocks(length, 64)
     shape = call_shape(q, k, s, False, (spec.num_critical(TOPK, n_kv), 0))
     phase = routed_plan(target_of(q.device), shape).forward
     env, = kept_runs(phase, [dict(q=q, k=k, v=v, proj_weight=weight, proj_bias=bias)],
                      q.device)
+    backward = attention_plan(target_of(q.device), shape).backward  # what the op runs
+    backward_env, = kept_runs(backward, [dict(
+        grad_out=grad, q=q, k=k, v=v, **saved._asdict(), **routing._asdict(),
+        proj_weight=weight, proj_bias=bias)], q.device)
     with torch.no_grad():
         row["steps_us"] = {step.name: back_to_back_us(
             lambda name=step.name: phase.run_step(name, env), calls) for step in phase.steps}
+        row["backward_steps_us"] = {step.name: back_to_back_us(
+            lambda name=step.name: backward.run_step(name, backward_env), calls)
+            for step in backward.steps}
     return row
 
 
@@ -165,15 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         print("  the eager forward, entered at each layer:")
         for name, us in row["layers_us"].items():
             print(f"    {name:<26} {us:7.1f} us")
-        total = sum(row["steps_us"].values())
-        print(f"  routed forward's steps launched alone ({total:.1f} us together):")
-        for name, us in row["steps_us"].items():
-            print(f"    {name:<22} {us:7.1f} us")
-        if "profile" in row:
-            print("  eager forward under cProfile, per forward (own, cumulative us, calls):")
-            for p in row["profile"]:
-                print(f"    {p['own_us']:7.1f} {p['cumulative_us']:8.1f} {p['calls']:5.1f}  "
-                      f"{p['function']}")
+        for key, what in (("steps_us", "routed forward's"), ("backward_steps_us", "backward's")):
+            total = sum(row[key].values())
+            print(f"  {what} steps launched alone ({total:.1f} us together):")
+            for name, us in row[key].items():
+                print(f"    {name:<22} {us:7.1f} us")
+        for key, what in (("profile", "eager forward"), ("backward_profile", "backward")):
+            if key in row:
+                print(f"  {what} under cProfile, per call (own, cumulative us, calls):")
+                for p in row[key]:
+                    print(f"    {p['own_us']:7.1f} {p['cumulative_us']:8.1f} {p['calls']:5.1f}"
+                          f"  {p['function']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=describe_environment(), args=vars(args), topk=TOPK,

@@ -353,13 +353,11 @@ FUSIONS: dict[str, Fusion] = {
 """The fusions a routed call may run, by name, applied in this order."""
 
 DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "selection_float_map",
-                                    "key_major_kernel")
+                                    "key_major_kernel", "key_major_float_map")
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
-the benchmarks: it is slower than the selection kernel's block map. "key_major_float_map"
-runs when asked: on the H200 the key-major kernel took 23 us longer writing the float32
-map than the cast it saves (5 us, benchmarks/NOTES.md). "key_major_kernel"
-serves every backward, a fixed routing's too: there it reruns each backward (0.07 ms at
+the benchmarks: it is slower than the selection kernel's block map. "key_major_kernel"
+serves every backward, a fixed routing's too: there it reruns each backward (0.06 ms at
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""
 

@@ -25,13 +25,13 @@ SORTED_FUSED = WAN._replace(selection="sort",
 # launches per forward and per backward (README, "Host cost"): "routed, fused" shows how far
 # the kernels of `plan.FUSIONS` take them (the defaults are most of them).
 HELD = [
-    ("routed", WAN, 8, 13, 151, 172),
+    ("routed", WAN, 8, 12, 151, 172),
     ("routed, global", GLOBAL, 9, 14, 160, 169),
-    ("routed, gated", WAN._replace(gated=True), 8, 15, 157, 182),
-    ("routed, sort", WAN._replace(selection="sort"), 45, 13, 166, 172),
+    ("routed, gated", WAN._replace(gated=True), 8, 14, 157, 182),
+    ("routed, sort", WAN._replace(selection="sort"), 45, 12, 166, 172),
     ("routed, fused", FUSED, 8, 12, 151, 172),
     ("routed, sorted, fused", SORTED_FUSED, 23, 13, 152, 172),
-    ("fixed routing", WAN._replace(fixed_routing=True), 6, 13, 154, 172),
+    ("fixed routing", WAN._replace(fixed_routing=True), 6, 12, 154, 172),
     ("fixed routing, global", GLOBAL._replace(fixed_routing=True), 5, 14, 152, 169),
 ]
 # Host microseconds per forward and backward through the operators, on this CPU (2 cores,
