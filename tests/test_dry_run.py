@@ -18,7 +18,8 @@ FUSED = WAN._replace(selection="kernel", fusions=("pooled_keys", "selection_bloc
                                                    "selection_float_map", "key_major_kernel",
                                                    "key_major_float_map"))
 SORTED_FUSED = WAN._replace(selection="sort",
-                            fusions=("pooled_keys", "key_major_flags", "key_major_kernel"))
+                            fusions=("pooled_keys", "key_major_flags", "key_major_kernel",
+                                     "key_major_float_map"))
 
 # (call, launches per forward, per backward, Python calls per forward, per backward), today.
 # Lower a number when a change lowers it, so that it cannot creep back. The goals are 6
@@ -30,7 +31,7 @@ HELD = [
     ("routed, gated", WAN._replace(gated=True), 8, 14, 157, 182),
     ("routed, sort", WAN._replace(selection="sort"), 45, 12, 166, 172),
     ("routed, fused", FUSED, 8, 12, 151, 172),
-    ("routed, sorted, fused", SORTED_FUSED, 23, 13, 152, 172),
+    ("routed, sorted, fused", SORTED_FUSED, 23, 12, 152, 172),
     ("fixed routing", WAN._replace(fixed_routing=True), 6, 12, 154, 172),
     ("fixed routing, global", GLOBAL._replace(fixed_routing=True), 5, 14, 152, 169),
 ]
