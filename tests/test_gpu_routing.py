@@ -13,13 +13,14 @@ from sla_tl.parallel import compile_ahead
 from sla_tl.plan import CallShape, fusions_serving, kernels_for, route_phase, routed_plan
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
-from sla_tl.targets import target_of
+from sla_tl.targets import arch_named, target_of
 
 from .helpers import random_projection, random_qkv, relative_error
 
 pytestmark = pytest.mark.gpu
 
 ARCH = "sm_90a"
+MAX_KEY_BLOCKS = arch_named(ARCH).kernel("select").limits["key_blocks"]
 FUSED_SETTINGS = Settings(block_q=128, block_kv=64)
 
 
@@ -63,7 +64,7 @@ CASES = [
     (128, 64, 700, 64, 0.05, 0.0),
     (64, 128, 4000, 7777, 0.0, 0.5),
     (128, 64, 32760, 32760, 0.05, 0.1),
-    (128, 64, 1024, 64 * 4096, 0.01, 0.0),
+    (128, 64, 1024, 64 * MAX_KEY_BLOCKS, 0.01, 0.0),
 ]
 
 

@@ -18,9 +18,11 @@ Ties at a threshold go to the lower block index; the reference breaks them by it
 # of a prim_func against the builder's local variables.
 import tilelang.language as T
 
-MAX_KEY_BLOCKS = 4096
+MAX_KEY_BLOCKS = 2048
 """Key blocks a row may have (the keys and the critical-block bitmap in shared memory are
-sized for it: 64 KiB of keys a CTA)."""
+sized for it: 32 KiB of keys a CTA, so that six CTAs fit an SM, as many as its registers
+allow; sized for 4096, three did). Longer rows are the sort's (`plan.resolve_selection`):
+2048 blocks of 64 keys are 131072 tokens."""
 WARPS = 4
 _WORDS = MAX_KEY_BLOCKS // 32
 
