@@ -624,8 +624,10 @@ def _projection_grads(grad_out: torch.Tensor, linear: torch.Tensor, proj_weight:
     the projection's upstream gradient is g dO."""
     upstream = grad_out if not gate else grad_out * gate[0].unsqueeze(-1).to(grad_out.dtype)
     rows = upstream.reshape(-1, dim)
-    d_weight = (rows.T @ linear.reshape(-1, dim)).to(proj_weight.dtype)
-    d_bias = (rows.new_ones((1, rows.shape[0])) @ rows).squeeze(0).to(proj_bias.dtype)
+    # torch.mm itself: the GEMMs `@` would run on these 2-D operands, with fewer ops on
+    # the host around them.
+    d_weight = torch.mm(rows.t(), linear.reshape(-1, dim)).to(proj_weight.dtype)
+    d_bias = torch.mm(rows.new_ones((1, rows.shape[0])), rows).view(dim).to(proj_bias.dtype)
     return d_weight, d_bias
 
 
