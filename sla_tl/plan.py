@@ -235,6 +235,16 @@ def _selection_float_map(steps: list[Step], buffers: dict[str, Buffer],
         ["h_block", "z_block", "marginal", "marginal_f32"], fills=["h_rows", "z_rows"])
 
 
+def _selection_scores(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
+    del steps[_index(steps, "scores")]
+    del buffers["scores"]
+    index = _index(steps, "select")
+    select = steps[index]
+    steps[index] = select._replace(
+        kernel=select.kernel._replace(args=select.kernel.args + (("dim", shape.dim),)),
+        reads=("pooled_q", "pooled_k"))
+
+
 def _key_major_step(shape: CallShape, arch: str,
                     buffers: dict[str, Buffer]) -> tuple[Step, bool]:
     """The key-major kernel's step for this call (its buffers added to `buffers`), and
@@ -314,6 +324,10 @@ def _no_map() -> None:
     return None
 
 
+def _needs_kernel_selection(shape: CallShape, selection: str | None) -> str | None:
+    return None if selection == "kernel" else "needs selection='kernel'"
+
+
 def _needs_marginal_kernel_selection(shape: CallShape, selection: str | None) -> str | None:
     if selection != "kernel":
         return "needs selection='kernel'"
@@ -335,6 +349,10 @@ FUSIONS: dict[str, Fusion] = {
         "(the map's cast goes; with selection_block_map)",
         _needs_marginal_kernel_selection, _selection_float_map,
         needs=("selection_block_map",)),
+    "selection_scores": Fusion(
+        "the selection kernel makes the block scores from the pooled blocks itself (the "
+        "scores' GEMM goes)",
+        _needs_kernel_selection, _selection_scores),
     "key_major_flags": Fusion(
         "the key-major kernel writes the forward's marginal block map and rows' flags from a "
         "sorted routing (the routing_flags torch ops go)",
@@ -356,7 +374,8 @@ DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "selec
                                     "key_major_kernel", "key_major_float_map")
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
-the benchmarks: it is slower than the selection kernel's block map. "key_major_kernel"
+the benchmarks: it is slower than the selection kernel's block map. "selection_scores"
+runs when asked: compiled for sm_90a, its GPU tests not yet run. "key_major_kernel"
 serves every backward, a fixed routing's too: there it reruns each backward (0.06 ms at
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""

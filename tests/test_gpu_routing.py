@@ -34,6 +34,7 @@ def kernels_ahead() -> list[KernelSpec]:
     """The kernels this module's tests build (compiled ahead by its fixture, and by
     `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [KernelSpec("select", (), ARCH)]
+    specs += [KernelSpec("select", (("dim", dim),), ARCH) for dim in (64, 128)]
     specs += [KernelSpec("select", (("block_map_dtype", dtype), *extra), ARCH)
               for dtype in ("bfloat16", "float32") for extra in ((), (("float_map", True),))]
     for selection in ("kernel", "sort"):
@@ -68,15 +69,22 @@ CASES = [
 ]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int) -> torch.Tensor:
-    """Block scores of the pooling kernels' pooled q and k (unsmoothed, as the selection
-    kernel reads them)."""
+def _pooled(q: torch.Tensor, k: torch.Tensor, block_q: int,
+            block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooling kernels' pooled q and k blocks (float32)."""
     b, h, lq, d = q.shape
     shape = CallShape(b, h, lq, k.shape[2], d, q.dtype,
                       Settings(block_q=block_q, block_kv=block_kv), False, (1, 0))
     pooled = route_phase(target_of(q.device), shape).run(
         dict(q=q, k=k), q.device, keep=True, only=["pool_q", "pool_k"])
-    return pooled["pooled_q"] @ pooled["pooled_k"].transpose(-1, -2)
+    return pooled["pooled_q"], pooled["pooled_k"]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int) -> torch.Tensor:
+    """Block scores of the pooling kernels' pooled q and k (unsmoothed, as the selection
+    kernel reads them)."""
+    pooled_q, pooled_k = _pooled(q, k, block_q, block_kv)
+    return pooled_q @ pooled_k.transpose(-1, -2)
 
 
 def _expected(scores: torch.Tensor, n_crit: int, n_neg: int) -> tuple[torch.Tensor, ...]:
@@ -110,6 +118,46 @@ def test_selection_kernel_matches_top_k_of_the_same_scores(generator, block_q, b
     assert torch.equal(got.lut, critical)
     assert torch.equal(got.neg_lut, negligible)
     assert (got.lut_count == n_crit).all() and (got.neg_count == n_neg).all()
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("block_q,block_kv,lq,lk,topk,k_low", CASES)
+def test_selection_kernel_scoring_the_pooled_blocks_picks_the_top_blocks(
+        generator, dim, block_q, block_kv, lq, lk, topk, k_low):
+    """The variant making the scores itself (fusion selection_scores): each row's critical
+    blocks are its largest by the exact scores and its negligible ones the smallest of the
+    rest, up to float32's rounding of a dot product near a tie; and the same blocks as the
+    selection on torch's float32 scores, nearly everywhere."""
+    q, k, _ = random_qkv(2, 3, lq, lk, dim, torch.bfloat16, generator, device="cuda")
+    pooled_q, pooled_k = _pooled(q, k, block_q, block_kv)
+    n_kv = pooled_k.shape[2]
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    rows = pooled_q.shape[:-1]
+    got = _poisoned_routing(rows, n_crit, n_neg)
+    kernels.compiled(KernelSpec("select", (("dim", dim),), ARCH))(pooled_q, pooled_k, *got)
+    torch.cuda.synchronize()
+    assert (got.lut_count == n_crit).all() and (got.neg_count == n_neg).all()
+    exact = pooled_q.double() @ pooled_k.double().transpose(-1, -2)
+    slack = 1e-5 * exact.abs().amax(-1, keepdim=True)
+    critical = torch.zeros(exact.shape, dtype=torch.bool, device="cuda")
+    critical.scatter_(-1, got.lut.long(), True)
+    assert (critical.sum(-1) == n_crit).all()  # distinct blocks
+    lowest_picked = exact.masked_fill(~critical, float("inf")).amin(-1, keepdim=True)
+    highest_other = exact.masked_fill(critical, float("-inf")).amax(-1, keepdim=True)
+    assert (lowest_picked >= highest_other - slack).all()
+    if n_neg:
+        negligible = torch.zeros_like(critical)
+        negligible.scatter_(-1, got.neg_lut.long(), True)
+        assert not (negligible & critical).any() and (negligible.sum(-1) == n_neg).all()
+        rest = ~(critical | negligible)
+        highest_neg = exact.masked_fill(~negligible, float("-inf")).amax(-1, keepdim=True)
+        lowest_rest = exact.masked_fill(~rest, float("inf")).amin(-1, keepdim=True)
+        assert (highest_neg <= lowest_rest + slack).all()
+    on_torch_scores = _poisoned_routing(rows, n_crit, n_neg)
+    kernels.compiled(KernelSpec("select", (), ARCH))(
+        pooled_q @ pooled_k.transpose(-1, -2), *on_torch_scores)
+    assert (on_torch_scores.lut == got.lut).float().mean().item() > 0.999
 
 
 def test_route_with_the_selection_kernel_picks_the_same_blocks_as_the_sort(generator):
@@ -193,7 +241,7 @@ def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
 
 @pytest.mark.parametrize("selection,fusions", [
     ("kernel", ("pooled_keys",)), ("kernel", ("selection_block_map",)),
-    ("kernel", _serving("kernel")), ("sort", ("key_major_flags",)), ("sort", _serving("sort"))])
+    ("kernel", ("selection_scores",)), ("kernel", _serving("kernel")), ("sort", ("key_major_flags",)), ("sort", _serving("sort"))])
 @pytest.mark.parametrize("lq,lk,topk,k_low", [(1500, 2100, 0.1, 0.2), (4096, 4096, 0.05, 0.0),
                                               (700, 64, 0.05, 0.0)])
 def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, selection, fusions,

@@ -67,10 +67,11 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
     # The float32 copy of the map changes the linear states' step, not the step list.
     assert _steps(("selection_block_map", "selection_float_map")) == _steps(
         ("selection_block_map",))
+    assert _steps(("selection_scores",)) == [n for n in plain if n != "scores"]
     # Every fusion that serves the call, applied in FUSIONS' order whatever the order given.
     both = _steps(tuple(reversed(fusions_serving(_shape(), "kernel"))))
-    assert both == ["key_pass", "pool_q", "scores", "select", "linear_states",
-                    "projection_operands", "forward"]
+    assert both == ["key_pass", "pool_q", "select", "linear_states", "projection_operands",
+                    "forward"]
     # A sorted routing: the key-major kernel writes the map and flags.
     sorted_plain = _steps((), "sort")
     assert _steps(("key_major_flags",), "sort") == [
@@ -80,8 +81,10 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
 def test_the_fusions_serving_a_call_are_those_that_do_not_refuse_it():
     glob = _shape(Settings(block_q=128, block_kv=64, linear="global"))
     assert fusions_serving(_shape(), "kernel") == (
-        "pooled_keys", "selection_block_map", "selection_float_map", "key_major_kernel",
-        "key_major_float_map")
+        "pooled_keys", "selection_block_map", "selection_float_map", "selection_scores",
+        "key_major_kernel", "key_major_float_map")
+    assert fusions_serving(glob, "kernel") == ("pooled_keys", "selection_scores",
+                                                "key_major_kernel")
     assert fusions_serving(_shape(), "sort") == (
         "pooled_keys", "key_major_flags", "key_major_kernel", "key_major_float_map")
     assert fusions_serving(glob, "sort") == ("pooled_keys", "key_major_kernel")
@@ -115,6 +118,16 @@ def test_the_key_major_kernel_takes_the_reverse_lut_step_of_every_backward(linea
     assert [s.name for s in routed.backward.steps] == [s.name for s in fused.steps]
     assert routed.forward.kernels() == routed_plan(TARGET, _shape(settings), {}, "sort",
                                                    ()).forward.kernels()
+
+
+def test_the_selection_kernel_scoring_the_pooled_blocks_reads_them_for_the_scores():
+    phase = routed_plan(TARGET, _shape(), {}, "kernel", ("selection_scores",)).forward
+    select = phase.step("select")
+    assert select.reads == ("pooled_q", "pooled_k")
+    assert dict(select.kernel.args)["dim"] == 64
+    assert "scores" not in phase.buffers
+    with pytest.raises(ValueError, match="fusion 'selection_scores' needs selection='kernel'"):
+        routed_plan(TARGET, _shape(), {}, "sort", ("selection_scores",))
 
 
 def test_the_float_map_needs_the_selection_kernels_block_map():
@@ -153,7 +166,9 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     key_pass, select = fused.step("key_pass"), fused.step("select")
     assert dict(key_pass.kernel.args)["pool_keys"] is True
     assert key_pass.fills[-1] == "pooled_k"
-    assert select.kernel.args == (("block_map_dtype", "bfloat16"), ("float_map", True))
+    assert select.kernel.args == (("block_map_dtype", "bfloat16"), ("float_map", True),
+                                  ("dim", 64))
+    assert select.reads == ("pooled_q", "pooled_k")
     assert select.fills[-3:] == ("marginal", "active", "marginal_f32")
     assert fused.buffers["marginal"].shape == (2, 3, 8, 24)
     assert fused.buffers["marginal_f32"].shape == (2, 3, 8, 24)

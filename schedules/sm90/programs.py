@@ -24,11 +24,13 @@ def pool(dim: int, block: int, dtype: str, layout: str):
     return mean_pool(dim, block, dtype, layout)
 
 
-def select(block_map_dtype: str | None = None, float_map: bool = False):
+def select(block_map_dtype: str | None = None, float_map: bool = False,
+           dim: int | None = None):
     """Routing's selection of critical and negligible blocks from the block scores; with
     `block_map_dtype`, also the marginal block map (in that dtype) and the rows' flags; with
-    `float_map` as well, the map in float32 too."""
-    return top_bottom_select(block_map_dtype, float_map)
+    `float_map` as well, the map in float32 too; with `dim`, the scores made from the pooled
+    blocks (of that head dim) in the kernel."""
+    return top_bottom_select(block_map_dtype, float_map, dim)
 
 
 def key_major(block_map_dtype: str | None = None, float_map: bool = False):

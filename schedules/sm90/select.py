@@ -34,8 +34,14 @@ def _ordered(score):
                           bits | T.uint32(0x80000000))
 
 
-def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = False):
+def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = False,
+                      dim: int | None = None):
     """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT.
+
+    With `dim` (64 or 128) it reads, in place of SCORES, the pooled blocks POOLED_Q
+    (B, H, Mq, D) and POOLED_K (B, H, Nk, D), float32, and makes each score itself (so no
+    GEMM runs before it): the dot product of the two in ascending d, one fused
+    multiply-add a term from zero.
 
     With `block_map_dtype` ("bfloat16", "float16" or "float32") it also writes what the
     linear branch derives from the routing: MARGINAL (B, H, Mq, Nk), 1 where key block j is
@@ -46,6 +52,9 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     """
     if float_map and block_map_dtype is None:
         raise ValueError("float_map needs block_map_dtype (it is the block map's second copy)")
+    if dim is not None and dim not in (64, 128):
+        raise ValueError(f"dim must be 64 or 128; got {dim}")
+    from_pooled = dim is not None
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
     with_map = block_map_dtype is not None
@@ -53,6 +62,9 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     map_tensor = T.Tensor([batch, heads, n_q, n_kv], block_map_dtype) if with_map else None
     active_tensor = T.Tensor([batch, heads, n_q], T.int32) if with_map else None
     float_map_tensor = T.Tensor([batch, heads, n_q, n_kv], T.float32) if float_map else None
+    scores_tensor = None if from_pooled else T.Tensor([batch, heads, n_q, n_kv], T.float32)
+    pooled_q_tensor = T.Tensor([batch, heads, n_q, dim], T.float32) if from_pooled else None
+    pooled_k_tensor = T.Tensor([batch, heads, n_kv, dim], T.float32) if from_pooled else None
 
     @T.macro
     def warp_sum(value):
@@ -64,13 +76,20 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
         return keys[warp, m * 32 + lane]
 
     @T.macro
-    def load_keys(SCORES, keys, b, h, row, warp, lane):
+    def load_keys(SCORES, POOLED_Q, POOLED_K, keys, b, h, row, warp, lane, score):
         """The warp's row of keys <- the ordered keys of the row's key blocks, 0 past its
         end (never counted: every candidate threshold has a bit set)."""
         for m in T.serial(T.ceildiv(n_kv, 32)):
             j = m * 32 + lane
-            keys[warp, j] = T.if_then_else(
-                j < n_kv, _ordered(SCORES[b, h, row, T.min(j, n_kv - 1)]), T.uint32(0))
+            if from_pooled:
+                score[0] = T.float32(0)
+                for d in T.serial(dim):
+                    score[0] = score[0] + POOLED_Q[b, h, row, d] * POOLED_K[
+                        b, h, T.min(j, n_kv - 1), d]
+                keys[warp, j] = T.if_then_else(j < n_kv, _ordered(score[0]), T.uint32(0))
+            else:
+                keys[warp, j] = T.if_then_else(
+                    j < n_kv, _ordered(SCORES[b, h, row, T.min(j, n_kv - 1)]), T.uint32(0))
 
     @T.macro
     def reverse_keys(keys, critical_bits, warp, lane):
@@ -125,7 +144,9 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
 
     @T.prim_func
     def main(
-        SCORES: T.Tensor([batch, heads, n_q, n_kv], T.float32),
+        SCORES: scores_tensor,
+        POOLED_Q: pooled_q_tensor,
+        POOLED_K: pooled_k_tensor,
         LUT: T.Tensor([batch, heads, n_q, width], T.int32),
         COUNT: T.Tensor([batch, heads, n_q], T.int32),
         NEG_LUT: T.Tensor([batch, heads, n_q, neg_width], T.int32),
@@ -141,13 +162,14 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
             counter = T.alloc_local([1], T.int32)
             position = T.alloc_local([1], T.int32)
             equal_seen = T.alloc_local([1], T.int32)
+            score = T.alloc_local([1], T.float32) if from_pooled else None
             keys = T.alloc_shared([WARPS, MAX_KEY_BLOCKS], T.uint32)
             tx = T.get_thread_binding()
             lane = tx % 32
             warp = tx // 32
             row = bx * WARPS + warp
             if row < n_q:
-                load_keys(SCORES, keys, bz, by, row, warp, lane)
+                load_keys(SCORES, POOLED_Q, POOLED_K, keys, bz, by, row, warp, lane, score)
                 select(keys, LUT, COUNT, bz, by, row, width, lane, critical_bits, warp,
                        threshold, counter, position, equal_seen)
                 T.sync_warp()
