@@ -28,6 +28,17 @@ def query_states(h_block: torch.Tensor, z_block: torch.Tensor, marginal: torch.T
     _apply(marginal.to(z_block.dtype), z_block, z_rows)
 
 
+def query_h_states(h_block: torch.Tensor, marginal: torch.Tensor, h_rows: torch.Tensor) -> None:
+    """Write H_i alone (the selection kernel writes Z_i: fusion selection_z_rows)."""
+    _apply(marginal, h_block, h_rows)
+
+
+def key_blocks_total(z_block: torch.Tensor) -> torch.Tensor:
+    """Every key block's z_j summed, (B, H, D): what a row's Z_i is, less its excluded
+    blocks'."""
+    return z_block.sum(dim=2)
+
+
 def query_states_of_maps(h_block: torch.Tensor, z_block: torch.Tensor,
                          marginal: torch.Tensor, marginal_f32: torch.Tensor,
                          h_rows: torch.Tensor, z_rows: torch.Tensor) -> None:

@@ -187,6 +187,9 @@ class Fusion(NamedTuple):
     bound the calls it can serve by default."""
     needs: tuple[str, ...] = ()
     """The fusions it builds on, which a call naming it must name too."""
+    exact: bool = True
+    """Whether a call's outputs on its routing are, bit for bit, those without it (False: it
+    sums in another order)."""
 
 
 def _index(steps: list[Step], name: str) -> int:
@@ -235,14 +238,39 @@ def _selection_float_map(steps: list[Step], buffers: dict[str, Buffer],
         ["h_block", "z_block", "marginal", "marginal_f32"], fills=["h_rows", "z_rows"])
 
 
+def _with_dim(step: Step, dim: int, **args: object) -> tuple[tuple[str, object], ...]:
+    """The compile arguments of `step`'s kernel with the head dim (once) and `args`."""
+    have = step.kernel.args
+    return have + ((("dim", dim),) if "dim" not in dict(have) else ()) + tuple(args.items())
+
+
 def _selection_scores(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
     del steps[_index(steps, "scores")]
     del buffers["scores"]
     index = _index(steps, "select")
     select = steps[index]
     steps[index] = select._replace(
-        kernel=select.kernel._replace(args=select.kernel.args + (("dim", shape.dim),)),
+        kernel=select.kernel._replace(args=_with_dim(select, shape.dim, pooled_scores=True)),
         reads=("pooled_q", "pooled_k"))
+
+
+def _selection_z_rows(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
+    index = _index(steps, "select")
+    select = steps[index]
+    args = dict(select.kernel.args)
+    fills = select.fills
+    if args.pop("float_map", False):  # Z_i's GEMM, which read the float32 map, goes too
+        fills = tuple(name for name in fills if name != "marginal_f32")
+        del buffers["marginal_f32"]
+    select = select._replace(kernel=select.kernel._replace(args=tuple(args.items())))
+    steps[index] = select._replace(
+        kernel=select.kernel._replace(args=_with_dim(select, shape.dim, z_rows=True)),
+        reads=(*select.reads, "z_block", "z_total"), fills=(*fills, "z_rows"))
+    steps.insert(index, torch_step("z_total", block_states.key_blocks_total, ["z_block"],
+                                   makes=["z_total"]))
+    steps[_index(steps, "linear_states")] = torch_step(
+        "linear_states", block_states.query_h_states, ["h_block", "marginal"],
+        fills=["h_rows"])
 
 
 def _key_major_step(shape: CallShape, arch: str,
@@ -353,6 +381,12 @@ FUSIONS: dict[str, Fusion] = {
         "the selection kernel makes the block scores from the pooled blocks itself (the "
         "scores' GEMM goes)",
         _needs_kernel_selection, _selection_scores),
+    "selection_z_rows": Fusion(
+        "the selection kernel also writes each row's Z_i, the key blocks' total less its "
+        "excluded blocks' z_j (Z_i's GEMM goes, and with it the float32 map; with "
+        "pooled_keys and selection_block_map)",
+        _needs_marginal_kernel_selection, _selection_z_rows,
+        needs=("pooled_keys", "selection_block_map"), exact=False),
     "key_major_flags": Fusion(
         "the key-major kernel writes the forward's marginal block map and rows' flags from a "
         "sorted routing (the routing_flags torch ops go)",
@@ -375,7 +409,8 @@ DEFAULT_FUSIONS: tuple[str, ...] = ("pooled_keys", "selection_block_map", "selec
 """The fusions a routed call runs unless it names its own, where they serve it
 (`default_fusions`). "key_major_flags" runs when asked (`fusions`), for the GPU tests and
 the benchmarks: it is slower than the selection kernel's block map. "selection_scores"
-runs when asked: compiled for sm_90a, its GPU tests not yet run. "key_major_kernel"
+and "selection_z_rows" run when asked: compiled for sm_90a, their GPU tests not yet run.
+"key_major_kernel"
 serves every backward, a fixed routing's too: there it reruns each backward (0.06 ms at
 the Wan2.1-1.3B shape on the H200) what the torch steps it replaces would keep with the
 routing, while a call that routes saves their ~45 launches and ~0.1 ms."""

@@ -10,7 +10,14 @@ import torch
 from sla_tl import kernels, reference, spec, tilelang_backend
 from sla_tl.kernels import KernelSpec
 from sla_tl.parallel import compile_ahead
-from sla_tl.plan import CallShape, fusions_serving, kernels_for, route_phase, routed_plan
+from sla_tl.plan import (
+    FUSIONS,
+    CallShape,
+    fusions_serving,
+    kernels_for,
+    route_phase,
+    routed_plan,
+)
 from sla_tl.routing import Routing
 from sla_tl.settings import Settings
 from sla_tl.targets import arch_named, target_of
@@ -30,15 +37,23 @@ def _serving(selection: str) -> tuple[str, ...]:
     return fusions_serving(shape, selection)
 
 
+def _exact(fusions: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of `fusions` that change no bit of a call's outputs on its routing."""
+    return tuple(name for name in fusions if FUSIONS[name].exact)
+
+
 def kernels_ahead() -> list[KernelSpec]:
     """The kernels this module's tests build (compiled ahead by its fixture, and by
     `python -m tests.compile_ahead` on a machine without a GPU)."""
     specs = [KernelSpec("select", (), ARCH)]
-    specs += [KernelSpec("select", (("dim", dim),), ARCH) for dim in (64, 128)]
+    specs += [KernelSpec("select", args, ARCH) for dim in (64, 128) for args in (
+        (("dim", dim), ("pooled_scores", True)),
+        (("block_map_dtype", "bfloat16"), ("dim", dim), ("z_rows", True)))]
     specs += [KernelSpec("select", (("block_map_dtype", dtype), *extra), ARCH)
               for dtype in ("bfloat16", "float32") for extra in ((), (("float_map", True),))]
     for selection in ("kernel", "sort"):
-        for fusions in ((), _serving(selection)):
+        for fusions in ((), _serving(selection), _exact(_serving(selection)),
+                        ("selection_scores",) * (selection == "kernel")):
             specs += kernels_for(ARCH, 128, "bfloat16", FUSED_SETTINGS, backward=False,
                                  selection=selection, fusions=fusions)
     for dim, block_kv in ((64, 128), (128, 64)):
@@ -135,7 +150,8 @@ def test_selection_kernel_scoring_the_pooled_blocks_picks_the_top_blocks(
     n_neg = spec.num_negligible(k_low, n_kv, n_crit)
     rows = pooled_q.shape[:-1]
     got = _poisoned_routing(rows, n_crit, n_neg)
-    kernels.compiled(KernelSpec("select", (("dim", dim),), ARCH))(pooled_q, pooled_k, *got)
+    kernels.compiled(KernelSpec("select", (("dim", dim), ("pooled_scores", True)), ARCH))(
+        pooled_q, pooled_k, *got)
     torch.cuda.synchronize()
     assert (got.lut_count == n_crit).all() and (got.neg_count == n_neg).all()
     exact = pooled_q.double() @ pooled_k.double().transpose(-1, -2)
@@ -158,6 +174,60 @@ def test_selection_kernel_scoring_the_pooled_blocks_picks_the_top_blocks(
     kernels.compiled(KernelSpec("select", (), ARCH))(
         pooled_q @ pooled_k.transpose(-1, -2), *on_torch_scores)
     assert (on_torch_scores.lut == got.lut).float().mean().item() > 0.999
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("lq,lk,topk,k_low", [(1000, 1000, 0.1, 0.1), (300, 5000, 0.05, 0.3),
+                                              (2000, 129, 1.0, 0.0), (700, 64, 0.05, 0.0)])
+def test_selection_kernels_z_rows_are_the_marginal_blocks_sums(generator, dim, lq, lk, topk,
+                                                               k_low):
+    """Fusion selection_z_rows: each row's Z_i, the key blocks' total less its excluded
+    blocks' z_j, against the float64 sum of its marginal blocks' z_j (a row with none, all
+    blocks critical, is left with the total's rounding: the forward's flags zero it)."""
+    q, k, _ = random_qkv(2, 3, lq, lk, dim, torch.bfloat16, generator, device="cuda")
+    scores = _scores(q, k, 128, 64)
+    n_kv = scores.shape[-1]
+    n_crit = spec.num_critical(topk, n_kv)
+    n_neg = spec.num_negligible(k_low, n_kv, n_crit)
+    rows = scores.shape[:-1]
+    z_block = torch.rand((*scores.shape[:2], n_kv, dim), device="cuda") * 64
+    z_total = z_block.sum(dim=2)
+    got = _poisoned_routing(rows, n_crit, n_neg)
+    marginal = torch.full(scores.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    active = torch.full(rows, -7, dtype=torch.int32, device="cuda")
+    z_rows = torch.full((*rows, dim), float("nan"), device="cuda")
+    kernel = kernels.compiled(KernelSpec("select", (("block_map_dtype", "bfloat16"),
+                                                    ("dim", dim), ("z_rows", True)), ARCH))
+    kernel(scores, z_block, z_total, *got, marginal, active, z_rows)
+    torch.cuda.synchronize()
+    critical, negligible = _expected(scores, n_crit, n_neg)
+    assert torch.equal(got.lut, critical) and torch.equal(got.neg_lut, negligible)
+    expected = marginal.double() @ z_block.double()
+    live = (active == 1).unsqueeze(-1)
+    error = ((z_rows.double() - expected).abs() * live).amax()
+    assert error <= 1e-5 * z_total.abs().amax().item(), error
+    assert torch.isfinite(z_rows).all()
+
+
+def test_a_routed_forward_with_the_selection_kernels_z_rows_matches_the_reference(generator):
+    """The routed forward with selection_z_rows (Z_i summed in another order: not bit for
+    bit the plan without it) against the float64 reference on its routing, and close to the
+    forward without it on the same routing."""
+    q, k, v = random_qkv(2, 3, 1500, 2100, 128, torch.bfloat16, generator, device="cuda")
+    weight, bias = random_projection(128, torch.float32, generator, device="cuda")
+    s = FUSED_SETTINGS
+    fusions = ("pooled_keys", "selection_block_map", "selection_z_rows")
+    fused, routing = tilelang_backend.routed_forward(q, k, v, weight, bias, 0.1, 0.2, s,
+                                                     selection="kernel", fusions=fusions)
+    plain = tilelang_backend.forward(q, k, v, routing, weight, bias, s, keep_routing=False)
+    expected = reference.attention_with_routing(
+        *(t.double().cpu() for t in (q, k, v)), Routing(*(t.cpu() for t in routing)),
+        weight.double().cpu(), bias.double().cpu(), s.block_q, s.block_kv, s.feature_map,
+        s.linear).out
+    assert relative_error(fused.out.cpu(), expected) < 1e-2
+    assert relative_error(fused.out, plain.out) < 1e-3
+    assert relative_error(fused.z_rows, plain.z_rows) < 1e-5
+    assert torch.equal(fused.h_rows, plain.h_rows)
 
 
 def test_route_with_the_selection_kernel_picks_the_same_blocks_as_the_sort(generator):
@@ -241,7 +311,8 @@ def test_key_pass_pools_the_keys_it_loads(generator, dim, block_kv, lk):
 
 @pytest.mark.parametrize("selection,fusions", [
     ("kernel", ("pooled_keys",)), ("kernel", ("selection_block_map",)),
-    ("kernel", ("selection_scores",)), ("kernel", _serving("kernel")), ("sort", ("key_major_flags",)), ("sort", _serving("sort"))])
+    ("kernel", ("selection_scores",)), ("kernel", _exact(_serving("kernel"))),
+    ("sort", ("key_major_flags",)), ("sort", _exact(_serving("sort")))])
 @pytest.mark.parametrize("lq,lk,topk,k_low", [(1500, 2100, 0.1, 0.2), (4096, 4096, 0.05, 0.0),
                                               (700, 64, 0.05, 0.0)])
 def test_a_fused_routed_forward_is_the_forward_on_its_routing(generator, selection, fusions,

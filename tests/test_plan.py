@@ -70,8 +70,8 @@ def test_each_fusion_takes_over_its_steps_and_nothing_else():
     assert _steps(("selection_scores",)) == [n for n in plain if n != "scores"]
     # Every fusion that serves the call, applied in FUSIONS' order whatever the order given.
     both = _steps(tuple(reversed(fusions_serving(_shape(), "kernel"))))
-    assert both == ["key_pass", "pool_q", "select", "linear_states", "projection_operands",
-                    "forward"]
+    assert both == ["key_pass", "pool_q", "z_total", "select", "linear_states",
+                    "projection_operands", "forward"]
     # A sorted routing: the key-major kernel writes the map and flags.
     sorted_plain = _steps((), "sort")
     assert _steps(("key_major_flags",), "sort") == [
@@ -82,7 +82,7 @@ def test_the_fusions_serving_a_call_are_those_that_do_not_refuse_it():
     glob = _shape(Settings(block_q=128, block_kv=64, linear="global"))
     assert fusions_serving(_shape(), "kernel") == (
         "pooled_keys", "selection_block_map", "selection_float_map", "selection_scores",
-        "key_major_kernel", "key_major_float_map")
+        "selection_z_rows", "key_major_kernel", "key_major_float_map")
     assert fusions_serving(glob, "kernel") == ("pooled_keys", "selection_scores",
                                                 "key_major_kernel")
     assert fusions_serving(_shape(), "sort") == (
@@ -130,6 +130,28 @@ def test_the_selection_kernel_scoring_the_pooled_blocks_reads_them_for_the_score
         routed_plan(TARGET, _shape(), {}, "sort", ("selection_scores",))
 
 
+def test_the_selection_kernels_z_rows_take_over_z_is_gemm_and_the_float_map():
+    fusions = ("pooled_keys", "selection_block_map", "selection_float_map", "selection_scores",
+               "selection_z_rows")
+    phase = routed_plan(TARGET, _shape(), {}, "kernel", fusions).forward
+    select = phase.step("select")
+    assert select.kernel.args == (("block_map_dtype", "bfloat16"), ("dim", 64),
+                                  ("pooled_scores", True), ("z_rows", True))
+    assert select.reads == ("pooled_q", "pooled_k", "z_block", "z_total")
+    assert select.fills[-3:] == ("marginal", "active", "z_rows")
+    assert "marginal_f32" not in phase.buffers
+    assert phase.step("linear_states").reads == ("h_block", "marginal")
+    assert phase.step("linear_states").fills == ("h_rows",)
+    names = [step.name for step in phase.steps]
+    assert names.index("key_pass") < names.index("z_total") == names.index("select") - 1
+    assert not FUSIONS["selection_z_rows"].exact and FUSIONS["selection_scores"].exact
+    with pytest.raises(ValueError, match="fusion 'selection_z_rows' needs 'pooled_keys' too"):
+        routed_plan(TARGET, _shape(), {}, "kernel", ("selection_block_map", "selection_z_rows"))
+    globally = _shape(Settings(block_q=128, block_kv=64, linear="global"))
+    with pytest.raises(ValueError, match="fusion 'selection_z_rows' needs linear='marginal'"):
+        routed_plan(TARGET, globally, {}, "kernel", fusions[:1] + fusions[3:])
+
+
 def test_the_float_map_needs_the_selection_kernels_block_map():
     with pytest.raises(ValueError, match="fusion 'selection_float_map' needs "
                                          "'selection_block_map' too"):
@@ -162,13 +184,12 @@ def test_a_given_routings_plan_refuses_a_routed_forwards_fusion_by_name():
 
 
 def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
-    fused = routed_plan(TARGET, _shape(), {}, "kernel", fusions_serving(_shape(), "kernel")).forward
+    fused = routed_plan(TARGET, _shape(), {}, "kernel", DEFAULT_FUSIONS).forward
     key_pass, select = fused.step("key_pass"), fused.step("select")
     assert dict(key_pass.kernel.args)["pool_keys"] is True
     assert key_pass.fills[-1] == "pooled_k"
-    assert select.kernel.args == (("block_map_dtype", "bfloat16"), ("float_map", True),
-                                  ("dim", 64))
-    assert select.reads == ("pooled_q", "pooled_k")
+    assert select.kernel.args == (("block_map_dtype", "bfloat16"), ("float_map", True))
+    assert select.reads == ("scores",)
     assert select.fills[-3:] == ("marginal", "active", "marginal_f32")
     assert fused.buffers["marginal"].shape == (2, 3, 8, 24)
     assert fused.buffers["marginal_f32"].shape == (2, 3, 8, 24)
@@ -178,7 +199,7 @@ def test_a_fused_plans_kernels_are_the_variants_with_their_extra_outputs():
     plain = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel", fusions=(),
                         routes=True)
     enumerated = kernels_for("sm_90a", 64, "bfloat16", SETTINGS, selection="kernel",
-                             fusions=fusions_serving(_shape(), "kernel"), routes=True)
+                             fusions=DEFAULT_FUSIONS, routes=True)
     assert [s.kind for s in plain] == ["pool", "pool", "select", "key_pass", "forward",
                                        "backward_query", "backward_dq", "backward_dkdv"]
     assert [s.kind for s in enumerated] == ["key_pass", "pool", "select", "forward",

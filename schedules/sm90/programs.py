@@ -25,12 +25,12 @@ def pool(dim: int, block: int, dtype: str, layout: str):
 
 
 def select(block_map_dtype: str | None = None, float_map: bool = False,
-           dim: int | None = None):
+           dim: int | None = None, pooled_scores: bool = False, z_rows: bool = False):
     """Routing's selection of critical and negligible blocks from the block scores; with
     `block_map_dtype`, also the marginal block map (in that dtype) and the rows' flags; with
-    `float_map` as well, the map in float32 too; with `dim`, the scores made from the pooled
-    blocks (of that head dim) in the kernel."""
-    return top_bottom_select(block_map_dtype, float_map, dim)
+    `float_map` as well, the map in float32 too; with `pooled_scores`, the scores made from
+    the pooled blocks (of head dim `dim`) in the kernel; with `z_rows`, the rows' Z_i too."""
+    return top_bottom_select(block_map_dtype, float_map, dim, pooled_scores, z_rows)
 
 
 def key_major(block_map_dtype: str | None = None, float_map: bool = False):

@@ -35,13 +35,20 @@ def _ordered(score):
 
 
 def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = False,
-                      dim: int | None = None):
+                      dim: int | None = None, pooled_scores: bool = False,
+                      z_rows: bool = False):
     """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT.
 
-    With `dim` (64 or 128) it reads, in place of SCORES, the pooled blocks POOLED_Q
-    (B, H, Mq, D) and POOLED_K (B, H, Nk, D), float32, and makes each score itself (so no
-    GEMM runs before it): the dot product of the two in ascending d, one fused
-    multiply-add a term from zero.
+    With `pooled_scores` it reads, in place of SCORES, the pooled blocks POOLED_Q
+    (B, H, Mq, D) and POOLED_K (B, H, Nk, D), float32, D = `dim` (64 or 128), and makes
+    each score itself (so no GEMM runs before it): the dot product of the two in ascending
+    d, one fused multiply-add a term from zero.
+
+    With `z_rows` (and `block_map_dtype`) it also reads the key blocks' Z_BLOCK
+    (B, H, Nk, D) and their sum Z_TOTAL (B, H, D), float32, and writes each row's Z_i over
+    its marginal blocks, Z_ROWS (B, H, Mq, D): Z_TOTAL less the row's critical blocks' z_j,
+    then its negligible ones', each list in ascending order (a few dozen a row, where the
+    marginal blocks are most of them), so that no GEMM of the block map with Z_BLOCK runs.
 
     With `block_map_dtype` ("bfloat16", "float16" or "float32") it also writes what the
     linear branch derives from the routing: MARGINAL (B, H, Mq, Nk), 1 where key block j is
@@ -52,9 +59,11 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     """
     if float_map and block_map_dtype is None:
         raise ValueError("float_map needs block_map_dtype (it is the block map's second copy)")
-    if dim is not None and dim not in (64, 128):
-        raise ValueError(f"dim must be 64 or 128; got {dim}")
-    from_pooled = dim is not None
+    if (pooled_scores or z_rows) and dim not in (64, 128):
+        raise ValueError(f"pooled_scores and z_rows need dim 64 or 128; got {dim}")
+    if z_rows and block_map_dtype is None:
+        raise ValueError("z_rows needs block_map_dtype (Z_i is over the marginal blocks)")
+    from_pooled = pooled_scores
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
     with_map = block_map_dtype is not None
@@ -65,6 +74,9 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     scores_tensor = None if from_pooled else T.Tensor([batch, heads, n_q, n_kv], T.float32)
     pooled_q_tensor = T.Tensor([batch, heads, n_q, dim], T.float32) if from_pooled else None
     pooled_k_tensor = T.Tensor([batch, heads, n_kv, dim], T.float32) if from_pooled else None
+    z_block_tensor = T.Tensor([batch, heads, n_kv, dim], T.float32) if z_rows else None
+    z_total_tensor = T.Tensor([batch, heads, dim], T.float32) if z_rows else None
+    z_rows_tensor = T.Tensor([batch, heads, n_q, dim], T.float32) if z_rows else None
 
     @T.macro
     def warp_sum(value):
@@ -147,6 +159,8 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
         SCORES: scores_tensor,
         POOLED_Q: pooled_q_tensor,
         POOLED_K: pooled_k_tensor,
+        Z_BLOCK: z_block_tensor,
+        Z_TOTAL: z_total_tensor,
         LUT: T.Tensor([batch, heads, n_q, width], T.int32),
         COUNT: T.Tensor([batch, heads, n_q], T.int32),
         NEG_LUT: T.Tensor([batch, heads, n_q, neg_width], T.int32),
@@ -154,6 +168,7 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
         MARGINAL: map_tensor,
         ACTIVE: active_tensor,
         MARGINAL_F32: float_map_tensor,
+        Z_ROWS: z_rows_tensor,
     ):
         with T.Kernel(T.ceildiv(n_q, WARPS), heads, batch, threads=32 * WARPS) as (bx, by, bz):
             critical_bits = T.alloc_shared([WARPS, _WORDS], T.uint32)
@@ -163,6 +178,7 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
             position = T.alloc_local([1], T.int32)
             equal_seen = T.alloc_local([1], T.int32)
             score = T.alloc_local([1], T.float32) if from_pooled else None
+            z_sum = T.alloc_local([dim // 32], T.float32) if z_rows else None
             keys = T.alloc_shared([WARPS, MAX_KEY_BLOCKS], T.uint32)
             tx = T.get_thread_binding()
             lane = tx % 32
@@ -195,5 +211,22 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
                                     taken, T.float32(0), T.float32(1))
                     if lane == 0:
                         ACTIVE[bz, by, row] = T.if_then_else(width + neg_width < n_kv, 1, 0)
+                if z_rows:
+                    # The row's lists, as this warp's lanes wrote them (ordered by the
+                    # barrier); a lane sums dims lane, lane + 32, ...
+                    T.sync_warp()
+                    for e in T.unroll(dim // 32):
+                        z_sum[e] = T.float32(0)
+                    for t in T.serial(width):
+                        for e in T.unroll(dim // 32):
+                            z_sum[e] = z_sum[e] + Z_BLOCK[bz, by, LUT[bz, by, row, t],
+                                                          e * 32 + lane]
+                    for t in T.serial(neg_width):
+                        for e in T.unroll(dim // 32):
+                            z_sum[e] = z_sum[e] + Z_BLOCK[bz, by, NEG_LUT[bz, by, row, t],
+                                                          e * 32 + lane]
+                    for e in T.unroll(dim // 32):
+                        Z_ROWS[bz, by, row, e * 32 + lane] = (Z_TOTAL[bz, by, e * 32 + lane]
+                                                              - z_sum[e])
 
     return main
