@@ -78,8 +78,11 @@ class KernelSpec(NamedTuple):
     @property
     def name(self) -> str:
         """A stable, readable name, e.g. "forward:128,128,64,bfloat16,softmax,bhsd,sm_90a"
-        (the static record's key; the softmax scale, which follows D, is left out)."""
-        values = [value for _, value in self.args if not isinstance(value, float)]
+        (the static record's key; the softmax scale, which follows D, is left out). A flag
+        is named with its value ("float_map=True"): two flags' values alone would not say
+        which kernel it is."""
+        values = [f"{name}={value}" if isinstance(value, bool) else value
+                  for name, value in self.args if not isinstance(value, float)]
         values += [self.arch, *([self.knobs] if self.knobs else [])]
         return f"{self.kind}:" + ",".join(str(v) for v in values)
 
