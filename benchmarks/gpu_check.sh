@@ -8,9 +8,10 @@
 #                   (default 1: each test already compiles its kernels on every core, and
 #                   8 workers on the H200 machine's 16 cores ran no more tests in a call);
 #   3. breakdowns:  the forward and backward breakdowns at the Wan2.1-1.3B shape (the forward
-#                   also with the sort, and with the sort and every fusion serving it), and
-#                   the GPU time of each kernel of a forward and a forward+backward as called
-#                   (`kernel_profile`);
+#                   also with every fusion serving it, with the sort, and with the sort and
+#                   every fusion serving that), and the GPU time of each kernel of a forward
+#                   and a forward+backward as called (`kernel_profile`), and of a forward
+#                   with every fusion;
 #   4. bench:       `sla-tl bench` over $SECTIONS of the suite (default all) with JSON and plot;
 #   5. gate:        `sla-tl bench --check benchmarks/baselines` (the throughput gate).
 # Not by default: baseline: a new baseline, cuDNN and sla-tl over the suite, kernel timing,
@@ -45,6 +46,8 @@ step() {  # step NAME COMMAND...: run it if NAME is in $STEPS, log to $OUT/NAME.
 }
 breakdowns() {
   python3 -m sla_tl.benchmarks.forward_breakdown --out "$OUT/forward_breakdown.json" &&
+    python3 -m sla_tl.benchmarks.forward_breakdown --all-fusions \
+      --out "$OUT/forward_breakdown_fused.json" &&
     python3 -m sla_tl.benchmarks.forward_breakdown --selection sort \
       --out "$OUT/forward_breakdown_sorted.json" &&
     python3 -m sla_tl.benchmarks.forward_breakdown --selection sort --all-fusions \
@@ -54,7 +57,9 @@ breakdowns() {
       --out "$OUT/backward_breakdown_key_major.json" &&
     python3 -m sla_tl.benchmarks.kernel_profile --out "$OUT/kernel_profile_fwd.json" &&
     python3 -m sla_tl.benchmarks.kernel_profile --mode fwd+bwd \
-      --out "$OUT/kernel_profile_fwdbwd.json"
+      --out "$OUT/kernel_profile_fwdbwd.json" &&
+    python3 -m sla_tl.benchmarks.kernel_profile --all-fusions \
+      --out "$OUT/kernel_profile_fwd_fused.json"
 }
 workers=()
 [ "${TEST_WORKERS:-1}" -gt 1 ] && workers=(-n "$TEST_WORKERS")
