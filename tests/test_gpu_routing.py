@@ -190,7 +190,7 @@ def test_selection_kernels_z_rows_are_the_marginal_blocks_sums(generator, dim, l
     n_crit = spec.num_critical(topk, n_kv)
     n_neg = spec.num_negligible(k_low, n_kv, n_crit)
     rows = scores.shape[:-1]
-    z_block = torch.rand((*scores.shape[:2], n_kv, dim), device="cuda") * 64
+    z_block = torch.rand((*scores.shape[:2], n_kv, dim), generator=generator).cuda() * 64
     z_total = z_block.sum(dim=2)
     got = _poisoned_routing(rows, n_crit, n_neg)
     marginal = torch.full(scores.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
