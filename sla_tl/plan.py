@@ -257,15 +257,14 @@ def _selection_scores(steps: list[Step], buffers: dict[str, Buffer], shape: Call
 def _selection_z_rows(steps: list[Step], buffers: dict[str, Buffer], shape: CallShape) -> None:
     index = _index(steps, "select")
     select = steps[index]
-    args = dict(select.kernel.args)
-    fills = select.fills
-    if args.pop("float_map", False):  # Z_i's GEMM, which read the float32 map, goes too
-        fills = tuple(name for name in fills if name != "marginal_f32")
-        del buffers["marginal_f32"]
-    select = select._replace(kernel=select.kernel._replace(args=tuple(args.items())))
-    steps[index] = select._replace(
-        kernel=select.kernel._replace(args=_with_dim(select, shape.dim, z_rows=True)),
-        reads=(*select.reads, "z_block", "z_total"), fills=(*fills, "z_rows"))
+    # Z_i's GEMM goes, and with it the reader of the float32 map (selection_float_map's).
+    args = tuple(arg for arg in _with_dim(select, shape.dim, z_rows=True)
+                 if arg[0] != "float_map")
+    fills = tuple(name for name in select.fills if name != "marginal_f32")
+    buffers.pop("marginal_f32", None)
+    steps[index] = select._replace(kernel=select.kernel._replace(args=args),
+                                   reads=(*select.reads, "z_block", "z_total"),
+                                   fills=(*fills, "z_rows"))
     steps.insert(index, torch_step("z_total", block_states.key_blocks_total, ["z_block"],
                                    makes=["z_total"]))
     steps[_index(steps, "linear_states")] = torch_step(

@@ -40,7 +40,7 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     """The selection program: SCORES (B, H, Mq, Nk) -> LUT, COUNT, NEG_LUT, NEG_COUNT.
 
     With `pooled_scores` it reads, in place of SCORES, the pooled blocks POOLED_Q
-    (B, H, Mq, D) and POOLED_K (B, H, Nk, D), float32, D = `dim` (64 or 128), and makes
+    (B, H, Mq, D) and POOLED_K (B, H, Nk, D), float32, D = `dim`, and makes
     each score itself (so no GEMM runs before it): the dot product of the two in ascending
     d, one fused multiply-add a term from zero.
 
@@ -59,11 +59,12 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     """
     if float_map and block_map_dtype is None:
         raise ValueError("float_map needs block_map_dtype (it is the block map's second copy)")
-    if (pooled_scores or z_rows) and dim not in (64, 128):
-        raise ValueError(f"pooled_scores and z_rows need dim 64 or 128; got {dim}")
+    if (pooled_scores or z_rows) and (dim is None or dim <= 0 or dim % 32):
+        # A lane sums dims lane, lane + 32, ... of a row's Z_i.
+        raise ValueError(f"pooled_scores and z_rows need dim, a positive multiple of 32; "
+                         f"got {dim}")
     if z_rows and block_map_dtype is None:
         raise ValueError("z_rows needs block_map_dtype (Z_i is over the marginal blocks)")
-    from_pooled = pooled_scores
     batch, heads, n_q, n_kv = T.dynamic("B"), T.dynamic("H"), T.dynamic("Mq"), T.dynamic("Nk")
     width, neg_width = T.dynamic("Kc"), T.dynamic("Kn")
     with_map = block_map_dtype is not None
@@ -71,9 +72,9 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
     map_tensor = T.Tensor([batch, heads, n_q, n_kv], block_map_dtype) if with_map else None
     active_tensor = T.Tensor([batch, heads, n_q], T.int32) if with_map else None
     float_map_tensor = T.Tensor([batch, heads, n_q, n_kv], T.float32) if float_map else None
-    scores_tensor = None if from_pooled else T.Tensor([batch, heads, n_q, n_kv], T.float32)
-    pooled_q_tensor = T.Tensor([batch, heads, n_q, dim], T.float32) if from_pooled else None
-    pooled_k_tensor = T.Tensor([batch, heads, n_kv, dim], T.float32) if from_pooled else None
+    scores_tensor = None if pooled_scores else T.Tensor([batch, heads, n_q, n_kv], T.float32)
+    pooled_q_tensor = T.Tensor([batch, heads, n_q, dim], T.float32) if pooled_scores else None
+    pooled_k_tensor = T.Tensor([batch, heads, n_kv, dim], T.float32) if pooled_scores else None
     z_block_tensor = T.Tensor([batch, heads, n_kv, dim], T.float32) if z_rows else None
     z_total_tensor = T.Tensor([batch, heads, dim], T.float32) if z_rows else None
     z_rows_tensor = T.Tensor([batch, heads, n_q, dim], T.float32) if z_rows else None
@@ -93,7 +94,7 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
         end (never counted: every candidate threshold has a bit set)."""
         for m in T.serial(T.ceildiv(n_kv, 32)):
             j = m * 32 + lane
-            if from_pooled:
+            if pooled_scores:
                 score[0] = T.float32(0)
                 for d in T.serial(dim):
                     score[0] = score[0] + POOLED_Q[b, h, row, d] * POOLED_K[
@@ -177,7 +178,7 @@ def top_bottom_select(block_map_dtype: str | None = None, float_map: bool = Fals
             counter = T.alloc_local([1], T.int32)
             position = T.alloc_local([1], T.int32)
             equal_seen = T.alloc_local([1], T.int32)
-            score = T.alloc_local([1], T.float32) if from_pooled else None
+            score = T.alloc_local([1], T.float32) if pooled_scores else None
             z_sum = T.alloc_local([dim // 32], T.float32) if z_rows else None
             keys = T.alloc_shared([WARPS, MAX_KEY_BLOCKS], T.uint32)
             tx = T.get_thread_binding()
